@@ -1,0 +1,175 @@
+//! Config loading: JSON → typed serde structs → validated, immutable config.
+//!
+//! Every error names the JSON path and the rule, e.g.
+//! `rules[0].fault.abort.httpStatus: must be in 200..=599, got 700`.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+
+/// A configuration error: where (JSON path) and what rule was broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+
+    /// Prefix the path with a parent segment (`parent.child` or `parent[0]`).
+    #[must_use]
+    pub fn within(mut self, parent: &str) -> Self {
+        self.path = join(parent, &self.path);
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Join two JSON path fragments: `join("rules[0]", "fault")` is `rules[0].fault`,
+/// `join("rules", "[0]")` is `rules[0]`.
+pub fn join(parent: &str, child: &str) -> String {
+    match (parent.is_empty(), child.is_empty()) {
+        (true, _) => child.to_string(),
+        (_, true) => parent.to_string(),
+        _ if child.starts_with('[') => format!("{parent}{child}"),
+        _ => format!("{parent}.{child}"),
+    }
+}
+
+/// A path builder used while validating: `Path::root().field("rules").index(0)`.
+#[derive(Debug, Clone, Default)]
+pub struct Path(String);
+
+impl Path {
+    pub fn root() -> Self {
+        Self(String::new())
+    }
+    #[must_use]
+    pub fn field(&self, name: &str) -> Self {
+        Self(join(&self.0, name))
+    }
+    #[must_use]
+    pub fn index(&self, i: usize) -> Self {
+        Self(format!("{}[{i}]", self.0))
+    }
+    #[must_use]
+    pub fn key(&self, k: &str) -> Self {
+        // Map keys are written as fields; keys with dots or brackets are quoted.
+        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            self.field(k)
+        } else {
+            Self(format!("{}[{k:?}]", self.0))
+        }
+    }
+    pub fn err(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.0.clone(), message)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Deserialize `bytes` as JSON into `T`, reporting the JSON path of any error.
+/// An empty configuration is read as `{}`.
+pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::new(path, strip_position(&e.inner().to_string()))
+    })?;
+    de.end().map_err(|e| ConfigError::new("", strip_position(&e.to_string())))?;
+    Ok(value)
+}
+
+/// Deserialize a `serde_json::Value` (e.g. from route metadata) into `T`.
+pub fn from_value<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::new(path, e.inner().to_string())
+    })
+}
+
+/// Parse and validate: JSON → `Raw` → `TryFrom` → `Config`.
+pub fn load<Raw, Config>(bytes: &[u8]) -> Result<Config, ConfigError>
+where
+    Raw: DeserializeOwned,
+    Config: TryFrom<Raw, Error = ConfigError>,
+{
+    Config::try_from(from_json::<Raw>(bytes)?)
+}
+
+fn strip_position(msg: &str) -> String {
+    // serde_json appends " at line L column C"; keep it, it helps humans with big files,
+    // but drop it for the common one-line config case where it adds nothing.
+    match msg.rfind(" at line 1 column ") {
+        Some(i) => msg.get(..i).unwrap_or(msg).to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Inner {
+        #[allow(dead_code)]
+        http_status: u32,
+    }
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        #[allow(dead_code)]
+        rules: Vec<Inner>,
+    }
+
+    #[test]
+    fn unknown_field_names_path() {
+        let e = from_json::<Outer>(br#"{"rules":[{"httpStatus":1},{"httpStatuss":2}]}"#).unwrap_err();
+        assert_eq!(e.path, "rules[1]");
+        assert!(e.message.contains("unknown field `httpStatuss`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_path() {
+        let e = from_json::<Outer>(br#"{"rules":[{"httpStatus":"x"}]}"#).unwrap_err();
+        assert_eq!(e.path, "rules[0].httpStatus");
+    }
+
+    #[test]
+    fn empty_is_empty_object() {
+        let e = from_json::<Outer>(b"  ").unwrap_err();
+        assert!(e.message.contains("missing field `rules`"), "{e}");
+    }
+
+    #[test]
+    fn trailing_garbage_rejected() {
+        assert!(from_json::<Outer>(br#"{"rules":[]} x"#).is_err());
+    }
+
+    #[test]
+    fn path_builder() {
+        let p = Path::root().field("rules").index(3).field("match").index(0).key("x.y");
+        assert_eq!(p.as_str(), r#"rules[3].match[0]["x.y"]"#);
+        assert_eq!(p.err("bad").to_string(), r#"rules[3].match[0]["x.y"]: bad"#);
+    }
+}
