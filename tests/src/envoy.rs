@@ -1,0 +1,710 @@
+//! A real Envoy for one test: builder → bootstrap YAML in a temp dir → child process on
+//! free ports → wait for admin `/ready` → killed on drop (log printed if the test failed).
+//!
+//! ```no_run
+//! # use meshwasm_tests::*;
+//! let up = Upstream::start();
+//! let envoy = Envoy::builder()
+//!     .upstream(up.addr())
+//!     .listener(
+//!         Listener::new()
+//!             .filter(Filter::wasm("fault", serde_json::json!({"headerControl": true})))
+//!             .route(Route::new("ratings", "/ratings"))
+//!             .route(Route::new("default", "/")),
+//!     )
+//!     .start();
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::client::{self, Request, Response};
+
+/// How long Envoy may take to become ready (V8 compiles each module once per worker).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The stats tag that turns `wasmcustom.meshwasm.<filter>.rule.<rule>.<stat>` into
+/// `wasmcustom.meshwasm.<filter>.<stat>` with tag `rule=<rule>`.
+pub const RULE_TAG_REGEX: &str = r"^wasmcustom\.meshwasm\.[a-z_]+\.(rule\.([^.]+)\.)";
+
+/// Protocol Envoy uses towards the upstream cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProto {
+    Http1,
+    /// `explicit_http_config: {http2_protocol_options: {}}` (h2c to the upstream).
+    Http2,
+}
+
+/// One HTTP filter of a listener's chain, as YAML (a mapping with `name` and `typed_config`).
+#[derive(Debug, Clone)]
+pub struct Filter {
+    name: String,
+    yaml: String,
+}
+
+/// A route of a listener's single virtual host (`domains: ["*"]`).
+#[derive(Debug, Clone)]
+pub struct Route {
+    name: String,
+    prefix: String,
+    metadata_yaml: Option<String>,
+    disabled_filters: Vec<String>,
+}
+
+/// A listener on 127.0.0.1 with an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c).
+#[derive(Debug, Clone)]
+pub struct Listener {
+    name: Option<String>,
+    port: Option<u16>,
+    filters: Vec<Filter>,
+    routes: Vec<Route>,
+}
+
+/// Builds and starts an [`Envoy`].
+#[derive(Debug, Clone)]
+pub struct EnvoyBuilder {
+    upstream: Option<SocketAddr>,
+    upstream_proto: UpstreamProto,
+    listeners: Vec<Listener>,
+    concurrency: u32,
+    stats_tags: Vec<(String, String)>,
+    clusters_yaml: Vec<String>,
+    log_level: String,
+    component_log_level: Option<String>,
+}
+
+/// A running Envoy. Killed on drop; if the thread is panicking, its log is printed.
+pub struct Envoy {
+    child: Option<Child>,
+    dir: PathBuf,
+    admin: SocketAddr,
+    listeners: Vec<SocketAddr>,
+    log_path: PathBuf,
+    config: String,
+}
+
+/// The outcome of an Envoy that was expected to refuse its configuration.
+#[derive(Debug)]
+pub struct FailedEnvoy {
+    pub status: ExitStatus,
+    pub log: String,
+    pub config: String,
+}
+
+// === impl Filter ===
+
+impl Filter {
+    /// The meshwasm wasm filter running `dist/<module>.wasm` with `config` as its plugin
+    /// configuration (root_id and vm_id `meshwasm.<module>`).
+    pub fn wasm(module: &str, config: serde_json::Value) -> Self {
+        Self::wasm_raw(module, &config.to_string())
+    }
+
+    /// Like [`Filter::wasm`], with the plugin configuration given verbatim (for
+    /// malformed JSON).
+    pub fn wasm_raw(module: &str, config_json: &str) -> Self {
+        let path = crate::wasm_module(module);
+        let id = format!("meshwasm.{module}");
+        let value = config_json.replace('\n', " ").replace('\'', "''");
+        let yaml = format!(
+            r#"name: envoy.filters.http.wasm
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+  config:
+    name: {id}
+    root_id: {id}
+    configuration:
+      "@type": type.googleapis.com/google.protobuf.StringValue
+      value: '{value}'
+    vm_config:
+      vm_id: {id}
+      runtime: envoy.wasm.runtime.v8
+      code: {{ local: {{ filename: {path} }} }}
+"#,
+            path = path.display()
+        );
+        Self { name: "envoy.filters.http.wasm".into(), yaml }
+    }
+
+    /// A filter given as raw YAML: a mapping with `name:` and `typed_config:`.
+    pub fn native(yaml: &str) -> Self {
+        let yaml = unindent(yaml);
+        let name = yaml
+            .lines()
+            .find_map(|l| l.strip_prefix("name:"))
+            .map(|n| n.trim().trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("filter YAML has no top-level `name:`:\n{yaml}"));
+        Self { name, yaml }
+    }
+
+    /// Renames the filter (its `name:` in the chain, used by `typed_per_filter_config`);
+    /// needed when a chain holds two wasm filters.
+    #[must_use]
+    pub fn named(mut self, name: &str) -> Self {
+        let old = format!("name: {}", self.name);
+        self.yaml = self.yaml.replacen(&old, &format!("name: {name}"), 1);
+        self.name = name.to_string();
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn yaml(&self) -> &str {
+        &self.yaml
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// A route named `name` matching path prefix `prefix`, to the `upstream` cluster.
+    pub fn new(name: &str, prefix: &str) -> Self {
+        Self { name: name.into(), prefix: prefix.into(), metadata_yaml: None, disabled_filters: Vec::new() }
+    }
+
+    /// Route `metadata` as YAML (the mapping under `metadata:`, e.g. `filter_metadata: …`).
+    #[must_use]
+    pub fn metadata_yaml(mut self, yaml: &str) -> Self {
+        self.metadata_yaml = Some(unindent(yaml));
+        self
+    }
+
+    /// The meshwasm per-route override: `filter_metadata: {meshwasm: {<filter>: <config>}}`.
+    #[must_use]
+    pub fn meshwasm_override(self, filter: &str, config: serde_json::Value) -> Self {
+        let yaml = format!("filter_metadata:\n  meshwasm:\n    {filter}: {config}\n");
+        self.metadata_yaml(&yaml)
+    }
+
+    /// Disables the HTTP filter named `filter` on this route
+    /// (`typed_per_filter_config` with `envoy.config.route.v3.FilterConfig{disabled: true}`).
+    #[must_use]
+    pub fn disable_filter(mut self, filter: &str) -> Self {
+        self.disabled_filters.push(filter.into());
+        self
+    }
+
+    fn render(&self, out: &mut String, indent: usize) {
+        let pad = " ".repeat(indent);
+        let _ = writeln!(out, "{pad}- name: {}", self.name);
+        let _ = writeln!(out, "{pad}  match: {{ prefix: \"{}\" }}", self.prefix);
+        let _ = writeln!(out, "{pad}  route: {{ cluster: upstream, timeout: 60s }}");
+        if let Some(md) = &self.metadata_yaml {
+            let _ = writeln!(out, "{pad}  metadata:");
+            out.push_str(&indent_block(md, indent + 4));
+        }
+        if !self.disabled_filters.is_empty() {
+            let _ = writeln!(out, "{pad}  typed_per_filter_config:");
+            for f in &self.disabled_filters {
+                let _ = writeln!(out, "{pad}    {f}:");
+                let _ = writeln!(out, "{pad}      \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig");
+                let _ = writeln!(out, "{pad}      disabled: true");
+            }
+        }
+    }
+}
+
+// === impl Listener ===
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Listener {
+    /// A listener on a free port; with no routes it gets one route `default` for `/`.
+    pub fn new() -> Self {
+        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new() }
+    }
+
+    /// Names the listener (also its HCM `stat_prefix`); default `listener_<index>`.
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// A fixed port (see [`free_port`]); default: a free port picked at start.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Appends an HTTP filter (the router is always last).
+    #[must_use]
+    pub fn filter(mut self, f: Filter) -> Self {
+        self.filters.push(f);
+        self
+    }
+
+    #[must_use]
+    pub fn route(mut self, r: Route) -> Self {
+        self.routes.push(r);
+        self
+    }
+}
+
+// === impl EnvoyBuilder ===
+
+impl Default for EnvoyBuilder {
+    fn default() -> Self {
+        Self {
+            upstream: None,
+            upstream_proto: UpstreamProto::Http1,
+            listeners: Vec::new(),
+            concurrency: 2,
+            stats_tags: vec![("rule".into(), RULE_TAG_REGEX.into())],
+            clusters_yaml: Vec::new(),
+            log_level: "info".into(),
+            component_log_level: None,
+        }
+    }
+}
+
+impl EnvoyBuilder {
+    /// The address of cluster `upstream` (default 127.0.0.1:9, where nothing listens).
+    #[must_use]
+    pub fn upstream(mut self, addr: SocketAddr) -> Self {
+        self.upstream = Some(addr);
+        self
+    }
+
+    /// Speak HTTP/2 (h2c) to the upstream instead of HTTP/1.1.
+    #[must_use]
+    pub fn upstream_proto(mut self, proto: UpstreamProto) -> Self {
+        self.upstream_proto = proto;
+        self
+    }
+
+    #[must_use]
+    pub fn upstream_h2(self) -> Self {
+        self.upstream_proto(UpstreamProto::Http2)
+    }
+
+    #[must_use]
+    pub fn listener(mut self, l: Listener) -> Self {
+        self.listeners.push(l);
+        self
+    }
+
+    /// `--concurrency` (worker threads), default 2.
+    #[must_use]
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Adds a `stats_config.stats_tags` entry (the meshwasm `rule` tag is always there).
+    #[must_use]
+    pub fn stats_tag(mut self, tag_name: &str, regex: &str) -> Self {
+        self.stats_tags.push((tag_name.into(), regex.into()));
+        self
+    }
+
+    /// Removes every `stats_tags` entry, including the default `rule` tag.
+    #[must_use]
+    pub fn no_stats_tags(mut self) -> Self {
+        self.stats_tags.clear();
+        self
+    }
+
+    /// Adds a raw cluster (YAML mapping) next to `upstream` (for side services).
+    #[must_use]
+    pub fn cluster_yaml(mut self, yaml: &str) -> Self {
+        self.clusters_yaml.push(unindent(yaml));
+        self
+    }
+
+    /// `-l` (default `info`).
+    #[must_use]
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.into();
+        self
+    }
+
+    /// `--component-log-level`, e.g. `wasm:debug`.
+    #[must_use]
+    pub fn component_log_level(mut self, spec: &str) -> Self {
+        self.component_log_level = Some(spec.into());
+        self
+    }
+
+    /// Renders the bootstrap YAML for the given ports.
+    pub fn bootstrap(&self, admin_port: u16, listener_ports: &[u16]) -> String {
+        let mut y = String::new();
+        let _ = writeln!(y, "admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}");
+        if !self.stats_tags.is_empty() {
+            y.push_str("stats_config:\n  stats_tags:\n");
+            for (name, regex) in &self.stats_tags {
+                let _ = writeln!(y, "  - tag_name: {name}\n    regex: '{}'", regex.replace('\'', "''"));
+            }
+        }
+        y.push_str("static_resources:\n  listeners:\n");
+        let default_listener = [Listener::new()];
+        let listeners: &[Listener] = if self.listeners.is_empty() { &default_listener } else { &self.listeners };
+        for (i, l) in listeners.iter().enumerate() {
+            let name = l.name.clone().unwrap_or_else(|| format!("listener_{i}"));
+            let port = listener_ports[i];
+            let _ = write!(
+                y,
+                r#"  - name: {name}
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          codec_type: AUTO
+          route_config:
+            name: {name}_routes
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+"#
+            );
+            let default_route = [Route::new("default", "/")];
+            let routes: &[Route] = if l.routes.is_empty() { &default_route } else { &l.routes };
+            for r in routes {
+                r.render(&mut y, 14);
+            }
+            y.push_str("          http_filters:\n");
+            for f in &l.filters {
+                y.push_str(&list_item(&f.yaml, 10));
+            }
+            y.push_str(
+                "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
+            );
+        }
+        let up = self.upstream.unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
+        let _ = write!(
+            y,
+            r#"  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {}, port_value: {} }}
+"#,
+            up.ip(),
+            up.port()
+        );
+        if self.upstream_proto == UpstreamProto::Http2 {
+            y.push_str(
+                r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+"#,
+            );
+        }
+        for c in &self.clusters_yaml {
+            y.push_str(&list_item(c, 2));
+        }
+        y
+    }
+
+    fn prepare(&self) -> (PathBuf, u16, Vec<u16>, String, PathBuf, Command) {
+        let dir = temp_dir();
+        let admin_port = free_port();
+        let n = self.listeners.len().max(1);
+        let ports: Vec<u16> =
+            (0..n).map(|i| self.listeners.get(i).and_then(|l| l.port).unwrap_or_else(free_port)).collect();
+        let config = self.bootstrap(admin_port, &ports);
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, &config).expect("write bootstrap");
+        let log_path = dir.join("envoy.log");
+        let log = std::fs::File::create(&log_path).expect("create log");
+        let mut cmd = Command::new(crate::envoy_bin());
+        cmd.arg("-c")
+            .arg(&config_path)
+            .arg("--concurrency")
+            .arg(self.concurrency.to_string())
+            .arg("--disable-hot-restart")
+            .arg("--base-id")
+            .arg(unique_base_id().to_string())
+            .arg("-l")
+            .arg(&self.log_level);
+        if let Some(c) = &self.component_log_level {
+            cmd.arg("--component-log-level").arg(c);
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("dup log")).stderr(log);
+        (dir, admin_port, ports, config, log_path, cmd)
+    }
+
+    /// Starts Envoy and waits until admin `/ready` answers 200; panics with Envoy's log
+    /// if it exits or is not ready in time.
+    pub fn start(self) -> Envoy {
+        let (dir, admin_port, ports, config, log_path, mut cmd) = self.prepare();
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let mut envoy = Envoy {
+            child: Some(child),
+            dir,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            listeners: ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect(),
+            log_path,
+            config,
+        };
+        envoy.wait_ready();
+        envoy
+    }
+
+    /// Starts Envoy expecting it to refuse the configuration and exit; returns its exit
+    /// status and log. Panics if it becomes ready instead, or does not exit in time.
+    pub fn expect_failure(self) -> FailedEnvoy {
+        let (dir, admin_port, _ports, config, log_path, mut cmd) = self.prepare();
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait envoy") {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let _ = std::fs::remove_dir_all(&dir);
+                return FailedEnvoy { status, log, config };
+            }
+            if ready(admin) {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("Envoy accepted a configuration it should have refused.\n--- config ---\n{config}\n--- log ---\n{log}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("Envoy neither exited nor became ready in {READY_TIMEOUT:?}.\n--- log ---\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+// === impl Envoy ===
+
+impl Envoy {
+    pub fn builder() -> EnvoyBuilder {
+        EnvoyBuilder::default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "Envoy exited with {status} before it was ready.\n--- config ---\n{}\n--- log ---\n{}",
+                    self.config,
+                    self.log()
+                );
+            }
+            if ready(self.admin) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy was not ready after {READY_TIMEOUT:?} (GET {}/ready)",
+                self.admin_url()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>` of the first listener.
+    pub fn listener_url(&self) -> String {
+        format!("http://{}", self.listener_addr())
+    }
+
+    pub fn listener_addr(&self) -> SocketAddr {
+        self.listeners[0]
+    }
+
+    /// The address of listener `i` (in the order they were added).
+    pub fn listener_addr_of(&self, i: usize) -> SocketAddr {
+        self.listeners[i]
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The bootstrap YAML this Envoy runs.
+    pub fn config(&self) -> &str {
+        &self.config
+    }
+
+    /// Sends `req` to the first listener (panics on a transport error).
+    pub fn send(&self, req: Request) -> Response {
+        client::send(self.listener_addr(), &req)
+    }
+
+    /// Sends `req` to listener `i`.
+    pub fn send_to(&self, i: usize, req: Request) -> Response {
+        client::send(self.listener_addr_of(i), &req)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.send(Request::get(path))
+    }
+
+    /// `GET <admin><path>`; panics unless it answers.
+    pub fn admin_get(&self, path: &str) -> Response {
+        client::send(self.admin, &Request::get(path))
+    }
+
+    /// `POST <admin><path>` (e.g. `/reset_counters`).
+    pub fn admin_post(&self, path: &str) -> Response {
+        client::send(self.admin, &Request::new("POST", path))
+    }
+
+    /// Every counter and gauge from admin `/stats` (histograms are skipped).
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let rsp = self.admin_get("/stats");
+        assert_eq!(rsp.status, 200, "admin /stats: {}", rsp.text());
+        parse_stats(&rsp.text())
+    }
+
+    /// One counter or gauge, `None` if Envoy does not have it (yet).
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        self.stats().get(name).copied()
+    }
+
+    /// One counter or gauge, 0 when absent.
+    pub fn stat_or_zero(&self, name: &str) -> u64 {
+        self.stat(name).unwrap_or(0)
+    }
+
+    /// Admin `/stats/prometheus`.
+    pub fn prometheus(&self) -> String {
+        let rsp = self.admin_get("/stats/prometheus");
+        assert_eq!(rsp.status, 200, "admin /stats/prometheus: {}", rsp.text());
+        rsp.text()
+    }
+
+    /// Envoy's log so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until admin `/ready` is 200 again and the process is alive (for "still
+    /// healthy" checks).
+    pub fn assert_healthy(&mut self) {
+        self.wait_ready();
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() || std::env::var_os("MESHWASM_TEST_LOG").is_some() {
+            eprintln!(
+                "===== Envoy log ({}) =====\n{}\n===== end of Envoy log; bootstrap: {} =====",
+                self.log_path.display(),
+                self.log(),
+                self.dir.join("envoy.yaml").display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn ready(admin: SocketAddr) -> bool {
+    let req = Request::get("/ready").timeout(Duration::from_secs(2));
+    matches!(client::try_send(admin, &req), Ok(r) if r.status == 200)
+}
+
+/// Parses admin `/stats` text (`name: value` lines); skips histograms.
+pub fn parse_stats(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(": ")?;
+            Some((k.trim().to_string(), v.trim().parse::<u64>().ok()?))
+        })
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn unique_base_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (std::process::id() % 100_000) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100
+}
+
+fn temp_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "meshwasm-envoy-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Removes the common leading indentation and leading/trailing blank lines.
+fn unindent(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let start = lines.iter().position(|l| !l.trim().is_empty()).unwrap_or(lines.len());
+    let end = lines.iter().rposition(|l| !l.trim().is_empty()).map_or(start, |e| e + 1);
+    let body = &lines[start..end];
+    let common =
+        body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+    let mut out = String::new();
+    for l in body {
+        out.push_str(l.get(common..).unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+/// `yaml` (a mapping) indented by `indent` spaces.
+fn indent_block(yaml: &str, indent: usize) -> String {
+    let pad = " ".repeat(indent);
+    unindent(yaml).lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
+}
+
+/// `yaml` (a mapping) as a YAML list item at `indent`.
+fn list_item(yaml: &str, indent: usize) -> String {
+    let pad = " ".repeat(indent);
+    let mut out = String::new();
+    for (i, l) in unindent(yaml).lines().enumerate() {
+        if i == 0 {
+            let _ = writeln!(out, "{pad}- {l}");
+        } else if l.is_empty() {
+            out.push('\n');
+        } else {
+            let _ = writeln!(out, "{pad}  {l}");
+        }
+    }
+    out
+}
