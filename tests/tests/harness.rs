@@ -129,3 +129,21 @@ fn bad_bootstrap_is_reported() {
     assert!(!failed.status.success());
     assert!(failed.log.contains("http_status"), "{}", failed.log);
 }
+
+#[test]
+fn noop_wasm_module_loads_and_passes_traffic() {
+    let up = Upstream::start();
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .listener(Listener::new().filter(Filter::wasm("noop", serde_json::json!({}))))
+        .start();
+    let results = fire(envoy.listener_addr(), 20, 4, |i| {
+        if i % 2 == 0 { Request::get("/a") } else { Request::post("/b", "x").h2() }
+    });
+    for r in &results {
+        assert_eq!(r.as_ref().map(|r| r.status), Ok(200), "{r:?}");
+    }
+    assert_eq!(up.requests(), 20);
+    // One VM per worker (plus the main thread's): the module really runs in V8.
+    assert!(envoy.stat_or_zero("wasm.envoy.wasm.runtime.v8.active") >= 2, "wasm VMs not created");
+}
