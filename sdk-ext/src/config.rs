@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn unknown_field_names_path() {
         let e = from_json::<Outer>(br#"{"rules":[{"httpStatus":1},{"httpStatuss":2}]}"#).unwrap_err();
-        assert_eq!(e.path, "rules[1]");
+        assert_eq!(e.path, "rules[1].httpStatuss");
         assert!(e.message.contains("unknown field `httpStatuss`"), "{e}");
     }
 

@@ -1,0 +1,170 @@
+//! An in-memory `Host` for tests: headers, properties, a settable clock, recorded local
+//! replies and resumes, metrics and shared data with real CAS semantics.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::host::{HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+
+#[derive(Default)]
+pub struct FakeHost {
+    pub request_headers: RefCell<Vec<(String, String)>>,
+    pub request_trailers: RefCell<Vec<(String, String)>>,
+    pub response_headers: RefCell<Vec<(String, String)>>,
+    pub response_trailers: RefCell<Vec<(String, String)>>,
+    pub properties: RefCell<HashMap<String, Vec<u8>>>,
+    pub clock: Cell<Duration>,
+    pub replies: RefCell<Vec<LocalReply>>,
+    pub resumed_requests: Cell<u32>,
+    pub resumed_responses: Cell<u32>,
+    /// When set, resume/reply calls fail as they do for a stream that went away.
+    pub stream_gone: Cell<bool>,
+    pub metrics: RefCell<Vec<(MetricKind, String, i64)>>,
+    pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// Make the next N `set_shared_data` calls with a CAS fail, as a concurrent writer would.
+    pub cas_conflicts: Cell<u32>,
+    pub logs: RefCell<Vec<(LogLevel, String)>>,
+}
+
+impl FakeHost {
+    pub fn new() -> Self {
+        let h = Self::default();
+        h.clock.set(Duration::from_secs(1_700_000_000));
+        h
+    }
+
+    pub fn with_request(headers: &[(&str, &str)]) -> Self {
+        let h = Self::new();
+        *h.request_headers.borrow_mut() = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        h
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.clock.set(self.clock.get() + d);
+    }
+
+    pub fn set_property(&self, path: &[&str], value: &[u8]) {
+        self.properties.borrow_mut().insert(path.join("."), value.to_vec());
+    }
+
+    /// The current value of a metric by name (counters and gauges).
+    pub fn metric_value(&self, name: &str) -> i64 {
+        self.metrics.borrow().iter().find(|(_, n, _)| n == name).map(|(_, _, v)| *v).unwrap_or(0)
+    }
+
+    pub fn shared_u64(&self, key: &str) -> Option<u64> {
+        self.shared.borrow().get(key).and_then(|(v, _)| crate::shared::decode_u64(v))
+    }
+
+    fn map(&self, map: HeaderMap) -> &RefCell<Vec<(String, String)>> {
+        match map {
+            HeaderMap::RequestHeaders => &self.request_headers,
+            HeaderMap::RequestTrailers => &self.request_trailers,
+            HeaderMap::ResponseHeaders => &self.response_headers,
+            HeaderMap::ResponseTrailers => &self.response_trailers,
+        }
+    }
+}
+
+impl Host for FakeHost {
+    fn header(&self, map: HeaderMap, name: &str) -> Option<String> {
+        self.map(map).borrow().iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    }
+    fn headers(&self, map: HeaderMap) -> Vec<(String, String)> {
+        self.map(map).borrow().clone()
+    }
+    fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        let mut m = self.map(map).borrow_mut();
+        m.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        if let Some(v) = value {
+            m.push((name.to_string(), v.to_string()));
+        }
+        Ok(())
+    }
+    fn add_header(&self, map: HeaderMap, name: &str, value: &str) -> Result<(), HostError> {
+        self.map(map).borrow_mut().push((name.to_string(), value.to_string()));
+        Ok(())
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.borrow().get(&path.join(".")).cloned()
+    }
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + self.clock.get()
+    }
+    fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
+        if self.stream_gone.get() {
+            return Err(HostError::NotFound);
+        }
+        self.replies.borrow_mut().push(reply.clone());
+        Ok(())
+    }
+    fn resume_request(&self) -> Result<(), HostError> {
+        if self.stream_gone.get() {
+            return Err(HostError::NotFound);
+        }
+        self.resumed_requests.set(self.resumed_requests.get() + 1);
+        Ok(())
+    }
+    fn resume_response(&self) -> Result<(), HostError> {
+        if self.stream_gone.get() {
+            return Err(HostError::NotFound);
+        }
+        self.resumed_responses.set(self.resumed_responses.get() + 1);
+        Ok(())
+    }
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        let mut m = self.metrics.borrow_mut();
+        if let Some(i) = m.iter().position(|(k, n, _)| *k == kind && n == name) {
+            return u32::try_from(i).map_err(|_| HostError::BadArgument);
+        }
+        m.push((kind, name.to_string(), 0));
+        u32::try_from(m.len() - 1).map_err(|_| HostError::BadArgument)
+    }
+    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
+        let mut m = self.metrics.borrow_mut();
+        let e = m.get_mut(id as usize).ok_or(HostError::NotFound)?;
+        e.2 += delta;
+        Ok(())
+    }
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
+        let mut m = self.metrics.borrow_mut();
+        let e = m.get_mut(id as usize).ok_or(HostError::NotFound)?;
+        e.2 = i64::try_from(value).unwrap_or(i64::MAX);
+        Ok(())
+    }
+    fn metric(&self, id: u32) -> Result<u64, HostError> {
+        let m = self.metrics.borrow();
+        let e = m.get(id as usize).ok_or(HostError::NotFound)?;
+        Ok(u64::try_from(e.2).unwrap_or(0))
+    }
+    fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.shared.borrow().get(key) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        let mut s = self.shared.borrow_mut();
+        if cas.is_some() && self.cas_conflicts.get() > 0 {
+            self.cas_conflicts.set(self.cas_conflicts.get() - 1);
+            // Someone else wrote in between: bump the version without changing the value.
+            if let Some(e) = s.get_mut(key) {
+                e.1 += 1;
+            }
+            return Err(HostError::CasMismatch);
+        }
+        let current = s.get(key).map(|(_, c)| *c);
+        if let (Some(want), Some(have)) = (cas, current) {
+            if want != have {
+                return Err(HostError::CasMismatch);
+            }
+        }
+        let next = current.unwrap_or(0) + 1;
+        s.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
+    }
+    fn log(&self, level: LogLevel, message: &str) {
+        self.logs.borrow_mut().push((level, message.to_string()));
+    }
+}

@@ -1,0 +1,236 @@
+//! Decoding Envoy property values: integers are 8 little-endian bytes, strings are raw,
+//! protobuf messages (like `xds.route_metadata`) are their binary encoding.
+
+use serde_json::{Map, Number, Value};
+
+pub fn decode_int(b: &[u8]) -> Option<i64> {
+    let arr: [u8; 8] = b.try_into().ok()?;
+    Some(i64::from_le_bytes(arr))
+}
+
+/// Decode a serialized `envoy.config.core.v3.Metadata` and return
+/// `filter_metadata[namespace]` as JSON (a `google.protobuf.Struct`).
+pub fn metadata_namespace(bytes: &[u8], namespace: &str) -> Result<Option<Value>, String> {
+    // Metadata { map<string, Struct> filter_metadata = 1; ... }
+    let mut r = Reader(bytes);
+    while let Some((field, wire)) = r.key()? {
+        if field == 1 && wire == 2 {
+            // map entry { string key = 1; Struct value = 2; }
+            let mut entry = Reader(r.bytes()?);
+            let mut key = None;
+            let mut value = None;
+            while let Some((f, w)) = entry.key()? {
+                match (f, w) {
+                    (1, 2) => key = Some(entry.bytes()?),
+                    (2, 2) => value = Some(entry.bytes()?),
+                    _ => entry.skip(w)?,
+                }
+            }
+            if key == Some(namespace.as_bytes()) {
+                return decode_struct(value.unwrap_or_default()).map(Some);
+            }
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    Ok(None)
+}
+
+fn decode_struct(bytes: &[u8]) -> Result<Value, String> {
+    // Struct { map<string, Value> fields = 1; }
+    let mut r = Reader(bytes);
+    let mut map = Map::new();
+    while let Some((field, wire)) = r.key()? {
+        if field == 1 && wire == 2 {
+            let mut entry = Reader(r.bytes()?);
+            let mut key = String::new();
+            let mut value = Value::Null;
+            while let Some((f, w)) = entry.key()? {
+                match (f, w) {
+                    (1, 2) => key = String::from_utf8(entry.bytes()?.to_vec()).map_err(|e| e.to_string())?,
+                    (2, 2) => value = decode_value(entry.bytes()?)?,
+                    _ => entry.skip(w)?,
+                }
+            }
+            map.insert(key, value);
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    Ok(Value::Object(map))
+}
+
+fn decode_value(bytes: &[u8]) -> Result<Value, String> {
+    // Value { oneof kind { NullValue null_value = 1; double number_value = 2;
+    //   string string_value = 3; bool bool_value = 4; Struct struct_value = 5;
+    //   ListValue list_value = 6; } }
+    let mut r = Reader(bytes);
+    let mut out = Value::Null;
+    while let Some((field, wire)) = r.key()? {
+        out = match (field, wire) {
+            (1, 0) => {
+                r.varint()?;
+                Value::Null
+            }
+            (2, 1) => {
+                let f = f64::from_bits(r.fixed64()?);
+                // Keep integers integral so `"httpStatus": 503` stays a u32 for serde.
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    Value::Number(Number::from(f as i64))
+                } else {
+                    Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)
+                }
+            }
+            (3, 2) => Value::String(String::from_utf8(r.bytes()?.to_vec()).map_err(|e| e.to_string())?),
+            (4, 0) => Value::Bool(r.varint()? != 0),
+            (5, 2) => decode_struct(r.bytes()?)?,
+            (6, 2) => {
+                let mut list = Reader(r.bytes()?);
+                let mut items = Vec::new();
+                while let Some((f, w)) = list.key()? {
+                    if f == 1 && w == 2 {
+                        items.push(decode_value(list.bytes()?)?);
+                    } else {
+                        list.skip(w)?;
+                    }
+                }
+                Value::Array(items)
+            }
+            (_, w) => {
+                r.skip(w)?;
+                continue;
+            }
+        };
+    }
+    Ok(out)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v: u64 = 0;
+        for i in 0..10 {
+            let (&b, rest) = self.0.split_first().ok_or("truncated varint")?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    fn key(&mut self) -> Result<Option<(u64, u8)>, String> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let k = self.varint()?;
+        Ok(Some((k >> 3, (k & 7) as u8)))
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.0.len() {
+            return Err("truncated field".into());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = usize::try_from(self.varint()?).map_err(|_| "length overflow")?;
+        self.take(n)
+    }
+    fn fixed64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let arr: [u8; 8] = b.try_into().map_err(|_| "truncated fixed64")?;
+        Ok(u64::from_le_bytes(arr))
+    }
+    fn skip(&mut self, wire: u8) -> Result<(), String> {
+        match wire {
+            0 => self.varint().map(drop),
+            1 => self.take(8).map(drop),
+            2 => self.bytes().map(drop),
+            5 => self.take(4).map(drop),
+            w => Err(format!("unsupported wire type {w}")),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    // A tiny encoder for tests only.
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    fn ld(field: u64, data: &[u8], out: &mut Vec<u8>) {
+        varint(field << 3 | 2, out);
+        varint(data.len() as u64, out);
+        out.extend_from_slice(data);
+    }
+    fn enc_value(v: &Value) -> Vec<u8> {
+        let mut o = Vec::new();
+        match v {
+            Value::Null => o.extend_from_slice(&[8, 0]),
+            Value::Number(n) => {
+                o.push(2 << 3 | 1);
+                o.extend_from_slice(&n.as_f64().unwrap().to_bits().to_le_bytes());
+            }
+            Value::String(s) => ld(3, s.as_bytes(), &mut o),
+            Value::Bool(b) => o.extend_from_slice(&[4 << 3, u8::from(*b)]),
+            Value::Object(_) => ld(5, &enc_struct(v), &mut o),
+            Value::Array(items) => {
+                let mut l = Vec::new();
+                for i in items {
+                    ld(1, &enc_value(i), &mut l);
+                }
+                ld(6, &l, &mut o);
+            }
+        }
+        o
+    }
+    fn enc_struct(v: &Value) -> Vec<u8> {
+        let mut o = Vec::new();
+        for (k, v) in v.as_object().unwrap() {
+            let mut e = Vec::new();
+            ld(1, k.as_bytes(), &mut e);
+            ld(2, &enc_value(v), &mut e);
+            ld(1, &e, &mut o);
+        }
+        o
+    }
+    pub(crate) fn encode_metadata(ns: &str, v: &Value) -> Vec<u8> {
+        let mut e = Vec::new();
+        ld(1, ns.as_bytes(), &mut e);
+        ld(2, &enc_struct(v), &mut e);
+        let mut o = Vec::new();
+        ld(1, &e, &mut o);
+        o
+    }
+
+    #[test]
+    fn roundtrip_metadata() {
+        let v = serde_json::json!({"fault": {"rules": [{"name": "a", "fault": {"abort": {"httpStatus": 503,
+            "percentage": {"value": 12.5}}}}], "headerControl": true, "x": null}});
+        let mut bytes = encode_metadata("other", &serde_json::json!({"a": 1}));
+        bytes.extend(encode_metadata("meshwasm", &v));
+        assert_eq!(metadata_namespace(&bytes, "meshwasm").unwrap(), Some(v));
+        assert_eq!(metadata_namespace(&bytes, "none").unwrap(), None);
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = metadata_namespace(&b, "meshwasm");
+        }
+    }
+}
