@@ -1,0 +1,661 @@
+//! `cargo xtask bench`: what does the meshwasm fault filter cost, next to the floor any wasm
+//! filter pays (a no-op module) and next to Envoy's native fault filter?
+//!
+//! Method (the machine is shared and noisy, so everything is relative and side by side):
+//! - Five Envoys run at once, one per configuration, each `--concurrency 1` and pinned to
+//!   core 0 (`taskset -c 0`). wrk (`-t1`) and the upstream (a second Envoy answering with
+//!   `direct_response`, `--concurrency 1`) are pinned to core 1, so the proxy under test owns
+//!   core 0 and its throughput is its per-request CPU cost: 1/rps.
+//! - Each configuration is first probed (a request it must pass, one it must fault) so a
+//!   mis-configured filter cannot produce a flattering number.
+//! - Rounds interleave the configurations (rotating the order each round); each measurement is
+//!   preceded by a warm-up. Medians over rounds are reported.
+//! - Per request we report: req/s, p50/p99 latency (wrk --latency), and Envoy CPU µs/request
+//!   measured from /proc/<pid>/stat over the measured window.
+//! - Headline: overhead(cfg) = 1/rps_cfg − 1/rps_bare; ratio = overhead(fault) /
+//!   overhead(noop), target ≤ 1.3 (the same with p50 and with CPU µs/request).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use crate::build::{self, Module};
+use crate::envoy::{self, Envoy, Launch};
+use crate::{bail, http, json, on_path, output, root, step, Context, Result};
+
+/// The performance target: fault's per-request overhead at most 1.3× the no-op module's.
+const TARGET_RATIO: f64 = 1.3;
+
+/// Rules that never match the benchmark's traffic: the common path of a production config.
+const FAULT_NO_MATCH: &str = r#"{"rules":[{"name":"never","match":[{"uri":{"prefix":"/never"},"headers":{"x-chaos":{"exact":"yes"}}}],"fault":{"abort":{"httpStatus":503,"percentage":{"value":100}}}}]}"#;
+const FAULT_HEADERS: &str = r#"{"headerControl":true}"#;
+
+pub struct Options {
+    pub duration: u64,
+    pub warmup: u64,
+    pub rounds: u32,
+    pub connections: u32,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut o = Options { duration: 10, warmup: 2, rounds: 3, connections: 16 };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut value = || -> Result<u64> {
+                let v = it.next().ok_or_else(|| crate::Error::msg(format!("{flag} needs a value")))?;
+                v.trim_end_matches('s').parse().context(format!("{flag} {v}"))
+            };
+            match flag.as_str() {
+                "--duration" => o.duration = value()?.max(1),
+                "--warmup" => o.warmup = value()?,
+                "--rounds" => o.rounds = u32::try_from(value()?.max(1)).unwrap_or(1),
+                "--connections" => o.connections = u32::try_from(value()?.max(1)).unwrap_or(16),
+                other => bail!("unknown bench option `{other}` (see `cargo xtask help`)"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// A request (path, headers) and the status a fault must produce for it.
+type FaultProbe = (&'static str, &'static [(&'static str, &'static str)], u16);
+
+/// One configuration under test.
+struct Setup {
+    key: &'static str,
+    label: &'static str,
+    /// The http_filters spliced before the router.
+    filters: String,
+    /// A request this configuration must fault (proves the filter is really there), if any.
+    must_fault: Option<FaultProbe>,
+}
+
+fn setups() -> Result<Vec<Setup>> {
+    let noop = build::module_path("noop");
+    let fault = build::module_path("fault");
+    Ok(vec![
+        Setup { key: "bare", label: "bare Envoy (router only)", filters: String::new(), must_fault: None },
+        Setup {
+            key: "noop",
+            label: "no-op wasm module",
+            filters: envoy::wasm_filter("noop", &noop, "{}")?,
+            must_fault: None,
+        },
+        Setup {
+            key: "fault_rules",
+            label: "meshwasm fault, rules not matching",
+            filters: envoy::wasm_filter("fault", &fault, FAULT_NO_MATCH)?,
+            must_fault: Some(("/never", &[("x-chaos", "yes")], 503)),
+        },
+        Setup {
+            key: "fault_headers",
+            label: "meshwasm fault, headerControl",
+            filters: envoy::wasm_filter("fault", &fault, FAULT_HEADERS)?,
+            must_fault: Some(("/", &[("x-envoy-fault-abort-request", "503")], 503)),
+        },
+        Setup {
+            key: "native_fault",
+            label: "Envoy native fault (header_abort/delay)",
+            filters: envoy::template("filters/native-fault.yaml")?,
+            must_fault: Some(("/", &[("x-envoy-fault-abort-request", "503")], 503)),
+        },
+    ])
+}
+
+/// One wrk measurement.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_req: f64,
+    requests: u64,
+    bad: u64,
+}
+
+struct Running {
+    setup: Setup,
+    envoy: Envoy,
+    addr: SocketAddr,
+    samples: Vec<Sample>,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    let wrk = on_path("wrk").ok_or_else(|| crate::Error::msg("wrk is not on PATH (apt-get install wrk)"))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let pinned = cores >= 2 && on_path("taskset").is_some();
+    let (proxy_cpu, load_cpu) = if pinned { (Some("0"), Some("1")) } else { (None, None) };
+    if !pinned {
+        println!("    warning: no pinning ({cores} core(s), taskset {}); numbers are noisier", if on_path("taskset").is_some() { "present" } else { "missing" });
+    }
+
+    let modules = build::run()?;
+    let envoy_bin = envoy::ensure()?;
+    let envoy_version = output(Command::new(&envoy_bin).arg("--version"))?.trim().to_string();
+
+    step("starting the upstream and one Envoy per configuration");
+    let upstream = Envoy::start(
+        &envoy_bin,
+        Launch { name: "bench-upstream", config: &envoy::template("bench-upstream.yaml")?, concurrency: 1, cpus: load_cpu },
+    )?;
+    let upstream_port = upstream.listener("upstream")?.port().to_string();
+    println!("    upstream (direct_response Envoy) on 127.0.0.1:{upstream_port}, pid {}", upstream.proc.pid());
+
+    let mut runs = Vec::new();
+    for setup in setups()? {
+        let config = envoy::render_bootstrap("bench.yaml", &[("HTTP_FILTERS", &setup.filters), ("UPSTREAM_PORT", &upstream_port)])?;
+        let name = format!("bench-{}", setup.key);
+        let envoy = Envoy::start(&envoy_bin, Launch { name: &name, config: &config, concurrency: 1, cpus: proxy_cpu })?;
+        let addr = envoy.listener("ingress")?;
+        probe(&setup, addr)?;
+        println!("    {:<14} {addr}  pid {}  ({})", setup.key, envoy.proc.pid(), setup.label);
+        runs.push(Running { setup, envoy, addr, samples: Vec::new() });
+    }
+
+    let per_round = opts.warmup + opts.duration;
+    step(format!(
+        "measuring: {} rounds × {} configs × ({}s warm-up + {}s) ≈ {}s; wrk -t1 -c{} --latency",
+        opts.rounds,
+        runs.len(),
+        opts.warmup,
+        opts.duration,
+        u64::from(opts.rounds) * runs.len() as u64 * per_round,
+        opts.connections
+    ));
+    let tick = clock_ticks_per_sec();
+    for round in 0..opts.rounds {
+        let n = runs.len();
+        for i in 0..n {
+            // Rotate the order each round so no configuration always runs first or last.
+            let idx = (i + round as usize) % n;
+            let Some(r) = runs.get_mut(idx) else { continue };
+            r.envoy.proc.check_alive()?;
+            if opts.warmup > 0 {
+                wrk_run(&wrk, r.addr, opts.warmup, opts.connections, load_cpu)?;
+            }
+            let cpu0 = cpu_ticks(r.envoy.proc.pid())?;
+            let mut s = wrk_run(&wrk, r.addr, opts.duration, opts.connections, load_cpu)?;
+            let cpu1 = cpu_ticks(r.envoy.proc.pid())?;
+            if s.requests > 0 {
+                s.cpu_us_per_req = (cpu1.saturating_sub(cpu0)) as f64 / tick * 1e6 / s.requests as f64;
+            }
+            println!(
+                "    round {}/{}  {:<14} {:>9.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  cpu {:>5.1} µs/req{}",
+                round + 1,
+                opts.rounds,
+                r.setup.key,
+                s.rps,
+                s.p50_ms,
+                s.p99_ms,
+                s.cpu_us_per_req,
+                if s.bad > 0 { format!("  ({} errors/non-2xx!)", s.bad) } else { String::new() }
+            );
+            if s.bad > 0 {
+                bail!("{}: {} requests failed or were not 2xx: the benchmark is invalid", r.setup.key, s.bad);
+            }
+            r.samples.push(s);
+        }
+    }
+
+    let report = Report::new(&runs, &modules, &opts, &envoy_version, pinned);
+    step("results");
+    let md = report.markdown();
+    println!("{md}");
+    let dir = root().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.md"), &md)?;
+    std::fs::write(dir.join("results.json"), report.json())?;
+    std::fs::write(dir.join("chart.svg"), report.svg())?;
+    println!("wrote bench/results.md, bench/results.json, bench/chart.svg");
+    Ok(())
+}
+
+/// A normal request must pass (200) and, where the configuration injects faults, the
+/// triggering request must be faulted: otherwise we would benchmark the wrong thing.
+fn probe(setup: &Setup, addr: SocketAddr) -> Result<()> {
+    let rsp = http::get(addr, "/", &[])?;
+    if rsp.status != 200 {
+        bail!("{}: GET / returned {} (expected 200): {}", setup.key, rsp.status, rsp.text());
+    }
+    if let Some((path, headers, status)) = setup.must_fault {
+        let rsp = http::get(addr, path, headers)?;
+        if rsp.status != status {
+            bail!("{}: GET {path} {headers:?} returned {} (expected the fault {status}): the filter is not active", setup.key, rsp.status);
+        }
+    }
+    Ok(())
+}
+
+// === wrk ===
+
+fn wrk_run(wrk: &Path, addr: SocketAddr, secs: u64, connections: u32, cpus: Option<&str>) -> Result<Sample> {
+    let mut cmd = match (cpus, on_path("taskset")) {
+        (Some(c), Some(taskset)) => {
+            let mut cmd = Command::new(taskset);
+            cmd.args(["-c", c]).arg(wrk);
+            cmd
+        }
+        _ => Command::new(wrk),
+    };
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"])
+        .arg(format!("http://{addr}/"));
+    let out = output(&mut cmd)?;
+    parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
+}
+
+fn parse_wrk(out: &str) -> Result<Sample> {
+    let mut s = Sample::default();
+    let (mut p50, mut p99) = (None, None);
+    for line in out.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => s.rps = v.parse().context("Requests/sec")?,
+            ["50%", v] => p50 = Some(parse_latency_ms(v)?),
+            ["99%", v] => p99 = Some(parse_latency_ms(v)?),
+            [n, "requests", "in", ..] => s.requests = n.parse().context("requests")?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => s.bad += n.parse::<u64>().context("non-2xx")?,
+            ["Socket", "errors:", rest @ ..] => {
+                s.bad += rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    match (p50, p99) {
+        (Some(p50), Some(p99)) if s.rps > 0.0 => {
+            s.p50_ms = p50;
+            s.p99_ms = p99;
+            Ok(s)
+        }
+        _ => bail!("no Requests/sec or latency distribution"),
+    }
+}
+
+fn parse_latency_ms(v: &str) -> Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        bail!("latency `{v}` has no unit")
+    };
+    Ok(num.parse::<f64>().context(format!("latency `{v}`"))? * scale)
+}
+
+// === CPU accounting ===
+
+/// utime + stime of `pid` (all threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc/<pid>/stat")?;
+    // Fields after the parenthesised command name: state is #3, utime #14, stime #15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<u64> = after.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    match (fields.get(10), fields.get(11)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => bail!("unexpected /proc/{pid}/stat format"),
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    output(Command::new("getconf").arg("CLK_TCK")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+}
+
+// === Report ===
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(f64::NAN),
+        n => (v.get(n / 2 - 1).copied().unwrap_or(f64::NAN) + v.get(n / 2).copied().unwrap_or(f64::NAN)) / 2.0,
+    }
+}
+
+struct Row {
+    key: &'static str,
+    label: &'static str,
+    med: Sample,
+    samples: Vec<Sample>,
+}
+
+struct Report {
+    rows: Vec<Row>,
+    modules: Vec<(&'static str, u64)>,
+    header: Vec<(&'static str, String)>,
+}
+
+/// Overhead ratios of one configuration against the no-op module (both relative to bare).
+struct Ratios {
+    rps: f64,
+    p50: f64,
+    cpu: f64,
+}
+
+impl Report {
+    fn new(runs: &[Running], modules: &[Module], opts: &Options, envoy_version: &str, pinned: bool) -> Report {
+        let rows = runs
+            .iter()
+            .map(|r| {
+                let m = |f: fn(&Sample) -> f64| median(r.samples.iter().map(f).collect());
+                Row {
+                    key: r.setup.key,
+                    label: r.setup.label,
+                    med: Sample {
+                        rps: m(|s| s.rps),
+                        p50_ms: m(|s| s.p50_ms),
+                        p99_ms: m(|s| s.p99_ms),
+                        cpu_us_per_req: m(|s| s.cpu_us_per_req),
+                        requests: r.samples.iter().map(|s| s.requests).sum(),
+                        bad: 0,
+                    },
+                    samples: r.samples.clone(),
+                }
+            })
+            .collect();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        let git = output(Command::new("git").current_dir(root()).args(["rev-parse", "--short", "HEAD"]))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let date = output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])).map(|s| s.trim().to_string()).unwrap_or_default();
+        let header = vec![
+            ("date", date),
+            ("git", git),
+            ("envoy", envoy_version.to_string()),
+            ("cpu", format!("{cpu_model} ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))),
+            (
+                "pinning",
+                if pinned {
+                    "proxy under test: taskset -c 0, --concurrency 1; wrk -t1 and upstream Envoy (direct_response): taskset -c 1".into()
+                } else {
+                    "none (fewer than 2 cores or no taskset)".into()
+                },
+            ),
+            (
+                "load",
+                format!(
+                    "wrk -t1 -c{} --latency, GET /; {} rounds (order rotated) of {}s warm-up + {}s measured per config; medians",
+                    opts.connections, opts.rounds, opts.warmup, opts.duration
+                ),
+            ),
+        ];
+        Report { rows, modules: modules.iter().map(|m| (m.name, m.size)).collect(), header }
+    }
+
+    fn row(&self, key: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.key == key)
+    }
+
+    /// (cfg − bare) / (noop − bare) for 1/rps, p50 and CPU/request.
+    fn ratios(&self, key: &str) -> Option<Ratios> {
+        let (bare, noop, cfg) = (self.row("bare")?.med, self.row("noop")?.med, self.row(key)?.med);
+        let r = |f: fn(&Sample) -> f64| (f(&cfg) - f(&bare)) / (f(&noop) - f(&bare));
+        Some(Ratios { rps: r(|s| 1.0 / s.rps), p50: r(|s| s.p50_ms), cpu: r(|s| s.cpu_us_per_req) })
+    }
+
+    fn overhead_us(&self, key: &str) -> f64 {
+        match (self.row("bare"), self.row(key)) {
+            (Some(b), Some(c)) => (1.0 / c.med.rps - 1.0 / b.med.rps) * 1e6,
+            _ => f64::NAN,
+        }
+    }
+
+    fn markdown(&self) -> String {
+        let mut md = String::from("# meshwasm benchmark: fault filter vs no-op wasm vs native\n\n");
+        md.push_str("Generated by `cargo xtask bench`. Overhead = per-request cost above bare Envoy; ");
+        md.push_str(&format!(
+            "**ratio = overhead(fault) / overhead(no-op wasm)**, target ≤ {TARGET_RATIO}.\n\n"
+        ));
+        md.push_str("## Headline\n\n| configuration | ratio by 1/rps | ratio by p50 | ratio by CPU µs/req | target | verdict (1/rps) |\n|---|---:|---:|---:|---:|---|\n");
+        for key in ["fault_rules", "fault_headers", "native_fault"] {
+            if let (Some(row), Some(r)) = (self.row(key), self.ratios(key)) {
+                let verdict = if key == "native_fault" {
+                    "(reference)".to_string()
+                } else if r.rps <= TARGET_RATIO {
+                    "meets target".to_string()
+                } else {
+                    "ABOVE target".to_string()
+                };
+                let _ = writeln!(md, "| {} | {:.2} | {:.2} | {:.2} | {TARGET_RATIO} | {verdict} |", row.label, r.rps, r.p50, r.cpu);
+            }
+        }
+        md.push_str("\n## Per configuration (medians)\n\n| configuration | req/s | vs bare | overhead µs/req (1/rps) | p50 ms | p99 ms | Envoy CPU µs/req |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
+        for r in &self.rows {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1} |",
+                r.label,
+                r.med.rps,
+                r.med.rps / bare_rps,
+                self.overhead_us(r.key),
+                r.med.p50_ms,
+                r.med.p99_ms,
+                r.med.cpu_us_per_req
+            );
+        }
+        md.push_str("\n## Rounds (req/s)\n\n| configuration |");
+        let rounds = self.rows.first().map(|r| r.samples.len()).unwrap_or(0);
+        for i in 1..=rounds {
+            let _ = write!(md, " round {i} |");
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|".repeat(rounds));
+        md.push('\n');
+        for r in &self.rows {
+            let _ = write!(md, "| {} |", r.key);
+            for s in &r.samples {
+                let _ = write!(md, " {:.0} |", s.rps);
+            }
+            md.push('\n');
+        }
+        md.push_str("\n## Modules\n\n| module | bytes | KiB |\n|---|---:|---:|\n");
+        for (name, size) in &self.modules {
+            let _ = writeln!(md, "| dist/{name}.wasm | {size} | {:.1} |", *size as f64 / 1024.0);
+        }
+        md.push_str("\n## Setup\n\n");
+        for (k, v) in &self.header {
+            let _ = writeln!(md, "- {k}: {v}");
+        }
+        md.push_str("- fault_rules plugin config: `");
+        md.push_str(FAULT_NO_MATCH);
+        md.push_str("`\n- fault_headers plugin config: `");
+        md.push_str(FAULT_HEADERS);
+        md.push_str("`\n- native fault: envoy-configs/filters/native-fault.yaml (header_abort + header_delay, 100%)\n");
+        md.push_str("- every configuration was probed before measuring: GET / → 200, and the faulting request → 503 where a fault filter is configured\n");
+        md.push_str("\nA ratio's denominator (no-op overhead) is small, so ratios are noisy: read them with the rounds table.\n");
+        md.push_str("\n![chart](chart.svg)\n");
+        md
+    }
+
+    fn json(&self) -> String {
+        let mut j = String::from("{\n");
+        for (k, v) in &self.header {
+            let _ = writeln!(j, "  {}: {},", json::string(k), json::string(v));
+        }
+        let _ = writeln!(j, "  \"target_ratio\": {},", json::number(TARGET_RATIO));
+        j.push_str("  \"modules\": {");
+        let mods: Vec<String> = self.modules.iter().map(|(n, s)| format!("{}: {s}", json::string(&format!("{n}.wasm")))).collect();
+        j.push_str(&mods.join(", "));
+        j.push_str("},\n  \"headline\": {\n");
+        let heads: Vec<String> = ["fault_rules", "fault_headers", "native_fault"]
+            .iter()
+            .filter_map(|k| {
+                self.ratios(k).map(|r| {
+                    format!(
+                        "    {}: {{\"ratio_rps\": {}, \"ratio_p50\": {}, \"ratio_cpu\": {}, \"meets_target\": {}}}",
+                        json::string(k),
+                        json::number(r.rps),
+                        json::number(r.p50),
+                        json::number(r.cpu),
+                        r.rps <= TARGET_RATIO
+                    )
+                })
+            })
+            .collect();
+        j.push_str(&heads.join(",\n"));
+        j.push_str("\n  },\n  \"configs\": [\n");
+        let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let samples: Vec<String> = r
+                    .samples
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{{\"rps\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"cpu_us_per_req\": {}, \"requests\": {}}}",
+                            json::number(s.rps),
+                            json::number(s.p50_ms),
+                            json::number(s.p99_ms),
+                            json::number(s.cpu_us_per_req),
+                            s.requests
+                        )
+                    })
+                    .collect();
+                format!(
+                    "    {{\"key\": {}, \"label\": {}, \"rps\": {}, \"rps_vs_bare\": {}, \"overhead_us_per_req\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"cpu_us_per_req\": {},\n     \"rounds\": [{}]}}",
+                    json::string(r.key),
+                    json::string(r.label),
+                    json::number(r.med.rps),
+                    json::number(r.med.rps / bare_rps),
+                    json::number(self.overhead_us(r.key)),
+                    json::number(r.med.p50_ms),
+                    json::number(r.med.p99_ms),
+                    json::number(r.med.cpu_us_per_req),
+                    samples.join(", ")
+                )
+            })
+            .collect();
+        j.push_str(&rows.join(",\n"));
+        j.push_str("\n  ]\n}\n");
+        j
+    }
+
+    /// Three horizontal bar panels: req/s, per-request overhead above bare, latency p50/p99.
+    fn svg(&self) -> String {
+        const W: f64 = 900.0;
+        const LABEL_W: f64 = 300.0;
+        const BAR_H: f64 = 22.0;
+        const GAP: f64 = 8.0;
+        const COLORS: [&str; 5] = ["#9e9e9e", "#64b5f6", "#1e88e5", "#0d47a1", "#ef6c00"];
+        let n = self.rows.len() as f64;
+        let panel_h = 40.0 + n * (BAR_H + GAP) + 10.0;
+        let latency_h = 40.0 + n * (2.0 * BAR_H / 1.5 + GAP) + 10.0;
+        let h = 60.0 + 2.0 * panel_h + latency_h + 30.0;
+        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+        let mut s = String::new();
+        let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="Helvetica, Arial, sans-serif" font-size="13">"#);
+        let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+        let title = match self.ratios("fault_rules") {
+            Some(r) => format!("meshwasm fault: overhead {:.2}× the no-op module's (target ≤ {TARGET_RATIO}×)", r.rps),
+            None => "meshwasm benchmark".to_string(),
+        };
+        let _ = writeln!(s, r#"<text x="20" y="30" font-size="18" font-weight="bold">{}</text>"#, esc(&title));
+        let sub = self.header.iter().find(|(k, _)| *k == "load").map(|(_, v)| v.clone()).unwrap_or_default();
+        let _ = writeln!(s, r##"<text x="20" y="48" font-size="11" fill="#555">{}</text>"##, esc(&sub));
+
+        let mut y = 60.0;
+        let bar_max = W - LABEL_W - 110.0;
+        // Panel 1: throughput.
+        let max_rps = self.rows.iter().map(|r| r.med.rps).fold(0.0, f64::max);
+        let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
+        let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Throughput, req/s (higher is better; single pinned core)</text>"#, y + 24.0);
+        y += 36.0;
+        for (i, r) in self.rows.iter().enumerate() {
+            let w = if max_rps > 0.0 { r.med.rps / max_rps * bar_max } else { 0.0 };
+            let color = COLORS.get(i).copied().unwrap_or("#999");
+            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + 16.0, esc(r.label));
+            let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{color}"/>"#);
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{:.0} ({:.1}%)</text>"#, LABEL_W + w + 6.0, y + 16.0, r.med.rps, r.med.rps / bare_rps * 100.0);
+            y += BAR_H + GAP;
+        }
+        // Panel 2: overhead per request above bare.
+        y += 10.0;
+        let overheads: Vec<f64> = self.rows.iter().map(|r| self.overhead_us(r.key).max(0.0)).collect();
+        let max_o = overheads.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Per-request overhead above bare Envoy, µs (1/rps − 1/rps_bare; lower is better)</text>"#, y + 24.0);
+        y += 36.0;
+        for (i, (r, o)) in self.rows.iter().zip(&overheads).enumerate() {
+            let w = if max_o > 0.0 { o / max_o * bar_max } else { 0.0 };
+            let color = COLORS.get(i).copied().unwrap_or("#999");
+            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + 16.0, esc(r.label));
+            let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{color}"/>"#);
+            let ratio = match self.ratios(r.key) {
+                Some(q) if r.key != "bare" && r.key != "noop" => format!("  ({:.2}× no-op)", q.rps),
+                _ => String::new(),
+            };
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{:.2} µs{}</text>"#, LABEL_W + w + 6.0, y + 16.0, self.overhead_us(r.key), ratio);
+            y += BAR_H + GAP;
+        }
+        // Panel 3: latency.
+        y += 10.0;
+        let max_l = self.rows.iter().map(|r| r.med.p99_ms).fold(0.0, f64::max);
+        let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Latency at saturation, ms (p50 solid, p99 light; lower is better)</text>"#, y + 24.0);
+        y += 36.0;
+        let half = BAR_H / 1.5;
+        for (i, r) in self.rows.iter().enumerate() {
+            let color = COLORS.get(i).copied().unwrap_or("#999");
+            let w50 = if max_l > 0.0 { r.med.p50_ms / max_l * bar_max } else { 0.0 };
+            let w99 = if max_l > 0.0 { r.med.p99_ms / max_l * bar_max } else { 0.0 };
+            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + half + 4.0, esc(r.label));
+            let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w50:.1}" height="{half:.1}" fill="{color}"/>"#);
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="11">p50 {:.3}</text>"#, LABEL_W + w50 + 6.0, y + half - 3.0, r.med.p50_ms);
+            let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{:.1}" width="{w99:.1}" height="{half:.1}" fill="{color}" fill-opacity="0.45"/>"#, y + half);
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="11">p99 {:.3}</text>"#, LABEL_W + w99 + 6.0, y + 2.0 * half - 3.0, r.med.p99_ms);
+            y += 2.0 * half + GAP;
+        }
+        let mods: Vec<String> = self.modules.iter().map(|(n, b)| format!("{n}.wasm {:.1} KiB", *b as f64 / 1024.0)).collect();
+        let _ = writeln!(s, r##"<text x="20" y="{:.1}" font-size="11" fill="#555">{}</text>"##, y + 20.0, esc(&format!("modules: {}", mods.join(", "))));
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 10s test @ http://127.0.0.1:40000/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   508.67us  123.45us   5.00ms   90.00%
+    Req/Sec    31.50k     1.23k   33.00k    80.00%
+  Latency Distribution
+     50%  489.00us
+     75%  540.00us
+     90%  600.00us
+     99%    1.20ms
+  315000 requests in 10.00s, 40.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec:  31500.00
+Transfer/sec:      4.00MB
+";
+
+    #[test]
+    fn parses_wrk_output() {
+        let s = parse_wrk(WRK).unwrap();
+        assert_eq!(s.rps, 31500.0);
+        assert!((s.p50_ms - 0.489).abs() < 1e-9);
+        assert!((s.p99_ms - 1.2).abs() < 1e-9);
+        assert_eq!(s.requests, 315000);
+        assert_eq!(s.bad, 8);
+        assert!(parse_wrk("nothing").is_err());
+        assert_eq!(parse_latency_ms("2.5s").unwrap(), 2500.0);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}

@@ -1,0 +1,183 @@
+//! `cargo xtask test`: EVERY test, in one command, failing loudly.
+//!
+//! 1. build all modules (dist/*.wasm; they must load in Envoy)
+//! 2. `cargo test --workspace`: host unit/property tests of sdk-ext and the filters, the
+//!    fake-host filter tests, and the real-Envoy integration tests (meshwasm-tests)
+//! 3. every `examples/*/envoy.yaml` passes `envoy --mode validate` (cwd = repo root)
+//! 4. every `examples/*/*.json` is valid JSON and its filter accepts it inside Envoy
+//! 5. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
+//!    matter most)
+//!
+//! Steps after the build keep going when one fails, so one run shows every failure.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::build::{self, FILTERS, TARGET};
+use crate::{bail, cargo, envoy, json, output, rel, root, run_cmd, step, Context, Result};
+
+/// Integration tests start real Envoys; two at a time is what a 2-core machine affords.
+const TEST_THREADS: &str = "2";
+
+pub fn run() -> Result<()> {
+    build::ensure_target()?;
+    let envoy = envoy::ensure()?;
+    println!("    ENVOY_BIN={}", envoy.display());
+    std::env::set_var("MESHWASM_DIST", build::dist_dir());
+
+    build::run().context("build failed; nothing was tested")?;
+
+    let mut report: Vec<(&str, Result<()>)> = Vec::new();
+
+    step("cargo test --workspace (unit, fake-host and real-Envoy integration tests)");
+    report.push((
+        "cargo test --workspace",
+        run_cmd(cargo().args(["test", "--workspace", "--", "--test-threads", TEST_THREADS])),
+    ));
+
+    step("examples: envoy --mode validate");
+    report.push(("examples/*/envoy.yaml validate", validate_example_configs(&envoy)));
+
+    step("examples: plugin JSON parses and is accepted by its filter in Envoy");
+    report.push(("examples/*/*.json accepted", check_example_plugin_configs(&envoy)));
+
+    report.push(("clippy", clippy()));
+
+    step("summary");
+    let mut failed = Vec::new();
+    for (name, result) in &report {
+        match result {
+            Ok(()) => println!("    PASS  {name}"),
+            Err(e) => {
+                println!("    FAIL  {name}");
+                failed.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} of {} test steps failed:\n  - {}", failed.len(), report.len(), failed.join("\n  - "));
+    }
+    println!("\nall tests passed");
+    Ok(())
+}
+
+/// `examples/*/<file>` for files whose name satisfies `want`, sorted.
+fn example_files(want: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
+    let examples = root().join("examples");
+    let mut files = Vec::new();
+    let Ok(dirs) = fs::read_dir(&examples) else {
+        return Ok(files);
+    };
+    for dir in dirs {
+        let dir = dir?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(&dir)? {
+            let f = f?.path();
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if f.is_file() && want(&name) {
+                files.push(f);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn validate_example_configs(envoy: &Path) -> Result<()> {
+    let configs = example_files(|n| n == "envoy.yaml")?;
+    if configs.is_empty() {
+        println!("    note: no examples/*/envoy.yaml yet");
+    }
+    let mut failures = Vec::new();
+    for config in &configs {
+        match envoy::validate(envoy, config) {
+            Ok(()) => println!("    OK    {}", rel(config)),
+            Err(e) => {
+                println!("    FAIL  {}\n{e}", rel(config));
+                failures.push(rel(config));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("invalid: {}", failures.join(", "));
+    }
+    Ok(())
+}
+
+/// Every plugin JSON must (a) be JSON and (b) be accepted by its filter's `on_configure` in a
+/// real Envoy: we splice it into a bootstrap with the filter and `--mode validate` it, which
+/// creates the VM and configures the plugin (a rejected config fails validation).
+fn check_example_plugin_configs(envoy: &Path) -> Result<()> {
+    let files = example_files(|n| n.ends_with(".json"))?;
+    if files.is_empty() {
+        println!("    note: no examples/*/*.json yet");
+    }
+    let mut failures = Vec::new();
+    for file in &files {
+        match check_plugin_config(envoy, file) {
+            Ok(filter) => println!("    OK    {} (accepted by dist/{filter}.wasm)", rel(file)),
+            Err(e) => {
+                println!("    FAIL  {}: {e}", rel(file));
+                failures.push(rel(file));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("rejected: {}", failures.join(", "));
+    }
+    Ok(())
+}
+
+fn check_plugin_config(envoy: &Path, file: &Path) -> Result<&'static str> {
+    let text = fs::read_to_string(file)?;
+    json::check(&text).context("not valid JSON")?;
+    let filter = filter_for(file)?;
+    let wasm = build::module_path(filter);
+    let fragment = envoy::wasm_filter(filter, &wasm, &text)?;
+    let config = envoy::render_bootstrap("bench.yaml", &[("HTTP_FILTERS", &fragment), ("UPSTREAM_PORT", "1")])?;
+    let scratch = envoy::scratch_file("example-plugin-check.yaml", &config)?;
+    envoy::validate(envoy, &scratch).context(format!("dist/{filter}.wasm rejected it"))?;
+    Ok(filter)
+}
+
+/// Which filter a plugin JSON belongs to: the file name (`fault.json`, `fault-*.json`), else
+/// the example directory's name, else the only module its envoy.yaml loads.
+fn filter_for(file: &Path) -> Result<&'static str> {
+    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let dir_name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let names = |s: &str| FILTERS.iter().find(|f| s == f.name || s.starts_with(&format!("{}-", f.name))).map(|f| f.name);
+    if let Some(f) = names(&stem).or_else(|| names(&dir_name)) {
+        return Ok(f);
+    }
+    let envoy_yaml = fs::read_to_string(dir.join("envoy.yaml")).unwrap_or_default();
+    let loaded: Vec<&'static str> = FILTERS
+        .iter()
+        .filter(|f| envoy_yaml.contains(&format!("dist/{}.wasm", f.name)))
+        .map(|f| f.name)
+        .collect();
+    match loaded.as_slice() {
+        [only] => Ok(only),
+        _ => bail!("cannot tell which filter this configures: name it <filter>.json or <filter>-<what>.json"),
+    }
+}
+
+fn clippy() -> Result<()> {
+    if output(cargo().args(["clippy", "--version"])).is_err() {
+        println!("    note: clippy is not installed (rustup component add clippy); SKIPPED");
+        return Ok(());
+    }
+    step("cargo clippy (host, all targets) -D warnings");
+    let host = run_cmd(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]));
+    step(format!("cargo clippy ({TARGET}, the modules as Envoy runs them) -D warnings"));
+    let mut wasm = cargo();
+    wasm.args(["clippy", "--release", "--target", TARGET]);
+    for f in FILTERS {
+        wasm.args(["-p", f.krate]);
+    }
+    wasm.args(["--", "-D", "warnings"]);
+    let wasm = run_cmd(&mut wasm);
+    host.and(wasm)
+}
