@@ -112,6 +112,13 @@ impl<'h> HostRequest<'h> {
     pub fn new(host: &'h dyn Host) -> Self {
         Self { host, cache: Vec::new(), port: None, route: None }
     }
+
+    /// Seed the route name when the caller already read it.
+    #[must_use]
+    pub fn with_route(mut self, name: String) -> Self {
+        self.route = Some(Some(name));
+        self
+    }
 }
 
 impl crate::matcher::RequestView for HostRequest<'_> {
