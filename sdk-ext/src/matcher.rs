@@ -196,7 +196,7 @@ impl RequestMatch {
         }
         if !self.routes.is_empty() {
             let route = req.route_name().unwrap_or_default();
-            if !self.routes.iter().any(|r| *r == route) {
+            if !self.routes.contains(&route) {
                 return false;
             }
         }

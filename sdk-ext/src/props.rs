@@ -27,7 +27,7 @@ pub fn metadata_namespace(bytes: &[u8], namespace: &str) -> Result<Option<Value>
                 }
             }
             if key == Some(namespace.as_bytes()) {
-                return decode_struct(value.unwrap_or_default()).map(Some);
+                return decode_struct(value.unwrap_or_default(), 0).map(Some);
             }
         } else {
             r.skip(wire)?;
@@ -36,7 +36,13 @@ pub fn metadata_namespace(bytes: &[u8], namespace: &str) -> Result<Option<Value>
     Ok(None)
 }
 
-fn decode_struct(bytes: &[u8]) -> Result<Value, String> {
+/// Nesting bound: route metadata is operator input, but a deep structure must not exhaust the stack.
+const MAX_DEPTH: usize = 32;
+
+fn decode_struct(bytes: &[u8], depth: usize) -> Result<Value, String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("metadata nested deeper than {MAX_DEPTH} levels"));
+    }
     // Struct { map<string, Value> fields = 1; }
     let mut r = Reader(bytes);
     let mut map = Map::new();
@@ -48,7 +54,7 @@ fn decode_struct(bytes: &[u8]) -> Result<Value, String> {
             while let Some((f, w)) = entry.key()? {
                 match (f, w) {
                     (1, 2) => key = String::from_utf8(entry.bytes()?.to_vec()).map_err(|e| e.to_string())?,
-                    (2, 2) => value = decode_value(entry.bytes()?)?,
+                    (2, 2) => value = decode_value(entry.bytes()?, depth + 1)?,
                     _ => entry.skip(w)?,
                 }
             }
@@ -60,7 +66,7 @@ fn decode_struct(bytes: &[u8]) -> Result<Value, String> {
     Ok(Value::Object(map))
 }
 
-fn decode_value(bytes: &[u8]) -> Result<Value, String> {
+fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, String> {
     // Value { oneof kind { NullValue null_value = 1; double number_value = 2;
     //   string string_value = 3; bool bool_value = 4; Struct struct_value = 5;
     //   ListValue list_value = 6; } }
@@ -83,13 +89,13 @@ fn decode_value(bytes: &[u8]) -> Result<Value, String> {
             }
             (3, 2) => Value::String(String::from_utf8(r.bytes()?.to_vec()).map_err(|e| e.to_string())?),
             (4, 0) => Value::Bool(r.varint()? != 0),
-            (5, 2) => decode_struct(r.bytes()?)?,
+            (5, 2) => decode_struct(r.bytes()?, depth + 1)?,
             (6, 2) => {
                 let mut list = Reader(r.bytes()?);
                 let mut items = Vec::new();
                 while let Some((f, w)) = list.key()? {
                     if f == 1 && w == 2 {
-                        items.push(decode_value(list.bytes()?)?);
+                        items.push(decode_value(list.bytes()?, depth + 1)?);
                     } else {
                         list.skip(w)?;
                     }
@@ -225,6 +231,16 @@ pub(crate) mod tests {
         bytes.extend(encode_metadata("meshwasm", &v));
         assert_eq!(metadata_namespace(&bytes, "meshwasm").unwrap(), Some(v));
         assert_eq!(metadata_namespace(&bytes, "none").unwrap(), None);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let mut v = serde_json::json!(1);
+        for _ in 0..100 {
+            v = serde_json::json!({ "a": v });
+        }
+        let bytes = encode_metadata("meshwasm", &v);
+        assert!(metadata_namespace(&bytes, "meshwasm").unwrap_err().contains("nested deeper"));
     }
 
     proptest! {

@@ -152,7 +152,8 @@ mod tests {
         };
         let http = |c| Some(AbortStatus { http: c, grpc: None });
         let grpc = |g| Some(AbortStatus { http: 200, grpc: Some(g) });
-        let table: &[(&[(&str, &str)], Option<AbortStatus>, Option<Duration>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<AbortStatus>, Option<Duration>);
+        let table: &[Case] = &[
             (&[(ABORT_REQUEST, "503")], http(503), None),
             (&[(ABORT_REQUEST, " +429 ")], http(429), None),
             (&[(ABORT_REQUEST, "200")], http(200), None),
