@@ -36,13 +36,20 @@ pub struct Options {
     pub warmup: u64,
     pub rounds: u32,
     pub connections: u32,
+    /// Run only these configurations (bare and noop are always kept: ratios need them).
+    pub only: Option<Vec<String>>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { duration: 10, warmup: 2, rounds: 3, connections: 16 };
+        let mut o = Options { duration: 10, warmup: 2, rounds: 3, connections: 16, only: None };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--only" {
+                let v = it.next().ok_or_else(|| crate::Error::msg("--only needs a value"))?;
+                o.only = Some(v.split(',').map(|k| k.trim().to_string()).collect());
+                continue;
+            }
             let mut value = || -> Result<u64> {
                 let v = it.next().ok_or_else(|| crate::Error::msg(format!("{flag} needs a value")))?;
                 v.trim_end_matches('s').parse().context(format!("{flag} {v}"))
@@ -111,6 +118,10 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_req: f64,
+    /// Share of its core the proxy used during the measurement (1.0 = saturated).
+    proxy_util: f64,
+    /// The upstream's CPU per request (it shares the load generator's core).
+    upstream_cpu_us_per_req: f64,
     requests: u64,
     bad: u64,
 }
@@ -144,7 +155,11 @@ pub fn run(opts: Options) -> Result<()> {
     println!("    upstream (direct_response Envoy) on 127.0.0.1:{upstream_port}, pid {}", upstream.proc.pid());
 
     let mut runs = Vec::new();
-    for setup in setups()? {
+    let keep = |key: &str| match &opts.only {
+        Some(only) => key == "bare" || key == "noop" || only.iter().any(|k| k == key),
+        None => true,
+    };
+    for setup in setups()?.into_iter().filter(|s| keep(s.key)) {
         let config = envoy::render_bootstrap("bench.yaml", &[("HTTP_FILTERS", &setup.filters), ("UPSTREAM_PORT", &upstream_port)])?;
         let name = format!("bench-{}", setup.key);
         let envoy = Envoy::start(&envoy_bin, Launch { name: &name, config: &config, concurrency: 1, cpus: proxy_cpu })?;
@@ -175,14 +190,17 @@ pub fn run(opts: Options) -> Result<()> {
             if opts.warmup > 0 {
                 wrk_run(&wrk, r.addr, opts.warmup, opts.connections, load_cpu)?;
             }
-            let cpu0 = cpu_ticks(r.envoy.proc.pid())?;
+            let (cpu0, up0) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?);
             let mut s = wrk_run(&wrk, r.addr, opts.duration, opts.connections, load_cpu)?;
-            let cpu1 = cpu_ticks(r.envoy.proc.pid())?;
+            let (cpu1, up1) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?);
             if s.requests > 0 {
-                s.cpu_us_per_req = (cpu1.saturating_sub(cpu0)) as f64 / tick * 1e6 / s.requests as f64;
+                let secs = |ticks: u64| ticks as f64 / tick;
+                s.cpu_us_per_req = secs(cpu1.saturating_sub(cpu0)) * 1e6 / s.requests as f64;
+                s.upstream_cpu_us_per_req = secs(up1.saturating_sub(up0)) * 1e6 / s.requests as f64;
+                s.proxy_util = secs(cpu1.saturating_sub(cpu0)) / opts.duration as f64;
             }
             println!(
-                "    round {}/{}  {:<14} {:>9.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  cpu {:>5.1} µs/req{}",
+                "    round {}/{}  {:<14} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core)  upstream {:>4.1} µs/req{}",
                 round + 1,
                 opts.rounds,
                 r.setup.key,
@@ -190,6 +208,8 @@ pub fn run(opts: Options) -> Result<()> {
                 s.p50_ms,
                 s.p99_ms,
                 s.cpu_us_per_req,
+                s.proxy_util * 100.0,
+                s.upstream_cpu_us_per_req,
                 if s.bad > 0 { format!("  ({} errors/non-2xx!)", s.bad) } else { String::new() }
             );
             if s.bad > 0 {
@@ -348,6 +368,8 @@ impl Report {
                         p50_ms: m(|s| s.p50_ms),
                         p99_ms: m(|s| s.p99_ms),
                         cpu_us_per_req: m(|s| s.cpu_us_per_req),
+                        proxy_util: m(|s| s.proxy_util),
+                        upstream_cpu_us_per_req: m(|s| s.upstream_cpu_us_per_req),
                         requests: r.samples.iter().map(|s| s.requests).sum(),
                         bad: 0,
                     },
@@ -424,19 +446,20 @@ impl Report {
                 let _ = writeln!(md, "| {} | {:.2} | {:.2} | {:.2} | {TARGET_RATIO} | {verdict} |", row.label, r.rps, r.p50, r.cpu);
             }
         }
-        md.push_str("\n## Per configuration (medians)\n\n| configuration | req/s | vs bare | overhead µs/req (1/rps) | p50 ms | p99 ms | Envoy CPU µs/req |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("\n## Per configuration (medians)\n\n| configuration | req/s | vs bare | overhead µs/req (1/rps) | p50 ms | p99 ms | Envoy CPU µs/req | Envoy core busy |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
         for r in &self.rows {
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1} |",
+                "| {} | {:.0} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0}% |",
                 r.label,
                 r.med.rps,
                 r.med.rps / bare_rps,
                 self.overhead_us(r.key),
                 r.med.p50_ms,
                 r.med.p99_ms,
-                r.med.cpu_us_per_req
+                r.med.cpu_us_per_req,
+                r.med.proxy_util * 100.0
             );
         }
         md.push_str("\n## Rounds (req/s)\n\n| configuration |");
@@ -510,11 +533,13 @@ impl Report {
                     .iter()
                     .map(|s| {
                         format!(
-                            "{{\"rps\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"cpu_us_per_req\": {}, \"requests\": {}}}",
+                            "{{\"rps\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"cpu_us_per_req\": {}, \"proxy_core_busy\": {}, \"upstream_cpu_us_per_req\": {}, \"requests\": {}}}",
                             json::number(s.rps),
                             json::number(s.p50_ms),
                             json::number(s.p99_ms),
                             json::number(s.cpu_us_per_req),
+                            json::number(s.proxy_util),
+                            json::number(s.upstream_cpu_us_per_req),
                             s.requests
                         )
                     })
@@ -540,11 +565,17 @@ impl Report {
 
     /// Three horizontal bar panels: req/s, per-request overhead above bare, latency p50/p99.
     fn svg(&self) -> String {
-        const W: f64 = 900.0;
+        const W: f64 = 980.0;
         const LABEL_W: f64 = 300.0;
         const BAR_H: f64 = 22.0;
         const GAP: f64 = 8.0;
-        const COLORS: [&str; 5] = ["#9e9e9e", "#64b5f6", "#1e88e5", "#0d47a1", "#ef6c00"];
+        let color = |key: &str| match key {
+            "bare" => "#9e9e9e",
+            "noop" => "#64b5f6",
+            "fault_rules" => "#1e88e5",
+            "fault_headers" => "#0d47a1",
+            _ => "#ef6c00",
+        };
         let n = self.rows.len() as f64;
         let panel_h = 40.0 + n * (BAR_H + GAP) + 10.0;
         let latency_h = 40.0 + n * (2.0 * BAR_H / 1.5 + GAP) + 10.0;
@@ -562,15 +593,15 @@ impl Report {
         let _ = writeln!(s, r##"<text x="20" y="48" font-size="11" fill="#555">{}</text>"##, esc(&sub));
 
         let mut y = 60.0;
-        let bar_max = W - LABEL_W - 110.0;
+        let bar_max = W - LABEL_W - 190.0;
         // Panel 1: throughput.
         let max_rps = self.rows.iter().map(|r| r.med.rps).fold(0.0, f64::max);
         let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
         let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Throughput, req/s (higher is better; single pinned core)</text>"#, y + 24.0);
         y += 36.0;
-        for (i, r) in self.rows.iter().enumerate() {
+        for r in &self.rows {
             let w = if max_rps > 0.0 { r.med.rps / max_rps * bar_max } else { 0.0 };
-            let color = COLORS.get(i).copied().unwrap_or("#999");
+            let color = color(r.key);
             let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + 16.0, esc(r.label));
             let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{color}"/>"#);
             let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{:.0} ({:.1}%)</text>"#, LABEL_W + w + 6.0, y + 16.0, r.med.rps, r.med.rps / bare_rps * 100.0);
@@ -582,9 +613,9 @@ impl Report {
         let max_o = overheads.iter().copied().fold(0.0, f64::max);
         let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Per-request overhead above bare Envoy, µs (1/rps − 1/rps_bare; lower is better)</text>"#, y + 24.0);
         y += 36.0;
-        for (i, (r, o)) in self.rows.iter().zip(&overheads).enumerate() {
+        for (r, o) in self.rows.iter().zip(&overheads) {
             let w = if max_o > 0.0 { o / max_o * bar_max } else { 0.0 };
-            let color = COLORS.get(i).copied().unwrap_or("#999");
+            let color = color(r.key);
             let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + 16.0, esc(r.label));
             let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{color}"/>"#);
             let ratio = match self.ratios(r.key) {
@@ -600,8 +631,8 @@ impl Report {
         let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Latency at saturation, ms (p50 solid, p99 light; lower is better)</text>"#, y + 24.0);
         y += 36.0;
         let half = BAR_H / 1.5;
-        for (i, r) in self.rows.iter().enumerate() {
-            let color = COLORS.get(i).copied().unwrap_or("#999");
+        for r in &self.rows {
+            let color = color(r.key);
             let w50 = if max_l > 0.0 { r.med.p50_ms / max_l * bar_max } else { 0.0 };
             let w99 = if max_l > 0.0 { r.med.p99_ms / max_l * bar_max } else { 0.0 };
             let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + half + 4.0, esc(r.label));

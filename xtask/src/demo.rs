@@ -48,11 +48,11 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     step("report");
-    println!("    {:<44} {:<10} {:<10} {:>10}  ok", "scenario", "expected", "got", "latency");
+    println!("    {:<50} {:<11} {:<10} {:>9}  ok", "scenario", "expected", "got", "latency");
     let mut failed = 0;
     for r in &results {
         println!(
-            "    {:<44} {:<10} {:<10} {:>8.0}ms  {}",
+            "    {:<50} {:<11} {:<10} {:>7.1}ms  {}",
             r.name,
             r.expected,
             r.got,
@@ -203,7 +203,7 @@ fn tour(addr: SocketAddr) -> Result<Vec<Outcome>> {
         }
         let curl_headers: String = sc.headers.iter().map(|(k, v)| format!(" -H '{k}: {v}'")).collect();
         println!(
-            "    curl -s{curl_headers} http://{addr}{}  →  {}{}  ({:.0} ms{})",
+            "    curl -s{curl_headers} http://{addr}{}  →  {}{}  ({:.1} ms{})",
             sc.path,
             statuses.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
             grpc.as_ref().map(|g| format!(", {g}")).unwrap_or_default(),

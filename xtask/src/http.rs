@@ -40,10 +40,44 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
     }
     req.push_str("\r\n");
     stream.write_all(req.as_bytes()).context(&what)?;
+    // Read until the response is complete by its own framing, not until the peer closes:
+    // Envoy keeps a connection it closes open for up to delayed_close_timeout (1s) after a
+    // local reply, and that second is not the latency we want to show.
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).context(&what)?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf).context(&what)?;
+        raw.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if n == 0 || is_complete(&raw) {
+            break;
+        }
+    }
     let elapsed = start.elapsed();
     parse(&raw, elapsed).context(what)
+}
+
+/// Does `raw` hold a whole response (by content-length or the last chunk)? Responses framed
+/// by connection close are complete only at EOF.
+fn is_complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(raw.get(..end).unwrap_or_default()).to_ascii_lowercase();
+    let body = raw.get(end + 4..).unwrap_or_default();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if status == 204 || status == 304 || (100..200).contains(&status) {
+        return true;
+    }
+    for line in head.split("\r\n").skip(1) {
+        if let Some((k, v)) = line.split_once(':') {
+            match (k.trim(), v.trim()) {
+                ("content-length", n) => return n.parse::<usize>().is_ok_and(|n| body.len() >= n),
+                ("transfer-encoding", te) if te.contains("chunked") => return body.ends_with(b"0\r\n\r\n"),
+                _ => {}
+            }
+        }
+    }
+    false
 }
 
 fn parse(raw: &[u8], elapsed: Duration) -> Result<Response> {
@@ -64,7 +98,12 @@ fn parse(raw: &[u8], elapsed: Duration) -> Result<Response> {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(rest)? } else { rest.to_vec() };
+    let content_length = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse::<usize>().ok());
+    let body = match (chunked, content_length) {
+        (true, _) => dechunk(rest)?,
+        (false, Some(n)) => rest.get(..n).unwrap_or(rest).to_vec(),
+        (false, None) => rest.to_vec(),
+    };
     Ok(Response { status, headers, body, elapsed })
 }
 
@@ -104,6 +143,16 @@ mod tests {
         let raw = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\n\r\nfault";
         let rsp = parse(raw, Duration::ZERO).unwrap();
         assert_eq!((rsp.status, rsp.text().as_str()), (503, "fault"));
+    }
+
+    #[test]
+    fn completeness_follows_framing() {
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfau"));
+        assert!(is_complete(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfault"));
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n"));
+        assert!(is_complete(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"));
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbody"));
+        assert!(is_complete(b"HTTP/1.1 204 No Content\r\n\r\n"));
     }
 
     #[test]

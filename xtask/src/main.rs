@@ -29,6 +29,8 @@ commands:
       --warmup <s>     warm-up seconds before each measurement (default 2)
       --rounds <n>     interleaved rounds; medians are reported (default 3)
       --connections <n> wrk connections (default 16)
+      --only <keys>    subset, e.g. fault_rules,native_fault (bare and noop always run);
+                       keys: bare noop fault_rules fault_headers native_fault
   help               this text
 
 environment:
