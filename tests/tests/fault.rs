@@ -55,7 +55,7 @@ fn assert_passed(rsp: &Response) {
 
 fn abort_rule(name: &str, prefix: &str, status: u16) -> Value {
     json!({"name": name, "match": [{"uri": {"prefix": prefix}}],
-           "fault": {"abort": {"httpStatus": status, "percentage": {"value": 100.0}}}})
+           "fault": {"abort": {"httpStatus": status, "percentage": {"value": 100}}}})
 }
 
 // === aborts ===
@@ -679,6 +679,36 @@ fn route_metadata_overrides_the_plugin_config() {
     assert_eq!(fstat(&envoy, "route-rule", "aborts_injected"), 2);
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), 1);
     assert_eq!(up.requests(), 2);
+}
+
+/// Envoy's YAML loader stores non-integer numbers of route metadata as *strings*
+/// (`percentage: {value: 12.5}` in a bootstrap's `filter_metadata` arrives as
+/// `"12.5"`; integers stay numbers; verified on Envoy 1.40 with `/config_dump`). A
+/// per-route override written in YAML, the usual way, must still work.
+#[test]
+fn route_metadata_with_fractional_percentages_from_yaml() {
+    let up = Upstream::start();
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .listener(
+            Listener::new()
+                .filter(Filter::wasm("fault", json!({"rules": []})))
+                .route(Route::new("frac", "/frac").meshwasm_override(
+                    "fault",
+                    json!({"rules": [{"name": "frac", "fault": {
+                        "delay": {"fixedDelay": "1ms", "percentage": {"value": 0.0001}},
+                        "abort": {"httpStatus": 418, "percentage": {"value": 100.0}}}}]}),
+                ))
+                .route(Route::new("default", "/")),
+        )
+        .start();
+    assert_aborted(&envoy.get("/frac"), 418);
+    assert_passed(&envoy.get("/other"));
+    assert!(
+        !envoy.log().contains("invalid per-route configuration"),
+        "route override rejected:\n{}",
+        envoy.log().lines().filter(|l| l.contains("per-route")).collect::<Vec<_>>().join("\n")
+    );
 }
 
 // === telemetry ===
