@@ -122,6 +122,8 @@ struct Sample {
     proxy_util: f64,
     /// The upstream's CPU per request (it shares the load generator's core).
     upstream_cpu_us_per_req: f64,
+    /// Share of the proxy's core used by other processes (the shared machine's noise).
+    foreign: f64,
     requests: u64,
     bad: u64,
 }
@@ -190,9 +192,13 @@ pub fn run(opts: Options) -> Result<()> {
             if opts.warmup > 0 {
                 wrk_run(&wrk, r.addr, opts.warmup, opts.connections, load_cpu)?;
             }
-            let (cpu0, up0) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?);
+            let (cpu0, up0, core0) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
             let mut s = wrk_run(&wrk, r.addr, opts.duration, opts.connections, load_cpu)?;
-            let (cpu1, up1) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?);
+            let (cpu1, up1, core1) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
+            if let (Some((b0, t0)), Some((b1, t1))) = (core0, core1) {
+                let busy = b1.saturating_sub(b0).saturating_sub(cpu1.saturating_sub(cpu0));
+                s.foreign = busy as f64 / (t1.saturating_sub(t0)).max(1) as f64;
+            }
             if s.requests > 0 {
                 let secs = |ticks: u64| ticks as f64 / tick;
                 s.cpu_us_per_req = secs(cpu1.saturating_sub(cpu0)) * 1e6 / s.requests as f64;
@@ -200,7 +206,7 @@ pub fn run(opts: Options) -> Result<()> {
                 s.proxy_util = secs(cpu1.saturating_sub(cpu0)) / opts.duration as f64;
             }
             println!(
-                "    round {}/{}  {:<14} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core)  upstream {:>4.1} µs/req{}",
+                "    round {}/{}  {:<14} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core; others {:>2.0}%)  upstream {:>4.1} µs/req{}",
                 round + 1,
                 opts.rounds,
                 r.setup.key,
@@ -209,6 +215,7 @@ pub fn run(opts: Options) -> Result<()> {
                 s.p99_ms,
                 s.cpu_us_per_req,
                 s.proxy_util * 100.0,
+                s.foreign * 100.0,
                 s.upstream_cpu_us_per_req,
                 if s.bad > 0 { format!("  ({} errors/non-2xx!)", s.bad) } else { String::new() }
             );
@@ -319,6 +326,18 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     }
 }
 
+/// (busy, total) jiffies of one core from /proc/stat, if pinned to a single core.
+fn core_ticks(cpu: Option<&str>) -> Option<(u64, u64)> {
+    let label = format!("cpu{}", cpu?);
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.split_whitespace().next() == Some(label.as_str()))?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    Some((busy, busy + get(3) + get(4)))
+}
+
 fn clock_ticks_per_sec() -> f64 {
     output(Command::new("getconf").arg("CLK_TCK")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
 }
@@ -370,6 +389,7 @@ impl Report {
                         cpu_us_per_req: m(|s| s.cpu_us_per_req),
                         proxy_util: m(|s| s.proxy_util),
                         upstream_cpu_us_per_req: m(|s| s.upstream_cpu_us_per_req),
+                        foreign: m(|s| s.foreign),
                         requests: r.samples.iter().map(|s| s.requests).sum(),
                         bad: 0,
                     },
@@ -420,6 +440,20 @@ impl Report {
         Some(Ratios { rps: r(|s| 1.0 / s.rps), p50: r(|s| s.p50_ms), cpu: r(|s| s.cpu_us_per_req) })
     }
 
+    /// The 1/rps ratio computed within each round (the three configurations ran minutes apart
+    /// at most, so slow drifts in machine load cancel).
+    fn round_ratios(&self, key: &str) -> Vec<f64> {
+        let (Some(bare), Some(noop), Some(cfg)) = (self.row("bare"), self.row("noop"), self.row(key)) else {
+            return Vec::new();
+        };
+        bare.samples
+            .iter()
+            .zip(&noop.samples)
+            .zip(&cfg.samples)
+            .map(|((b, n), c)| (1.0 / c.rps - 1.0 / b.rps) / (1.0 / n.rps - 1.0 / b.rps))
+            .collect()
+    }
+
     fn overhead_us(&self, key: &str) -> f64 {
         match (self.row("bare"), self.row(key)) {
             (Some(b), Some(c)) => (1.0 / c.med.rps - 1.0 / b.med.rps) * 1e6,
@@ -433,7 +467,7 @@ impl Report {
         md.push_str(&format!(
             "**ratio = overhead(fault) / overhead(no-op wasm)**, target ≤ {TARGET_RATIO}.\n\n"
         ));
-        md.push_str("## Headline\n\n| configuration | ratio by 1/rps | ratio by p50 | ratio by CPU µs/req | target | verdict (1/rps) |\n|---|---:|---:|---:|---:|---|\n");
+        md.push_str("## Headline\n\n| configuration | ratio by 1/rps | ratio by p50 | ratio by CPU µs/req | per-round ratios (1/rps) | target | verdict (1/rps) |\n|---|---:|---:|---:|---|---:|---|\n");
         for key in ["fault_rules", "fault_headers", "native_fault"] {
             if let (Some(row), Some(r)) = (self.row(key), self.ratios(key)) {
                 let verdict = if key == "native_fault" {
@@ -443,15 +477,24 @@ impl Report {
                 } else {
                     "ABOVE target".to_string()
                 };
-                let _ = writeln!(md, "| {} | {:.2} | {:.2} | {:.2} | {TARGET_RATIO} | {verdict} |", row.label, r.rps, r.p50, r.cpu);
+                let rounds: Vec<String> = self.round_ratios(key).iter().map(|x| format!("{x:.2}")).collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.2} | {:.2} | {:.2} | {} | {TARGET_RATIO} | {verdict} |",
+                    row.label,
+                    r.rps,
+                    r.p50,
+                    r.cpu,
+                    rounds.join(", ")
+                );
             }
         }
-        md.push_str("\n## Per configuration (medians)\n\n| configuration | req/s | vs bare | overhead µs/req (1/rps) | p50 ms | p99 ms | Envoy CPU µs/req | Envoy core busy |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("\n## Per configuration (medians)\n\n| configuration | req/s | vs bare | overhead µs/req (1/rps) | p50 ms | p99 ms | Envoy CPU µs/req | Envoy core busy | other processes on that core |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
         for r in &self.rows {
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0}% |",
+                "| {} | {:.0} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0}% | {:.0}% |",
                 r.label,
                 r.med.rps,
                 r.med.rps / bare_rps,
@@ -459,7 +502,8 @@ impl Report {
                 r.med.p50_ms,
                 r.med.p99_ms,
                 r.med.cpu_us_per_req,
-                r.med.proxy_util * 100.0
+                r.med.proxy_util * 100.0,
+                r.med.foreign * 100.0
             );
         }
         md.push_str("\n## Rounds (req/s)\n\n| configuration |");
@@ -511,11 +555,12 @@ impl Report {
             .filter_map(|k| {
                 self.ratios(k).map(|r| {
                     format!(
-                        "    {}: {{\"ratio_rps\": {}, \"ratio_p50\": {}, \"ratio_cpu\": {}, \"meets_target\": {}}}",
+                        "    {}: {{\"ratio_rps\": {}, \"ratio_p50\": {}, \"ratio_cpu\": {}, \"ratio_rps_per_round\": [{}], \"meets_target\": {}}}",
                         json::string(k),
                         json::number(r.rps),
                         json::number(r.p50),
                         json::number(r.cpu),
+                        self.round_ratios(k).iter().map(|x| json::number(*x)).collect::<Vec<_>>().join(", "),
                         r.rps <= TARGET_RATIO
                     )
                 })
@@ -533,12 +578,13 @@ impl Report {
                     .iter()
                     .map(|s| {
                         format!(
-                            "{{\"rps\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"cpu_us_per_req\": {}, \"proxy_core_busy\": {}, \"upstream_cpu_us_per_req\": {}, \"requests\": {}}}",
+                            "{{\"rps\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"cpu_us_per_req\": {}, \"proxy_core_busy\": {}, \"foreign_core_busy\": {}, \"upstream_cpu_us_per_req\": {}, \"requests\": {}}}",
                             json::number(s.rps),
                             json::number(s.p50_ms),
                             json::number(s.p99_ms),
                             json::number(s.cpu_us_per_req),
                             json::number(s.proxy_util),
+                            json::number(s.foreign),
                             json::number(s.upstream_cpu_us_per_req),
                             s.requests
                         )

@@ -32,7 +32,7 @@ pub fn run() -> Result<()> {
     step("cargo test --workspace (unit, fake-host and real-Envoy integration tests)");
     report.push((
         "cargo test --workspace",
-        run_cmd(cargo().args(["test", "--workspace", "--", "--test-threads", TEST_THREADS])),
+        run_cmd(cargo().args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads", TEST_THREADS])),
     ));
 
     step("examples: envoy --mode validate");
