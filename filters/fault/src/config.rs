@@ -144,8 +144,13 @@ impl TryFrom<FaultConfigJson> for Config {
         for (i, r) in raw.rules.iter().enumerate() {
             let path = root.field("rules").index(i);
             let rule = Rule::compile(r, i, &path)?;
-            if !names.insert(rule.name.clone()) || rule.name == HEADER_CONTROL_RULE {
-                return Err(path.field("name").err(format!("duplicate or reserved rule name {:?}", rule.name)));
+            // Names label the stats, so they must stay distinct once sanitized for stat names.
+            let label = meshwasm_sdk_ext::metrics::sanitize_label(&rule.name);
+            if label == HEADER_CONTROL_RULE || !names.insert(label.clone()) {
+                return Err(path.field("name").err(format!(
+                    "duplicate or reserved rule name {:?} (stats label {label:?})",
+                    rule.name
+                )));
             }
             rules.push(rule);
         }
@@ -345,6 +350,8 @@ mod tests {
             (r#"{"rules":[{"fault":{}}]}"#, "rules[0].fault: must set delay or abort"),
             (r#"{"rules":[{"name":"a","fault":{"abort":{"httpStatus":503}}},{"name":"a","fault":{"abort":{"httpStatus":503}}}]}"#,
              "rules[1].name: duplicate or reserved rule name \"a\""),
+            (r#"{"rules":[{"name":"a.b","fault":{"abort":{"httpStatus":503}}},{"name":"a_b","fault":{"abort":{"httpStatus":503}}}]}"#,
+             "rules[1].name: duplicate or reserved rule name \"a_b\" (stats label \"a_b\")"),
             (r#"{"rules":[{"match":[{"uri":{"regex":"("}}],"fault":{"abort":{"httpStatus":503}}}]}"#, "rules[0].match[0].uri.regex: invalid regex"),
             (r#"{"headerControl":"yes"}"#, "headerControl: must be true, false or an object"),
             (r#"{"headerControl":{"abort":{"percentage":{"value":-1}}}}"#, "headerControl.abort.percentage.value: must be in 0..=100, got -1"),
