@@ -660,7 +660,7 @@ impl Report {
         let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="Helvetica, Arial, sans-serif" font-size="13">"#);
         let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
         let title = match self.ratios("fault_rules") {
-            Some(r) => format!("meshwasm fault (rules not matching): CPU overhead {:.2}× the no-op module's (target ≤ {TARGET_RATIO}×)", r.best_cpu),
+            Some(r) => format!("meshwasm fault: CPU overhead {:.2}× the no-op module's (target ≤ {TARGET_RATIO}×)", r.best_cpu),
             None => "meshwasm benchmark".to_string(),
         };
         let _ = writeln!(s, r#"<text x="20" y="30" font-size="18" font-weight="bold">{}</text>"#, esc(&title));

@@ -7,6 +7,8 @@
 //! 4. every `examples/*/*.json` is valid JSON and its filter accepts it inside Envoy
 //! 5. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
 //!    matter most)
+//! 6. every fuzz target runs briefly (`cargo +nightly fuzz`, when nightly and cargo-fuzz are
+//!    installed; `MESHWASM_FUZZ_SECS` per target, default 15, 0 skips)
 //!
 //! Steps after the build keep going when one fails, so one run shows every failure.
 
@@ -42,6 +44,10 @@ pub fn run() -> Result<()> {
     report.push(("examples/*/*.json accepted", check_example_plugin_configs(&envoy)));
 
     report.push(("clippy", clippy()));
+
+    if let Some(result) = fuzz() {
+        report.push(("fuzz targets (smoke)", result));
+    }
 
     step("summary");
     let mut failed = Vec::new();
@@ -180,4 +186,38 @@ fn clippy() -> Result<()> {
     wasm.args(["--", "-D", "warnings"]);
     let wasm = run_cmd(&mut wasm);
     host.and(wasm)
+}
+
+/// A short run of every fuzz target: they must build and survive `MESHWASM_FUZZ_SECS` seconds
+/// each (regressions found by long runs are kept in fuzz/corpus and replayed here). `None`
+/// when the tooling is missing or the step is disabled.
+fn fuzz() -> Option<Result<()>> {
+    let secs: u64 = std::env::var("MESHWASM_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    if secs == 0 || !root().join("fuzz").join("Cargo.toml").is_file() {
+        return None;
+    }
+    // `+nightly` needs rustup's cargo proxy, not the toolchain's cargo in $CARGO.
+    let nightly = || {
+        let mut c = std::process::Command::new("cargo");
+        c.current_dir(root()).arg("+nightly").env_remove("RUSTUP_TOOLCHAIN");
+        c
+    };
+    let targets = match output(nightly().args(["fuzz", "list"])) {
+        Ok(list) => list.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect::<Vec<_>>(),
+        Err(_) => {
+            step("fuzz targets");
+            println!("    note: nightly toolchain or cargo-fuzz missing (rustup toolchain install nightly; cargo install cargo-fuzz); SKIPPED");
+            return None;
+        }
+    };
+    step(format!("fuzz targets: {} × {secs}s (cargo +nightly fuzz run)", targets.len()));
+    let mut failed = Vec::new();
+    for t in &targets {
+        let r = run_cmd(nightly().args(["fuzz", "run", t, "--", &format!("-max_total_time={secs}"), "-print_final_stats=0"]));
+        if let Err(e) = r {
+            println!("    FAIL  {t}: {e}");
+            failed.push(t.clone());
+        }
+    }
+    Some(if failed.is_empty() { Ok(()) } else { Err(crate::Error::msg(format!("fuzz target(s) failed: {}", failed.join(", ")))) })
 }
