@@ -143,27 +143,27 @@ fn abort_percentages_follow_the_binomial() {
 
 #[test]
 fn delay_percentage_follows_the_binomial() {
-    let delay = Duration::from_millis(80);
+    let delay = Duration::from_millis(100);
     let up = Upstream::start();
     let envoy = fault_envoy(
         &up,
         json!({"rules": [{"name": "slow",
-            "fault": {"delay": {"fixedDelay": "80ms", "percentage": {"value": 30.0}}}}]}),
+            "fault": {"delay": {"fixedDelay": "100ms", "percentage": {"value": 30.0}}}}]}),
     );
     let n = 400u64;
     let rsps = ok(fire(envoy.listener_addr(), n as usize, 16, |_| Request::get("/")));
     rsps.iter().for_each(assert_passed);
-    // Undelayed requests take ~1 ms; classify at half the delay.
-    let delayed = rsps.iter().filter(|r| r.elapsed >= delay / 2).count() as u64;
-    assert_binomial(delayed, n, 0.3);
-    let mut zone: Vec<Duration> =
-        rsps.iter().map(|r| r.elapsed).filter(|e| *e >= Duration::from_millis(5) && *e < delay).collect();
-    zone.sort();
-    assert_eq!(
-        fstat(&envoy, "slow", "delays_injected"),
-        delayed,
-        "delays_injected counter vs responses taking >= {:?}; responses between 5 ms and the delay: {zone:?}",
-        delay / 2
+    // The counter is exact; the responses' timing must agree with it: every delayed
+    // request is slow, so at least `counter` responses took the delay. On a loaded
+    // machine an undelayed request can also be slow, so a few (5 %) extra are allowed.
+    let counted = fstat(&envoy, "slow", "delays_injected");
+    assert_binomial(counted, n, 0.3);
+    let slow = rsps.iter().filter(|r| was_delayed(r, delay)).count() as u64;
+    let mut elapsed: Vec<Duration> = rsps.iter().map(|r| r.elapsed).collect();
+    elapsed.sort();
+    assert!(
+        slow >= counted && slow - counted <= n / 20,
+        "delays_injected = {counted} but {slow} responses took >= {delay:?}; sorted elapsed: {elapsed:?}"
     );
     assert_eq!(fstat(&envoy, "slow", "aborts_injected"), 0);
     assert_eq!(up.requests(), n);
@@ -383,7 +383,15 @@ fn header_control_table() {
     for (headers, grpc, expect, delayed) in &table {
         let mut req = if *grpc { Request::grpc("/svc.S/M", b"m") } else { Request::get("/hc") };
         req = req.headers(headers.iter().copied());
-        let rsp = envoy.send(req);
+        let mut rsp = envoy.send(req.clone());
+        // An undelayed request that was slow only because the machine is loaded: retry
+        // (a delay that really happens or not is deterministic at these percentages).
+        for _ in 0..2 {
+            if *delayed || !was_delayed(&rsp, DELAY) {
+                break;
+            }
+            rsp = envoy.send(req.clone());
+        }
         let got = if rsp.from_upstream() {
             Pass
         } else if *grpc {
