@@ -213,10 +213,26 @@ fn fuzz() -> Option<Result<()>> {
     step(format!("fuzz targets: {} × {secs}s (cargo +nightly fuzz run)", targets.len()));
     let mut failed = Vec::new();
     for t in &targets {
-        let r = run_cmd(nightly().args(["fuzz", "run", t, "--", &format!("-max_total_time={secs}"), "-print_final_stats=0"]));
-        if let Err(e) = r {
-            println!("    FAIL  {t}: {e}");
-            failed.push(t.clone());
+        // libFuzzer narrates every new input; keep its output for failures only.
+        let mut cmd = nightly();
+        cmd.args(["fuzz", "run", t, "--", &format!("-max_total_time={secs}")]);
+        match cmd.output() {
+            Ok(out) if out.status.success() => {
+                let log = String::from_utf8_lossy(&out.stderr);
+                let done = log.lines().rev().find(|l| l.starts_with("Done ")).unwrap_or("done");
+                println!("    OK    {t}: {done}");
+            }
+            Ok(out) => {
+                let log = String::from_utf8_lossy(&out.stderr);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                println!("    FAIL  {t} ({}); artifacts in fuzz/artifacts/{t}/:\n{}", out.status, envoy::indent(&tail.join("\n")));
+                failed.push(t.clone());
+            }
+            Err(e) => {
+                println!("    FAIL  {t}: {e}");
+                failed.push(t.clone());
+            }
         }
     }
     Some(if failed.is_empty() { Ok(()) } else { Err(crate::Error::msg(format!("fuzz target(s) failed: {}", failed.join(", ")))) })
