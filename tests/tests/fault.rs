@@ -369,6 +369,10 @@ fn header_control_table() {
         (vec![(d, "200"), (dp, "100")], false, Pass, true),
         (vec![(d, "200"), (dp, "0")], false, Pass, false),
         (vec![(d, "200"), (dp, "500")], false, Pass, true),
+        (vec![(d, "200"), (dp, "abc")], false, Pass, true),
+        (vec![(d, "200"), (dp, "-1")], false, Pass, true),
+        (vec![(dp, "100")], false, Pass, false),
+        (vec![(ap, "100")], false, Pass, false),
         (vec![(d, "0")], false, Pass, false),
         (vec![(d, "-200")], false, Pass, false),
         (vec![(d, "abc")], false, Pass, false),
@@ -706,6 +710,36 @@ fn route_metadata_overrides_the_plugin_config() {
     assert_eq!(fstat(&envoy, "route-rule", "aborts_injected"), 2);
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), 1);
     assert_eq!(up.requests(), 2);
+}
+
+#[test]
+fn invalid_route_override_is_logged_once_and_the_plugin_config_applies() {
+    let up = Upstream::start();
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .concurrency(1)
+        .listener(
+            Listener::new()
+                .filter(Filter::wasm("fault", json!({"rules": [abort_rule("plugin", "/", 500)]})))
+                .route(Route::new("broken", "/broken").meshwasm_override(
+                    "fault",
+                    json!({"rules": [{"name": "bad", "fault": {"abort": {"httpStatus": 700}}}]}),
+                ))
+                .route(Route::new("default", "/")),
+        )
+        .start();
+    for _ in 0..5 {
+        assert_aborted(&envoy.get("/broken"), 500);
+    }
+    let log = envoy.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("route broken")).collect();
+    assert_eq!(lines.len(), 1, "expected one error for the broken route (decoded once, cached):\n{}", lines.join("\n"));
+    assert!(
+        lines[0].contains("filter_metadata.meshwasm.fault.rules[0].fault.abort.httpStatus: must be in 200..=599, got 700"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(fstat(&envoy, "plugin", "aborts_injected"), 5);
 }
 
 /// Envoy's YAML loader stores non-integer numbers of route metadata as *strings*
