@@ -76,8 +76,16 @@ impl Upstream {
                 rt.shutdown_background();
             })
             .expect("spawn upstream thread");
-        let addr = addr_rx.recv().expect("upstream thread died").unwrap_or_else(|e| panic!("upstream: {e}"));
-        Self { addr, requests, stop: Some(stop_tx), thread: Some(thread) }
+        let addr = addr_rx
+            .recv()
+            .expect("upstream thread died")
+            .unwrap_or_else(|e| panic!("upstream: {e}"));
+        Self {
+            addr,
+            requests,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -129,7 +137,10 @@ pub async fn serve(listener: tokio::net::TcpListener, requests: Arc<AtomicU64>) 
     }
 }
 
-async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hyper::Response<RspBody> {
+async fn handle(
+    req: hyper::Request<Incoming>,
+    requests: Arc<AtomicU64>,
+) -> hyper::Response<RspBody> {
     requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let is_grpc = parts
@@ -137,7 +148,13 @@ async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hype
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"));
-    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
 
     // Read the whole request (body and trailers) before answering.
     let (body, trailers) = match body.collect().await {
@@ -156,7 +173,9 @@ async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hype
         let mut t = HeaderMap::new();
         t.insert("grpc-status", HeaderValue::from_static("0"));
         let frame = Bytes::from_static(&[0, 0, 0, 0, 0]);
-        let body = Full::new(frame).with_trailers(async move { Some(Ok(t)) }).boxed();
+        let body = Full::new(frame)
+            .with_trailers(async move { Some(Ok(t)) })
+            .boxed();
         return hyper::Response::builder()
             .status(200)
             .header("content-type", "application/grpc")
@@ -165,7 +184,9 @@ async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hype
             .expect("grpc response");
     }
 
-    let status = header("x-upstream-status").and_then(|v| v.parse::<u16>().ok()).unwrap_or(200);
+    let status = header("x-upstream-status")
+        .and_then(|v| v.parse::<u16>().ok())
+        .unwrap_or(200);
     let (content_type, out) = match header("x-upstream-body") {
         Some(text) => ("text/plain", Bytes::from(text)),
         None => {
@@ -197,8 +218,12 @@ async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hype
 fn headers_json(h: &HeaderMap) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for name in h.keys() {
-        let joined =
-            h.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(",");
+        let joined = h
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(",");
         m.insert(name.as_str().to_string(), serde_json::Value::String(joined));
     }
     serde_json::Value::Object(m)

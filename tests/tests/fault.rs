@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use meshwasm_tests::envoy::free_port;
 use meshwasm_tests::{
-    assert_binomial, client, eventually, fire, Envoy, Filter, Listener, Request, Response, Route, Upstream,
+    assert_binomial, client, eventually, fire, Envoy, Filter, Listener, Request, Response, Route,
+    Upstream,
 };
 use serde_json::{json, Value};
 
@@ -43,7 +44,11 @@ fn fstat(envoy: &Envoy, rule: &str, stat: &str) -> u64 {
 }
 
 fn ok(results: Vec<Result<Response, String>>) -> Vec<Response> {
-    results.into_iter().enumerate().map(|(i, r)| r.unwrap_or_else(|e| panic!("request {i}: {e}"))).collect()
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|e| panic!("request {i}: {e}")))
+        .collect()
 }
 
 fn count_status(rsps: &[Response], status: u16) -> u64 {
@@ -52,15 +57,34 @@ fn count_status(rsps: &[Response], status: u16) -> u64 {
 
 #[track_caller]
 fn assert_aborted(rsp: &Response, status: u16) {
-    assert_eq!(rsp.status, status, "expected an abort with {status}, got {} body {:?}", rsp.status, rsp.text());
+    assert_eq!(
+        rsp.status,
+        status,
+        "expected an abort with {status}, got {} body {:?}",
+        rsp.status,
+        rsp.text()
+    );
     assert_eq!(rsp.text(), "fault filter abort");
-    assert!(!rsp.from_upstream(), "an aborted request must not reach the upstream");
+    assert!(
+        !rsp.from_upstream(),
+        "an aborted request must not reach the upstream"
+    );
 }
 
 #[track_caller]
 fn assert_passed(rsp: &Response) {
-    assert_eq!(rsp.status, 200, "expected the upstream's 200, got {} body {:?}", rsp.status, rsp.text());
-    assert!(rsp.from_upstream(), "expected the upstream's reply: {:?}", rsp.headers);
+    assert_eq!(
+        rsp.status,
+        200,
+        "expected the upstream's 200, got {} body {:?}",
+        rsp.status,
+        rsp.text()
+    );
+    assert!(
+        rsp.from_upstream(),
+        "expected the upstream's reply: {:?}",
+        rsp.headers
+    );
 }
 
 fn abort_rule(name: &str, prefix: &str, status: u16) -> Value {
@@ -119,7 +143,9 @@ fn abort_percentages_follow_the_binomial() {
     );
     let n = 400usize;
     let paths = ["/half", "/eighth", "/legacy"];
-    let rsps = ok(fire(envoy.listener_addr(), n * 3, 8, move |i| Request::get(paths[i % 3])));
+    let rsps = ok(fire(envoy.listener_addr(), n * 3, 8, move |i| {
+        Request::get(paths[i % 3])
+    }));
     let mut hits = [0u64; 3];
     for (i, r) in rsps.iter().enumerate() {
         match r.status {
@@ -151,7 +177,9 @@ fn delay_percentage_follows_the_binomial() {
             "fault": {"delay": {"fixedDelay": "100ms", "percentage": {"value": 30.0}}}}]}),
     );
     let n = 400u64;
-    let rsps = ok(fire(envoy.listener_addr(), n as usize, 16, |_| Request::get("/")));
+    let rsps = ok(fire(envoy.listener_addr(), n as usize, 16, |_| {
+        Request::get("/")
+    }));
     rsps.iter().for_each(assert_passed);
     // The counter is exact; the responses' timing must agree with it: every delayed
     // request is slow, so at least `counter` responses took the delay. On a loaded
@@ -173,7 +201,11 @@ fn delay_percentage_follows_the_binomial() {
 fn delays_are_accurate() {
     // Every accepted duration syntax; elapsed must be >= the delay and < delay + 1 s.
     let up = Upstream::start();
-    let cases = [("/d250", "0.250s", 250u64), ("/d300", "300ms", 300), ("/d1s", "1s", 1000)];
+    let cases = [
+        ("/d250", "0.250s", 250u64),
+        ("/d300", "300ms", 300),
+        ("/d1s", "1s", 1000),
+    ];
     let rules: Vec<Value> = cases
         .iter()
         .map(|(p, d, _)| {
@@ -196,7 +228,11 @@ fn delays_are_accurate() {
         );
         assert_eq!(fstat(&envoy, &path[1..], "delays_injected"), 1, "{path}");
     }
-    assert!(baseline.elapsed < Duration::from_millis(250), "undelayed request took {:?}", baseline.elapsed);
+    assert!(
+        baseline.elapsed < Duration::from_millis(250),
+        "undelayed request took {:?}",
+        baseline.elapsed
+    );
     assert_eq!(up.requests(), 4);
 }
 
@@ -217,8 +253,16 @@ fn abort_is_decided_after_the_delay() {
     });
     let rsp = pending.join().expect("request thread");
     assert_aborted(&rsp, 503);
-    assert!(was_delayed(&rsp, Duration::from_millis(300)), "abort came before the delay: {:?}", rsp.elapsed);
-    assert!(rsp.elapsed < Duration::from_millis(1300), "elapsed {:?}", rsp.elapsed);
+    assert!(
+        was_delayed(&rsp, Duration::from_millis(300)),
+        "abort came before the delay: {:?}",
+        rsp.elapsed
+    );
+    assert!(
+        rsp.elapsed < Duration::from_millis(1300),
+        "elapsed {:?}",
+        rsp.elapsed
+    );
     assert_eq!(fstat(&envoy, "both", "delays_injected"), 1);
     assert_eq!(fstat(&envoy, "both", "aborts_injected"), 1);
     assert_eq!(fstat(&envoy, "both", "active_faults"), 0);
@@ -241,18 +285,33 @@ fn delayed_request_keeps_body_and_trailers() {
     let sum = format!("{:016x}", meshwasm_tests::upstream::fnv1a64(&body));
 
     // HTTP/2 with trailers.
-    let rsp = envoy.send(Request::post("/upload", body.clone()).h2().trailer("x-checksum", &sum));
+    let rsp = envoy.send(
+        Request::post("/upload", body.clone())
+            .h2()
+            .trailer("x-checksum", &sum),
+    );
     assert_passed(&rsp);
-    assert!(was_delayed(&rsp, Duration::from_millis(200)), "not delayed: {:?}", rsp.elapsed);
+    assert!(
+        was_delayed(&rsp, Duration::from_millis(200)),
+        "not delayed: {:?}",
+        rsp.elapsed
+    );
     let echo = rsp.json();
     assert_eq!(echo["body_len"], body.len());
     assert_eq!(echo["body_fnv1a64"], sum);
-    assert_eq!(echo["trailers"]["x-checksum"], sum, "request trailers lost: {echo}");
+    assert_eq!(
+        echo["trailers"]["x-checksum"], sum,
+        "request trailers lost: {echo}"
+    );
 
     // HTTP/1.1 with a content-length body.
     let rsp = envoy.send(Request::post("/upload", body.clone()));
     assert_passed(&rsp);
-    assert!(was_delayed(&rsp, Duration::from_millis(200)), "not delayed: {:?}", rsp.elapsed);
+    assert!(
+        was_delayed(&rsp, Duration::from_millis(200)),
+        "not delayed: {:?}",
+        rsp.elapsed
+    );
     assert_eq!(rsp.json()["body_fnv1a64"], sum);
     assert_eq!(fstat(&envoy, "slow", "delays_injected"), 2);
 }
@@ -291,12 +350,37 @@ fn grpc_aborts_are_trailers_only_with_grpc_status() {
     ];
     for (path, code) in cases {
         let rsp = envoy.send(Request::grpc(path, b"payload"));
-        assert_eq!(rsp.status, 200, "{path}: gRPC aborts are HTTP 200, got {}", rsp.status);
-        assert_eq!(rsp.header("content-type"), Some("application/grpc"), "{path}");
-        assert_eq!(rsp.grpc_status(), Some(code), "{path}: headers {:?} trailers {:?}", rsp.headers, rsp.trailers);
-        assert_eq!(rsp.grpc_message().as_deref(), Some("fault filter abort"), "{path}");
-        assert!(rsp.header("grpc-status").is_some(), "{path}: expected a trailers-only reply (grpc-status in headers)");
-        assert!(rsp.body.is_empty(), "{path}: trailers-only reply has no body, got {:?}", rsp.body);
+        assert_eq!(
+            rsp.status, 200,
+            "{path}: gRPC aborts are HTTP 200, got {}",
+            rsp.status
+        );
+        assert_eq!(
+            rsp.header("content-type"),
+            Some("application/grpc"),
+            "{path}"
+        );
+        assert_eq!(
+            rsp.grpc_status(),
+            Some(code),
+            "{path}: headers {:?} trailers {:?}",
+            rsp.headers,
+            rsp.trailers
+        );
+        assert_eq!(
+            rsp.grpc_message().as_deref(),
+            Some("fault filter abort"),
+            "{path}"
+        );
+        assert!(
+            rsp.header("grpc-status").is_some(),
+            "{path}: expected a trailers-only reply (grpc-status in headers)"
+        );
+        assert!(
+            rsp.body.is_empty(),
+            "{path}: trailers-only reply has no body, got {:?}",
+            rsp.body
+        );
         assert!(!rsp.from_upstream());
     }
     // A gRPC call no rule matches reaches the upstream and gets its OK.
@@ -321,6 +405,9 @@ enum Expect {
     GrpcAbort(i32),
 }
 
+/// (request headers, gRPC request?, expected outcome, delayed?)
+type HeaderCase<'a> = (Vec<(&'a str, &'a str)>, bool, Expect, bool);
+
 #[test]
 fn header_control_table() {
     const DELAY: Duration = Duration::from_millis(200);
@@ -333,7 +420,7 @@ fn header_control_table() {
     let dp = "x-envoy-fault-delay-request-percentage";
     use Expect::*;
     // (headers, grpc request?, expected outcome, delayed?)
-    let table: Vec<(Vec<(&str, &str)>, bool, Expect, bool)> = vec![
+    let table: Vec<HeaderCase> = vec![
         (vec![], false, Pass, false),
         (vec![(a, "503")], false, Abort(503), false),
         (vec![(a, "200")], false, Abort(200), false),
@@ -385,7 +472,11 @@ fn header_control_table() {
     let mut failures = Vec::new();
     let (mut aborts, mut delays, mut passed) = (0u64, 0u64, 0u64);
     for (headers, grpc, expect, delayed) in &table {
-        let mut req = if *grpc { Request::grpc("/svc.S/M", b"m") } else { Request::get("/hc") };
+        let mut req = if *grpc {
+            Request::grpc("/svc.S/M", b"m")
+        } else {
+            Request::get("/hc")
+        };
         req = req.headers(headers.iter().copied());
         let mut rsp = envoy.send(req.clone());
         // An undelayed request that was slow only because the machine is loaded: retry
@@ -406,7 +497,9 @@ fn header_control_table() {
         let got_delayed = was_delayed(&rsp, DELAY);
         let body_ok = match got {
             Abort(_) => rsp.text() == "fault filter abort",
-            GrpcAbort(_) => rsp.status == 200 && rsp.grpc_message().as_deref() == Some("fault filter abort"),
+            GrpcAbort(_) => {
+                rsp.status == 200 && rsp.grpc_message().as_deref() == Some("fault filter abort")
+            }
             Pass => rsp.status == 200,
         };
         if got != *expect || got_delayed != *delayed || !body_ok {
@@ -427,7 +520,13 @@ fn header_control_table() {
             delays += 1;
         }
     }
-    assert!(failures.is_empty(), "{} of {} header-control cases failed:\n{}", failures.len(), table.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} header-control cases failed:\n{}",
+        failures.len(),
+        table.len(),
+        failures.join("\n")
+    );
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), aborts);
     assert_eq!(fstat(&envoy, "header-control", "delays_injected"), delays);
     assert_eq!(up.requests(), passed);
@@ -446,8 +545,13 @@ fn header_control_is_only_for_requests_no_rule_matched() {
     let rsp = envoy.send(Request::get("/other").header("x-envoy-fault-abort-request", "503"));
     assert_aborted(&rsp, 503);
     // Without headerControl the headers are ignored.
-    let envoy2 = fault_envoy(&up, json!({"rules": [abort_rule("explicit", "/rule", 418)]}));
-    assert_passed(&envoy2.send(Request::get("/other").header("x-envoy-fault-abort-request", "503")));
+    let envoy2 = fault_envoy(
+        &up,
+        json!({"rules": [abort_rule("explicit", "/rule", 418)]}),
+    );
+    assert_passed(
+        &envoy2.send(Request::get("/other").header("x-envoy-fault-abort-request", "503")),
+    );
     assert_passed(&envoy2.send(Request::get("/other").header("x-envoy-fault-delay-request", "10")));
     assert_eq!(fstat(&envoy, "explicit", "aborts_injected"), 1);
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), 1);
@@ -490,7 +594,10 @@ fn header_percentages_are_capped() {
     rsps.iter().for_each(assert_passed);
     let delayed = fstat(&envoy, "header-control", "delays_injected");
     assert_binomial(delayed, n, 0.1);
-    assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), aborted + aborted_low);
+    assert_eq!(
+        fstat(&envoy, "header-control", "aborts_injected"),
+        aborted + aborted_low
+    );
 }
 
 // === max active faults ===
@@ -511,8 +618,16 @@ fn max_active_faults_bounds_concurrent_delays_across_workers() {
     });
     let rsps = ok(load.join().expect("load thread"));
     rsps.iter().for_each(assert_passed);
-    let delayed = rsps.iter().filter(|r| was_delayed(r, Duration::from_secs(1))).count();
-    assert_eq!(delayed, 5, "elapsed: {:?}", rsps.iter().map(|r| r.elapsed).collect::<Vec<_>>());
+    let delayed = rsps
+        .iter()
+        .filter(|r| was_delayed(r, Duration::from_secs(1)))
+        .count();
+    assert_eq!(
+        delayed,
+        5,
+        "elapsed: {:?}",
+        rsps.iter().map(|r| r.elapsed).collect::<Vec<_>>()
+    );
     assert_eq!(fstat(&envoy, "slow", "delays_injected"), 5);
     assert_eq!(fstat(&envoy, "slow", "faults_overflow"), 15);
     eventually("active_faults back to 0", Duration::from_secs(2), || {
@@ -520,7 +635,11 @@ fn max_active_faults_bounds_concurrent_delays_across_workers() {
     });
     // The budget is free again.
     let rsp = envoy.get("/");
-    assert!(was_delayed(&rsp, Duration::from_secs(1)), "not delayed after the burst: {:?}", rsp.elapsed);
+    assert!(
+        was_delayed(&rsp, Duration::from_secs(1)),
+        "not delayed after the burst: {:?}",
+        rsp.elapsed
+    );
     assert_eq!(up.requests(), 21);
 }
 
@@ -541,20 +660,35 @@ fn client_disconnect_during_delay_releases_the_fault() {
         (fstat(&envoy, "slow", "active_faults") == 1).then_some(())
     });
     let got = client.join().expect("client thread");
-    assert!(got.is_empty(), "response arrived during the delay: {}", String::from_utf8_lossy(&got));
+    assert!(
+        got.is_empty(),
+        "response arrived during the delay: {}",
+        String::from_utf8_lossy(&got)
+    );
     // Released when the stream is reset, well before the delay would have ended.
-    eventually("active_faults back to 0 after the reset", Duration::from_millis(900), || {
-        (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(())
-    });
-    assert!(start.elapsed() < Duration::from_millis(1500), "released only when the timer fired");
+    eventually(
+        "active_faults back to 0 after the reset",
+        Duration::from_millis(900),
+        || (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(()),
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "released only when the timer fired"
+    );
     // Past the original delay: nothing was forwarded, the worker survived.
-    std::thread::sleep(Duration::from_millis(1500).saturating_sub(start.elapsed()) + Duration::from_millis(300));
+    std::thread::sleep(
+        Duration::from_millis(1500).saturating_sub(start.elapsed()) + Duration::from_millis(300),
+    );
     envoy.assert_healthy();
     assert_eq!(up.requests(), 0, "the abandoned request was forwarded");
     // With maxActiveFaults 1, a leaked slot would make this request overflow (no delay).
     let rsp = envoy.get("/slow");
     assert_passed(&rsp);
-    assert!(was_delayed(&rsp, Duration::from_millis(1500)), "slot leaked: not delayed ({:?})", rsp.elapsed);
+    assert!(
+        was_delayed(&rsp, Duration::from_millis(1500)),
+        "slot leaked: not delayed ({:?})",
+        rsp.elapsed
+    );
     assert_eq!(fstat(&envoy, "slow", "faults_overflow"), 0);
     let log = envoy.log();
     assert!(!log.contains("panicked"), "wasm panic in log");
@@ -566,9 +700,7 @@ fn client_disconnect_during_delay_releases_the_fault() {
 fn matching_rules() {
     let up = Upstream::start();
     let port_listener = free_port();
-    let rule = |name: &str, m: Value, status: u16| {
-        json!({"name": name, "match": m, "fault": {"abort": {"httpStatus": status, "percentage": {"value": 100}}}})
-    };
+    let rule = |name: &str, m: Value, status: u16| json!({"name": name, "match": m, "fault": {"abort": {"httpStatus": status, "percentage": {"value": 100}}}});
     let config = json!({"rules": [
         rule("first", json!([{"uri": {"prefix": "/first"}}]), 513),
         rule("second", json!([{"uri": {"prefix": "/first"}}]), 514),
@@ -596,7 +728,11 @@ fn matching_rules() {
                 .route(Route::new("special", "/special"))
                 .route(Route::new("default", "/")),
         )
-        .listener(Listener::new().port(port_listener).filter(Filter::wasm("fault", config)))
+        .listener(
+            Listener::new()
+                .port(port_listener)
+                .filter(Filter::wasm("fault", config)),
+        )
         .start();
     use Expect::*;
     let get = Request::get;
@@ -642,17 +778,36 @@ fn matching_rules() {
     let mut failures = Vec::new();
     for (req, expect) in &table {
         let rsp = envoy.send(req.clone());
-        let got = if rsp.from_upstream() && rsp.status == 200 { Pass } else { Abort(rsp.status) };
+        let got = if rsp.from_upstream() && rsp.status == 200 {
+            Pass
+        } else {
+            Abort(rsp.status)
+        };
         if got != *expect {
-            failures.push(format!("{} {} {:?}: expected {expect:?}, got {got:?} ({})", req.method, req.path, req.headers, rsp.text()));
+            failures.push(format!(
+                "{} {} {:?}: expected {expect:?}, got {got:?} ({})",
+                req.method,
+                req.path,
+                req.headers,
+                rsp.text()
+            ));
         }
     }
     // The port rule only applies on its listener.
     let rsp = envoy.send_to(1, get("/port"));
     if rsp.status != 512 {
-        failures.push(format!("GET /port on listener port {port_listener}: expected Abort(512), got {}", rsp.status));
+        failures.push(format!(
+            "GET /port on listener port {port_listener}: expected Abort(512), got {}",
+            rsp.status
+        ));
     }
-    assert!(failures.is_empty(), "{} of {} matching cases failed:\n{}", failures.len(), table.len() + 1, failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} matching cases failed:\n{}",
+        failures.len(),
+        table.len() + 1,
+        failures.join("\n")
+    );
     assert_eq!(fstat(&envoy, "first", "aborts_injected"), 1);
     assert_eq!(fstat(&envoy, "second", "aborts_injected"), 0);
 }
@@ -686,14 +841,20 @@ fn route_metadata_overrides_the_plugin_config() {
         .upstream(up.addr())
         .listener(
             Listener::new()
-                .filter(Filter::wasm("fault", json!({"rules": [abort_rule("plugin", "/", 500)]})))
+                .filter(Filter::wasm(
+                    "fault",
+                    json!({"rules": [abort_rule("plugin", "/", 500)]}),
+                ))
                 .route(Route::new("teapot", "/teapot").meshwasm_override(
                     "fault",
                     json!({"rules": [abort_rule("route-rule", "/teapot", 418)]}),
                 ))
-                .route(Route::new("quiet", "/quiet").meshwasm_override("fault", json!({"rules": []})))
                 .route(
-                    Route::new("headers", "/headers").meshwasm_override("fault", json!({"headerControl": true})),
+                    Route::new("quiet", "/quiet").meshwasm_override("fault", json!({"rules": []})),
+                )
+                .route(
+                    Route::new("headers", "/headers")
+                        .meshwasm_override("fault", json!({"headerControl": true})),
                 )
                 .route(Route::new("default", "/")),
         )
@@ -703,9 +864,15 @@ fn route_metadata_overrides_the_plugin_config() {
     assert_aborted(&envoy.get("/teapot/2"), 418);
     assert_passed(&envoy.get("/quiet"));
     assert_passed(&envoy.get("/headers"));
-    assert_aborted(&envoy.send(Request::get("/headers").header("x-envoy-fault-abort-request", "429")), 429);
+    assert_aborted(
+        &envoy.send(Request::get("/headers").header("x-envoy-fault-abort-request", "429")),
+        429,
+    );
     // The plugin-wide header control is off: the header does nothing elsewhere.
-    assert_aborted(&envoy.send(Request::get("/x").header("x-envoy-fault-abort-request", "429")), 500);
+    assert_aborted(
+        &envoy.send(Request::get("/x").header("x-envoy-fault-abort-request", "429")),
+        500,
+    );
     assert_eq!(fstat(&envoy, "plugin", "aborts_injected"), 2);
     assert_eq!(fstat(&envoy, "route-rule", "aborts_injected"), 2);
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), 1);
@@ -720,7 +887,10 @@ fn invalid_route_override_is_logged_once_and_the_plugin_config_applies() {
         .concurrency(1)
         .listener(
             Listener::new()
-                .filter(Filter::wasm("fault", json!({"rules": [abort_rule("plugin", "/", 500)]})))
+                .filter(Filter::wasm(
+                    "fault",
+                    json!({"rules": [abort_rule("plugin", "/", 500)]}),
+                ))
                 .route(Route::new("broken", "/broken").meshwasm_override(
                     "fault",
                     json!({"rules": [{"name": "bad", "fault": {"abort": {"httpStatus": 700}}}]}),
@@ -733,7 +903,12 @@ fn invalid_route_override_is_logged_once_and_the_plugin_config_applies() {
     }
     let log = envoy.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("route broken")).collect();
-    assert_eq!(lines.len(), 1, "expected one error for the broken route (decoded once, cached):\n{}", lines.join("\n"));
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error for the broken route (decoded once, cached):\n{}",
+        lines.join("\n")
+    );
     assert!(
         lines[0].contains("filter_metadata.meshwasm.fault.rules[0].fault.abort.httpStatus: must be in 200..=599, got 700"),
         "{}",
@@ -768,7 +943,12 @@ fn route_metadata_with_fractional_percentages_from_yaml() {
     assert!(
         !envoy.log().contains("invalid per-route configuration"),
         "route override rejected:\n{}",
-        envoy.log().lines().filter(|l| l.contains("per-route")).collect::<Vec<_>>().join("\n")
+        envoy
+            .log()
+            .lines()
+            .filter(|l| l.contains("per-route"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -785,7 +965,10 @@ fn prometheus_has_the_rule_label() {
                       "abort": {"httpStatus": 500, "percentage": {"value": 100}}}}]}),
     );
     for _ in 0..3 {
-        assert_aborted(&envoy.send(Request::get("/ratings/1").header("end-user", "jason")), 500);
+        assert_aborted(
+            &envoy.send(Request::get("/ratings/1").header("end-user", "jason")),
+            500,
+        );
     }
     let prom = envoy.prometheus();
     let ours: Vec<&str> = prom.lines().filter(|l| l.contains("meshwasm")).collect();
@@ -797,7 +980,11 @@ fn prometheus_has_the_rule_label() {
         "# TYPE meshwasm_fault_active_faults gauge",
         "meshwasm_fault_active_faults{rule=\"ratings-jason\"} 0",
     ] {
-        assert!(ours.contains(&want), "missing `{want}` in /stats/prometheus; meshwasm lines:\n{}", ours.join("\n"));
+        assert!(
+            ours.contains(&want),
+            "missing `{want}` in /stats/prometheus; meshwasm lines:\n{}",
+            ours.join("\n")
+        );
     }
     // And the flat name in /stats.
     assert_eq!(fstat(&envoy, "ratings-jason", "delays_injected"), 3);
@@ -806,7 +993,9 @@ fn prometheus_has_the_rule_label() {
 // === bad config ===
 
 fn rejected(config: &str) -> String {
-    let failed = Envoy::builder().listener(Listener::new().filter(Filter::wasm_raw("fault", config))).expect_failure();
+    let failed = Envoy::builder()
+        .listener(Listener::new().filter(Filter::wasm_raw("fault", config)))
+        .expect_failure();
     assert!(!failed.status.success(), "Envoy exited {:?}", failed.status);
     failed.log
 }
@@ -818,24 +1007,41 @@ fn bad_config_is_rejected_with_the_json_path() {
             r#"{"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 700, "percentage": {"value": 100}}}}]}"#,
             "rules[0].fault.abort.httpStatus: must be in 200..=599, got 700",
         ),
-        (r#"{"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 500}}, "bogus": 1}]}"#, "bogus"),
+        (
+            r#"{"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 500}}, "bogus": 1}]}"#,
+            "bogus",
+        ),
         (r#"{"rules": [], "maxActiveFault": 3}"#, "maxActiveFault"),
         (
             r#"{"rules": [{"fault": {"delay": {"fixedDelay": "5s", "percentage": {"value": 101}}}}]}"#,
             "rules[0].fault.delay.percentage",
         ),
-        (r#"{"rules": [{"fault": {"delay": {"fixedDelay": "soon"}}}]}"#, "rules[0].fault.delay.fixedDelay"),
-        (r#"{"rules": [{"fault": {"abort": {"grpcStatus": "NOPE"}}}]}"#, "rules[0].fault.abort.grpcStatus"),
-        (r#"{"rules": [{"match": [{"uri": {"regex": "("}}], "fault": {"abort": {"httpStatus": 500}}}]}"#, "rules[0].match[0].uri"),
+        (
+            r#"{"rules": [{"fault": {"delay": {"fixedDelay": "soon"}}}]}"#,
+            "rules[0].fault.delay.fixedDelay",
+        ),
+        (
+            r#"{"rules": [{"fault": {"abort": {"grpcStatus": "NOPE"}}}]}"#,
+            "rules[0].fault.abort.grpcStatus",
+        ),
+        (
+            r#"{"rules": [{"match": [{"uri": {"regex": "("}}], "fault": {"abort": {"httpStatus": 500}}}]}"#,
+            "rules[0].match[0].uri",
+        ),
         (r#"{"rules": [ "#, "EOF while parsing"),
     ];
     let mut failures = Vec::new();
     for (config, want) in cases {
         let log = rejected(config);
         if !log.contains(want) {
-            let wasm_lines: Vec<&str> =
-                log.lines().filter(|l| l.contains("wasm") || l.contains("error") || l.contains("critical")).collect();
-            failures.push(format!("config {config}\n  expected log to contain {want:?}; relevant log lines:\n    {}", wasm_lines.join("\n    ")));
+            let wasm_lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("wasm") || l.contains("error") || l.contains("critical"))
+                .collect();
+            failures.push(format!(
+                "config {config}\n  expected log to contain {want:?}; relevant log lines:\n    {}",
+                wasm_lines.join("\n    ")
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -855,5 +1061,8 @@ fn good_config_starts() {
     );
     assert_passed(&envoy.get("/"));
     assert_passed(&envoy.send(Request::get("/ratings").header("end-user", "mike")));
-    assert_aborted(&envoy.send(Request::get("/").header("x-envoy-fault-abort-request", "503")), 503);
+    assert_aborted(
+        &envoy.send(Request::get("/").header("x-envoy-fault-abort-request", "503")),
+        503,
+    );
 }

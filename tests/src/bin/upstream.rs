@@ -14,12 +14,20 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
-                let v = args.next().unwrap_or_else(|| usage("--listen needs an address"));
-                listen = v.parse().unwrap_or_else(|e| usage(&format!("bad --listen {v}: {e}")));
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--listen needs an address"));
+                listen = v
+                    .parse()
+                    .unwrap_or_else(|e| usage(&format!("bad --listen {v}: {e}")));
             }
             "--threads" => {
-                let v = args.next().unwrap_or_else(|| usage("--threads needs a number"));
-                threads = v.parse().unwrap_or_else(|e| usage(&format!("bad --threads {v}: {e}")));
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--threads needs a number"));
+                threads = v
+                    .parse()
+                    .unwrap_or_else(|e| usage(&format!("bad --threads {v}: {e}")));
             }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
