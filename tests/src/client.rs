@@ -402,6 +402,84 @@ pub fn fire(
     })
 }
 
+/// One HTTP/2 (h2c) connection carrying several streams, for stream-level behaviour
+/// (for example resetting one stream while the connection and its other streams live on).
+pub struct H2Connection {
+    sender: hyper::client::conn::http2::SendRequest<ReqBody>,
+    authority: String,
+}
+
+impl H2Connection {
+    pub fn open(addr: SocketAddr) -> Self {
+        crate::block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let _ = tcp.set_nodelay(true);
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await
+                    .expect("h2 handshake");
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Self {
+                sender,
+                authority: "meshwasm.test".into(),
+            }
+        })
+    }
+
+    fn hyper_request(&self, req: &Request) -> hyper::Request<ReqBody> {
+        let mut r = req.clone().h2();
+        r.authority.clone_from(&self.authority);
+        r.to_hyper()
+    }
+
+    /// Sends `req` on a new stream of this connection and waits for the whole response.
+    pub fn send(&mut self, req: &Request) -> Response {
+        let hreq = self.hyper_request(req);
+        let timeout = req.timeout;
+        let mut sender = self.sender.clone();
+        crate::block_on(async move {
+            let start = Instant::now();
+            let fut = async {
+                let rsp = sender
+                    .send_request(hreq)
+                    .await
+                    .map_err(|e| format!("h2 request: {e}"))?;
+                let (parts, body) = rsp.into_parts();
+                let collected = body
+                    .collect()
+                    .await
+                    .map_err(|e| format!("response body: {e}"))?;
+                let trailers = collected.trailers().cloned();
+                Ok::<_, String>(Response {
+                    status: parts.status.as_u16(),
+                    headers: parts.headers,
+                    body: collected.to_bytes(),
+                    trailers,
+                    elapsed: start.elapsed(),
+                })
+            };
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
+                Err(_) => panic!("h2 request timed out after {timeout:?}"),
+            }
+        })
+    }
+
+    /// Sends `req` on a new stream and resets that stream (RST_STREAM CANCEL) after `hold`
+    /// unless the response headers came first; returns whether they did.
+    pub fn send_and_reset(&mut self, req: &Request, hold: Duration) -> bool {
+        let hreq = self.hyper_request(req);
+        let mut sender = self.sender.clone();
+        crate::block_on(async move {
+            tokio::time::timeout(hold, sender.send_request(hreq))
+                .await
+                .is_ok()
+        })
+    }
+}
+
 /// Opens an HTTP/1.1 connection, sends `req` (headers and body), waits `hold`, then
 /// closes the connection without reading the response: a client that gives up
 /// mid-flight (for example during an injected delay). Returns whatever response bytes

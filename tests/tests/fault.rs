@@ -694,6 +694,46 @@ fn client_disconnect_during_delay_releases_the_fault() {
     assert!(!log.contains("panicked"), "wasm panic in log");
 }
 
+#[test]
+fn h2_stream_reset_during_delay_releases_the_fault_and_keeps_the_connection() {
+    let up = Upstream::start();
+    let envoy = fault_envoy(
+        &up,
+        json!({"maxActiveFaults": 1, "rules": [{"name": "slow", "match": [{"uri": {"prefix": "/slow"}}],
+            "fault": {"delay": {"fixedDelay": "2s", "percentage": {"value": 100}}}}]}),
+    );
+    let mut conn = client::H2Connection::open(envoy.listener_addr());
+    let start = Instant::now();
+    let answered = conn.send_and_reset(&Request::get("/slow"), Duration::from_millis(300));
+    assert!(!answered, "the delayed stream was answered within 300 ms");
+    eventually(
+        "active_faults back to 0 after RST_STREAM",
+        Duration::from_millis(1000),
+        || (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(()),
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "released only when the timer fired"
+    );
+    // The same connection still carries streams, and the slot is free again (max 1).
+    let rsp = conn.send(&Request::get("/fast"));
+    assert_passed(&rsp);
+    let rsp = conn.send(&Request::get("/slow").timeout(Duration::from_secs(10)));
+    assert_passed(&rsp);
+    assert!(
+        was_delayed(&rsp, Duration::from_secs(2)),
+        "slot leaked: not delayed ({:?})",
+        rsp.elapsed
+    );
+    assert_eq!(fstat(&envoy, "slow", "delays_injected"), 2);
+    assert_eq!(fstat(&envoy, "slow", "faults_overflow"), 0);
+    assert_eq!(
+        up.requests(),
+        2,
+        "the reset stream must never reach the upstream"
+    );
+}
+
 // === matching ===
 
 #[test]
