@@ -11,7 +11,33 @@ use crate::rng::Rng;
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Percentage {
+    #[serde(deserialize_with = "number_or_string")]
     pub value: f64,
+}
+
+/// Proto3 JSON accepts numbers as strings, and Envoy's YAML loader turns every non-integer
+/// scalar in a `Struct` (route metadata!) into a string: `value: 0.1` arrives as `"0.1"`.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = f64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number")
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<f64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<f64, E> {
+            s.trim().parse::<f64>().map_err(|_| E::custom(format!("expected a number, got {s:?}")))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// A probability as a fraction `numerator / denominator`, as Envoy's `FractionalPercent`.
@@ -89,6 +115,16 @@ mod tests {
             let e = Fraction::from_percentage(Percentage { value: bad }, &Path::root().field("percentage"));
             assert_eq!(e.unwrap_err().path, "percentage.value");
         }
+    }
+
+    #[test]
+    fn value_accepts_numeric_strings_as_proto3_json_does() {
+        let p: Percentage = serde_json::from_str(r#"{"value":"0.1"}"#).unwrap();
+        assert_eq!(p.value, 0.1);
+        let p: Percentage = serde_json::from_str(r#"{"value":100}"#).unwrap();
+        assert_eq!(p.value, 100.0);
+        assert!(serde_json::from_str::<Percentage>(r#"{"value":"lots"}"#).is_err());
+        assert!(serde_json::from_str::<Percentage>(r#"{"value":true}"#).is_err());
     }
 
     #[test]

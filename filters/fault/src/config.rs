@@ -68,8 +68,9 @@ pub struct AbortJson {
 pub struct AbortStatus {
     /// The HTTP status of the local reply (200 for a gRPC abort, as Envoy does).
     pub http: u32,
-    /// The gRPC status for gRPC requests; `None` means Envoy maps it from `http`.
-    pub grpc: Option<u32>,
+    /// The gRPC status for gRPC requests; `None` means Envoy maps it from `http`. Header
+    /// control passes any unsigned integer through, as Envoy does.
+    pub grpc: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,7 +220,7 @@ impl Abort {
                 }
                 AbortStatus { http: s as u32, grpc: None }
             }
-            (None, Some(g)) => AbortStatus { http: 200, grpc: Some(grpc_code(g, &path.field("grpcStatus"))?) },
+            (None, Some(g)) => AbortStatus { http: 200, grpc: Some(u64::from(grpc_code(g, &path.field("grpcStatus"))?)) },
         };
         Ok(Abort { status, percentage: percentage(raw.percentage, raw.percent, path)? })
     }

@@ -11,7 +11,7 @@ use meshwasm_sdk_ext::rng::WyRand;
 use meshwasm_sdk_ext::route::RouteOverrides;
 use meshwasm_sdk_ext::{shared, ConfigError, Flow, Host, HttpFilter, LocalReply, LogLevel, MetricKind, Plugin};
 
-use crate::config::{Abort, Config};
+use crate::config::{Abort, AbortStatus, Config};
 use crate::policy::{self, ABORT_BODY, ABORT_DETAILS};
 
 pub const NAME: &str = "fault";
@@ -127,19 +127,43 @@ impl FaultFilter {
             return false;
         }
         self.plugin.count(host, MetricKind::Counter, label, ABORTS_INJECTED, 1);
-        let reply = LocalReply {
-            status: status.http,
-            body: ABORT_BODY.to_string(),
-            headers: Vec::new(),
-            grpc_status: status.grpc,
-            details: ABORT_DETAILS.to_string(),
-        };
+        let reply = abort_reply(host, status);
         if let Err(e) = host.send_local_reply(&reply) {
             host.log(LogLevel::Debug, &format!("meshwasm.fault: abort reply not sent: {e}"));
         }
         self.state = State::Aborted;
         true
     }
+}
+
+/// The local reply for an abort. The Proxy-Wasm ABI carries only the well-known gRPC codes
+/// (0..=16); Envoy's fault filter echoes any number from `x-envoy-fault-abort-grpc-request`,
+/// so a larger code is sent as the `grpc-status` header of the trailers-only reply, which
+/// Envoy keeps when it builds a gRPC local reply.
+pub fn abort_reply(host: &dyn Host, status: AbortStatus) -> LocalReply {
+    let mut reply = LocalReply {
+        status: status.http,
+        body: ABORT_BODY.to_string(),
+        headers: Vec::new(),
+        grpc_status: None,
+        details: ABORT_DETAILS.to_string(),
+    };
+    match status.grpc {
+        Some(g) if g <= 16 => reply.grpc_status = u32::try_from(g).ok(),
+        Some(g) => {
+            if is_grpc_request(host) {
+                reply.headers.push(("grpc-status".to_string(), g.to_string()));
+            }
+        }
+        None => {}
+    }
+    reply
+}
+
+/// Envoy's `Grpc::Common::isGrpcRequestHeaders`: `application/grpc` or `application/grpc+…`.
+fn is_grpc_request(host: &dyn Host) -> bool {
+    let ct = host.header(meshwasm_sdk_ext::HeaderMap::RequestHeaders, "content-type").unwrap_or_default();
+    ct == "application/grpc" || ct.strip_prefix("application/grpc").is_some_and(|rest| rest.starts_with('+'))
 }
 
 impl HttpFilter for FaultFilter {

@@ -72,7 +72,7 @@ fn header_plan<'c>(hc: &HeaderControl, req: &mut dyn RequestView, rng: &mut impl
             .header(ABORT_GRPC_REQUEST)
             .as_deref()
             .and_then(simple_atoi_u64)
-            .map(|g| AbortStatus { http: 200, grpc: Some(u32::try_from(g).unwrap_or(u32::MAX)) }),
+            .map(|g| AbortStatus { http: 200, grpc: Some(g) }),
     };
     let abort = status.map(|status| Abort {
         status,
