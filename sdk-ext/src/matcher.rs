@@ -145,7 +145,30 @@ impl RequestMatch {
         !self.routes.is_empty()
     }
 
+    /// Fields are ANDed; they are checked cheapest-to-fail first. Every value read from the
+    /// proxy costs a hostcall plus, when the value exists, a call back into the VM to allocate
+    /// it, so named headers (usually absent on requests a rule does not target) go before the
+    /// pseudo-headers every request has.
     pub fn matches(&self, req: &mut dyn RequestView) -> bool {
+        for (name, m) in &self.headers {
+            match req.header(name) {
+                Some(v) if m.matches(&v) => {}
+                _ => return false,
+            }
+        }
+        for (name, m) in &self.without_headers {
+            if let Some(v) = req.header(name) {
+                if m.matches(&v) {
+                    return false;
+                }
+            }
+        }
+        if !self.routes.is_empty() {
+            let route = req.route_name().unwrap_or_default();
+            if !self.routes.contains(&route) {
+                return false;
+            }
+        }
         if let Some(m) = &self.uri {
             let Some(path) = req.header(":path") else { return false };
             let path = path.split(['?', '#']).next().unwrap_or_default();
@@ -159,19 +182,6 @@ impl RequestMatch {
                 match req.header(name) {
                     Some(v) if m.matches(&v) => {}
                     _ => return false,
-                }
-            }
-        }
-        for (name, m) in &self.headers {
-            match req.header(name) {
-                Some(v) if m.matches(&v) => {}
-                _ => return false,
-            }
-        }
-        for (name, m) in &self.without_headers {
-            if let Some(v) = req.header(name) {
-                if m.matches(&v) {
-                    return false;
                 }
             }
         }
@@ -191,12 +201,6 @@ impl RequestMatch {
         }
         if let Some(port) = self.port {
             if req.port() != Some(port) {
-                return false;
-            }
-        }
-        if !self.routes.is_empty() {
-            let route = req.route_name().unwrap_or_default();
-            if !self.routes.contains(&route) {
                 return false;
             }
         }

@@ -8,8 +8,10 @@
 //!       fault: { ...the filter's own JSON shape... }
 //! ```
 //!
-//! The override is decoded once per route (keyed by `xds.route_name`; unnamed routes by their
-//! metadata bytes) and cached for the life of the plugin configuration.
+//! The override is decoded once per route, keyed by `xds.route_name`, and cached for the life
+//! of the plugin configuration. Overrides need a named route (Istio names every route it
+//! generates): a request on an unnamed route reads one property and nothing else, so the
+//! common path never pays for serializing route metadata.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -26,7 +28,6 @@ const MAX_ROUTES: usize = 4096;
 pub struct RouteOverrides<C> {
     filter: &'static str,
     by_name: RefCell<HashMap<String, Option<Rc<C>>>>,
-    by_metadata: RefCell<HashMap<Vec<u8>, Option<Rc<C>>>>,
 }
 
 /// What a lookup found: the route name (for matching) and the override, if any.
@@ -37,39 +38,29 @@ pub struct RouteInfo<C> {
 
 impl<C> RouteOverrides<C> {
     pub fn new(filter: &'static str) -> Self {
-        Self { filter, by_name: RefCell::default(), by_metadata: RefCell::default() }
+        Self { filter, by_name: RefCell::default() }
     }
 
-    /// The override for the current request's route, decoding it on first sight.
+    /// The override for the current request's route, decoding it on the route's first request.
     pub fn lookup(&self, host: &dyn Host, decode: impl Fn(&Value) -> Result<C, ConfigError>) -> RouteInfo<C> {
         let route_name = host.property(&["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok()).filter(|n| !n.is_empty());
-        if let Some(name) = &route_name {
-            if let Some(hit) = self.by_name.borrow().get(name) {
-                return RouteInfo { route_name, config: hit.clone() };
-            }
+        let Some(name) = route_name else { return RouteInfo { route_name: None, config: None } };
+        if let Some(hit) = self.by_name.borrow().get(&name) {
+            return RouteInfo { config: hit.clone(), route_name: Some(name) };
         }
         let metadata = host.property(&["xds", "route_metadata"]).unwrap_or_default();
-        if route_name.is_none() {
-            if let Some(hit) = self.by_metadata.borrow().get(&metadata) {
-                return RouteInfo { route_name, config: hit.clone() };
-            }
-        }
-        let config = self.decode(host, route_name.as_deref(), &metadata, decode);
-        match &route_name {
-            Some(name) => insert_bounded(&self.by_name, name.clone(), config.clone()),
-            None => insert_bounded(&self.by_metadata, metadata, config.clone()),
-        }
-        RouteInfo { route_name, config }
+        let config = self.decode(host, &name, &metadata, decode);
+        insert_bounded(&self.by_name, name.clone(), config.clone());
+        RouteInfo { route_name: Some(name), config }
     }
 
     fn decode(
         &self,
         host: &dyn Host,
-        route: Option<&str>,
+        route: &str,
         metadata: &[u8],
         decode: impl Fn(&Value) -> Result<C, ConfigError>,
     ) -> Option<Rc<C>> {
-        let route = route.unwrap_or("<unnamed>");
         let ns = match crate::props::metadata_namespace(metadata, "meshwasm") {
             Ok(ns) => ns?,
             Err(e) => {
@@ -140,6 +131,9 @@ mod tests {
         let calls = decode_calls.get();
         cache.lookup(&host, decode);
         assert_eq!(decode_calls.get(), calls, "cached");
+        // Unnamed routes have no override (and no metadata read).
+        host.set_property(&["xds", "route_name"], b"");
+        assert!(cache.lookup(&host, decode).config.is_none());
         // Bad override: logged with the path, ignored.
         host.set_property(&["xds", "route_name"], b"r3");
         host.set_property(&["xds", "route_metadata"], &encode_metadata("meshwasm", &serde_json::json!({"fault": {"m": 3}})));

@@ -33,6 +33,9 @@ const TARGET_RATIO: f64 = 1.3;
 /// Rules that never match the benchmark's traffic: the common path of a production config.
 const FAULT_NO_MATCH: &str = r#"{"rules":[{"name":"never","match":[{"uri":{"prefix":"/never"},"headers":{"x-chaos":{"exact":"yes"}}}],"fault":{"abort":{"httpStatus":503,"percentage":{"value":100}}}}]}"#;
 const FAULT_HEADERS: &str = r#"{"headerControl":true}"#;
+/// The same non-matching rule with per-route override lookup turned off (one property read
+/// fewer per request): what a deployment that does not use route metadata overrides pays.
+const FAULT_NO_MATCH_NO_OVERRIDES: &str = r#"{"rules":[{"name":"never","match":[{"uri":{"prefix":"/never"},"headers":{"x-chaos":{"exact":"yes"}}}],"fault":{"abort":{"httpStatus":503,"percentage":{"value":100}}}}],"routeOverrides":false}"#;
 
 pub struct Options {
     pub duration: u64,
@@ -97,6 +100,12 @@ fn setups() -> Result<Vec<Setup>> {
             key: "fault_rules",
             label: "meshwasm fault, rules not matching",
             filters: envoy::wasm_filter("fault", &fault, FAULT_NO_MATCH)?,
+            must_fault: Some(("/never", &[("x-chaos", "yes")], 503)),
+        },
+        Setup {
+            key: "fault_rules_tuned",
+            label: "meshwasm fault, rules not matching, routeOverrides off",
+            filters: envoy::wasm_filter("fault", &fault, FAULT_NO_MATCH_NO_OVERRIDES)?,
             must_fault: Some(("/never", &[("x-chaos", "yes")], 503)),
         },
         Setup {
@@ -493,7 +502,7 @@ impl Report {
              per-round ratios are shown beside it).\n\n",
         );
         md.push_str("## Headline\n\n| configuration | **ratio: CPU µs/req, best of rounds** | ratio: CPU µs/req, medians | per-round ratios (CPU) | ratio: 1/rps, medians | ratio: p50, medians | target | verdict |\n|---|---:|---:|---|---:|---:|---:|---|\n");
-        for key in ["fault_rules", "fault_headers", "native_fault"] {
+        for key in ["fault_rules", "fault_rules_tuned", "fault_headers", "native_fault"] {
             if let (Some(row), Some(r)) = (self.row(key), self.ratios(key)) {
                 let verdict = if key == "native_fault" {
                     "(reference)".to_string()
@@ -558,6 +567,8 @@ impl Report {
         }
         md.push_str("- fault_rules plugin config: `");
         md.push_str(FAULT_NO_MATCH);
+        md.push_str("`\n- fault_rules_tuned plugin config: `");
+        md.push_str(FAULT_NO_MATCH_NO_OVERRIDES);
         md.push_str("`\n- fault_headers plugin config: `");
         md.push_str(FAULT_HEADERS);
         md.push_str("`\n- native fault: envoy-configs/filters/native-fault.yaml (header_abort + header_delay, 100%)\n");
@@ -577,7 +588,7 @@ impl Report {
         let mods: Vec<String> = self.modules.iter().map(|(n, s)| format!("{}: {s}", json::string(&format!("{n}.wasm")))).collect();
         j.push_str(&mods.join(", "));
         j.push_str("},\n  \"headline\": {\n");
-        let heads: Vec<String> = ["fault_rules", "fault_headers", "native_fault"]
+        let heads: Vec<String> = ["fault_rules", "fault_rules_tuned", "fault_headers", "native_fault"]
             .iter()
             .filter_map(|k| {
                 self.ratios(k).map(|r| {
@@ -648,6 +659,7 @@ impl Report {
             "bare" => "#9e9e9e",
             "noop" => "#64b5f6",
             "fault_rules" => "#1e88e5",
+            "fault_rules_tuned" => "#42a5f5",
             "fault_headers" => "#0d47a1",
             _ => "#ef6c00",
         };

@@ -169,12 +169,17 @@ fn is_grpc_request(host: &dyn Host) -> bool {
 impl HttpFilter for FaultFilter {
     fn on_request_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
         let plugin = self.plugin.clone();
-        let route = plugin.routes.lookup(host, Config::from_route_value);
-        let config = route.config.as_ref().unwrap_or(&plugin.config);
         let mut req = HostRequest::new(host);
-        if let Some(name) = route.route_name {
-            req = req.with_route(name);
-        }
+        let route = if plugin.config.route_overrides {
+            let route = plugin.routes.lookup(host, Config::from_route_value);
+            if let Some(name) = route.route_name {
+                req = req.with_route(name);
+            }
+            route.config
+        } else {
+            None
+        };
+        let config = route.as_ref().unwrap_or(&plugin.config);
         let Some(plan) = policy::plan(config, &mut req, &mut self.rng) else { return Flow::Continue };
         if let Some(delay) = plan.delay {
             if self.try_activate(host, plan.label) {

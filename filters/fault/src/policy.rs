@@ -53,26 +53,22 @@ fn rule_plan<'c>(rule: &'c Rule, rng: &mut impl Rng) -> Plan<'c> {
 }
 
 fn header_plan<'c>(hc: &HeaderControl, req: &mut dyn RequestView, rng: &mut impl Rng) -> Plan<'c> {
-    // Delay: enabled by percentage first, then the duration header; 0 ms means no delay.
-    let delay_pct = header_percentage(req.header(DELAY_REQUEST_PERCENTAGE).as_deref(), hc.delay_cap);
-    let delay = if delay_pct.sample(rng) {
-        req.header(DELAY_REQUEST)
-            .as_deref()
-            .and_then(simple_atoi_u64)
-            .filter(|ms| *ms > 0)
-            .map(Duration::from_millis)
-    } else {
-        None
-    };
+    // Headers are read lazily (a request without fault headers costs three lookups): the
+    // percentage header only matters once its fault header is valid, and sampling after the
+    // parse draws from the same distribution as Envoy's percentage-first order.
+    // Delay: a duration in ms; 0 or invalid means no delay.
+    let delay = req
+        .header(DELAY_REQUEST)
+        .as_deref()
+        .and_then(simple_atoi_u64)
+        .filter(|ms| *ms > 0)
+        .filter(|_| header_percentage(req.header(DELAY_REQUEST_PERCENTAGE).as_deref(), hc.delay_cap).sample(rng))
+        .map(Duration::from_millis);
     // Abort: an HTTP status in 200..=599 wins; else a gRPC status (sent with HTTP 200).
     let http = req.header(ABORT_REQUEST).as_deref().and_then(simple_atoi_u64).filter(|c| (200..600).contains(c));
     let status = match http {
         Some(code) => Some(AbortStatus { http: code as u32, grpc: None }),
-        None => req
-            .header(ABORT_GRPC_REQUEST)
-            .as_deref()
-            .and_then(simple_atoi_u64)
-            .map(|g| AbortStatus { http: 200, grpc: Some(g) }),
+        None => req.header(ABORT_GRPC_REQUEST).as_deref().and_then(simple_atoi_u64).map(|g| AbortStatus { http: 200, grpc: Some(g) }),
     };
     let abort = status.map(|status| Abort {
         status,
