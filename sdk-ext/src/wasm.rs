@@ -1,19 +1,24 @@
-//! The proxy-wasm side: the only place hostcalls are made.
+//! The Proxy-Wasm side: the only place hostcalls are made, and the dispatcher that turns the
+//! ABI's callbacks into `Plugin` / `HttpFilter` calls.
 //!
-//! The `proxy-wasm` crate dispatches callbacks into our contexts, but its hostcall wrappers
-//! panic on statuses they do not expect (a resumed stream that went away, a header read in
-//! the wrong phase), and a panic traps the VM and fails every request on the worker. So the
-//! few hostcalls we need are bound here directly and every status becomes a `Result`.
+//! We bind the ABI (v0.2.1) directly instead of using the `proxy-wasm` crate's dispatcher:
+//! - its hostcall wrappers and dispatcher panic on statuses and ids they do not expect (a
+//!   resumed stream that went away, an unknown context), and a panic traps the VM and fails
+//!   every request on the worker; here every status is a `Result` and every id is checked;
+//! - a module built with it exports every callback, so Envoy crosses into the VM for response
+//!   headers, bodies and trailers even when the filter has nothing to do there. Each crossing
+//!   costs about as much as the work of a simple filter; `export_http_filter!` exports only
+//!   the phases a filter uses.
 
 #![allow(unsafe_code)]
 
+use std::alloc::Layout;
 use std::cell::RefCell;
-use std::ptr::{null, null_mut};
-use std::rc::{Rc, Weak};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::ptr::{null, null_mut, NonNull};
+use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 
 use crate::filter::{Flow, HttpFilter, Plugin};
 use crate::host::{HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
@@ -112,14 +117,25 @@ fn status(s: u32) -> Result<(), HostError> {
     }
 }
 
-/// Take ownership of a buffer the host allocated through `proxy_on_memory_allocate`
-/// (the proxy-wasm crate's allocator, which hands out `Vec<u8>` storage of exactly `size`).
+/// `proxy_on_memory_allocate`: the host asks for `size` bytes to copy a value into; the
+/// hostcall that triggered it hands the buffer to us and `owned` takes it back.
+pub fn allocate(size: usize) -> *mut u8 {
+    let Ok(layout) = Layout::array::<u8>(size) else { return null_mut() };
+    if layout.size() == 0 {
+        return NonNull::<u8>::dangling().as_ptr();
+    }
+    // SAFETY: non-zero size layout.
+    unsafe { std::alloc::alloc(layout) }
+}
+
+/// Take ownership of a buffer the host filled after `allocate(size)`.
 fn owned(ptr: *mut u8, size: usize) -> Vec<u8> {
     if ptr.is_null() || size == 0 {
         return Vec::new();
     }
-    // SAFETY: the host wrote `size` bytes into memory obtained from proxy_on_memory_allocate,
-    // which allocates with Vec::with_capacity(size) and forgets it.
+    // SAFETY: `ptr` came from `allocate(size)` (Layout::array::<u8>(size)), the host wrote
+    // `size` bytes into it, and nothing else owns it: a Vec with capacity `size` frees it
+    // with the same layout.
     unsafe { Vec::from_raw_parts(ptr, size, size) }
 }
 
@@ -355,176 +371,296 @@ impl Host for ProxyHost {
     }
 }
 
-// === glue: Plugin → RootContext, HttpFilter → HttpContext ===
+// === dispatcher: ABI callbacks → Plugin / HttpFilter ===
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub enum Phase {
     Request,
     Response,
 }
-
-struct Pending<F> {
-    filter: Weak<RefCell<F>>,
-    phase: Phase,
-}
-
-type SharedScheduler<F> = Rc<RefCell<Scheduler<Pending<F>>>>;
 
 fn since_epoch(t: SystemTime) -> Duration {
     t.duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Register plugin `P` as this module's root context. Call from `proxy_wasm::main!`.
-pub fn start<P: Plugin>() {
-    std::panic::set_hook(Box::new(|info| {
-        ProxyHost.log(LogLevel::Critical, &format!("meshwasm: panic (this is a bug; the VM will trap): {info}"));
-    }));
-    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::<P>::new(id)) });
+/// Context ids are small integers handed out by the host: hash them with one multiply
+/// instead of SipHash (a lookup happens on every callback).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
-struct Root<P: Plugin> {
-    id: u32,
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+struct RootState<P: Plugin> {
     plugin: Option<Rc<P>>,
-    scheduler: SharedScheduler<P::Filter>,
-    rng: RefCell<WyRand>,
+    /// Streams of this root paused for a delay, with the phase to resume.
+    scheduler: Scheduler<Phase>,
+    rng: WyRand,
 }
 
-impl<P: Plugin> Root<P> {
-    fn new(id: u32) -> Self {
-        Self { id, plugin: None, scheduler: Rc::default(), rng: RefCell::new(WyRand::from_entropy()) }
-    }
-}
-
-impl<P: Plugin> Context for Root<P> {}
-
-impl<P: Plugin> RootContext for Root<P> {
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let host = ProxyHost;
-        let bytes = host.plugin_configuration(plugin_configuration_size);
-        match P::configure(&bytes, &host) {
-            Ok(p) => {
-                self.plugin = Some(Rc::new(p));
-                host.log(LogLevel::Info, &format!("meshwasm.{}: configured", P::NAME));
-                true
-            }
-            Err(e) => {
-                host.log(LogLevel::Error, &format!("meshwasm.{}: invalid configuration: {e}", P::NAME));
-                false
-            }
-        }
-    }
-
-    fn on_tick(&mut self) {
-        let host = ProxyHost;
-        let now = since_epoch(host.now());
-        let due = self.scheduler.borrow_mut().pop_due(now);
-        for (id, pending) in due {
-            let Some(filter) = pending.filter.upgrade() else { continue };
-            if host.set_effective_context(id).is_err() {
-                continue; // the stream went away
-            }
-            let flow = filter.borrow_mut().on_timer(&host);
-            let resumed = match flow {
-                Flow::Continue => match pending.phase {
-                    Phase::Request => host.resume_request(),
-                    Phase::Response => host.resume_response(),
-                },
-                Flow::Pause => Ok(()),
-                Flow::Delay(d) => {
-                    self.scheduler.borrow_mut().schedule(id, now + d, Pending { filter: Rc::downgrade(&filter), phase: pending.phase });
-                    Ok(())
-                }
-            };
-            if let Err(e) = resumed {
-                host.log(LogLevel::Debug, &format!("meshwasm.{}: resume stream {id}: {e}", P::NAME));
-            }
-        }
-        let _ = host.set_effective_context(self.id);
-        let period = self.scheduler.borrow_mut().tick_period_ms(since_epoch(host.now()));
-        host.set_tick_period_ms(period);
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        // Without a valid configuration Envoy does not create streams; pass through if it does.
-        let filter = self.plugin.as_ref().map(|p| Rc::new(RefCell::new(p.new_filter(context_id, self.rng.borrow_mut().next_u64()))));
-        Some(Box::new(Stream::<P> { id: context_id, filter, scheduler: self.scheduler.clone(), done: false }))
-    }
-}
-
-struct Stream<P: Plugin> {
-    id: u32,
-    filter: Option<Rc<RefCell<P::Filter>>>,
-    scheduler: SharedScheduler<P::Filter>,
+struct StreamState<P: Plugin> {
+    root: u32,
+    /// `None` when the plugin had no valid configuration: the stream passes through.
+    filter: Option<P::Filter>,
     done: bool,
 }
 
-impl<P: Plugin> Stream<P> {
-    fn run(&mut self, phase: Phase, f: impl FnOnce(&mut P::Filter, &ProxyHost) -> Flow) -> Action {
-        let Some(filter) = &self.filter else { return Action::Continue };
-        let host = ProxyHost;
-        let flow = f(&mut filter.borrow_mut(), &host);
-        match flow {
-            Flow::Continue => Action::Continue,
-            Flow::Pause => Action::Pause,
-            Flow::Delay(d) => {
-                let now = since_epoch(host.now());
-                let mut s = self.scheduler.borrow_mut();
-                let earlier = s.next_deadline().is_none_or(|n| now + d < n);
-                s.schedule(self.id, now + d, Pending { filter: Rc::downgrade(filter), phase });
-                if earlier {
-                    host.set_tick_period_ms(s.tick_period_ms(now));
-                }
-                Action::Pause
+struct Contexts<P: Plugin> {
+    roots: IdMap<RootState<P>>,
+    streams: IdMap<StreamState<P>>,
+}
+
+/// All of one VM's contexts for plugin `P`. `export_http_filter!` keeps one in a thread-local
+/// and forwards the ABI callbacks to it.
+pub struct Vm<P: Plugin> {
+    contexts: RefCell<Contexts<P>>,
+}
+
+impl<P: Plugin> Default for Vm<P> {
+    fn default() -> Self {
+        Self { contexts: RefCell::new(Contexts { roots: IdMap::default(), streams: IdMap::default() }) }
+    }
+}
+
+/// Log once per VM that the panic hook is in place; called from `_initialize`.
+pub fn init() {
+    std::panic::set_hook(Box::new(|info| {
+        ProxyHost.log(LogLevel::Critical, &format!("meshwasm: panic (this is a bug; the VM will trap): {info}"));
+    }));
+}
+
+impl<P: Plugin> Vm<P> {
+    /// Run `f` with the contexts borrowed. A re-entrant callback (the host calling back into
+    /// the VM from inside a hostcall, which Envoy does not do for the calls we make) is
+    /// refused and logged rather than allowed to panic on the RefCell.
+    fn with<R>(&self, default: R, f: impl FnOnce(&mut Contexts<P>) -> R) -> R {
+        match self.contexts.try_borrow_mut() {
+            Ok(mut c) => f(&mut c),
+            Err(_) => {
+                ProxyHost.log(LogLevel::Error, &format!("meshwasm.{}: re-entrant callback ignored", P::NAME));
+                default
             }
         }
     }
 
-    fn finish(&mut self) {
-        if self.done {
+    pub fn on_context_create(&self, id: u32, root_id: u32) {
+        self.with((), |c| {
+            if root_id == 0 {
+                c.roots.insert(id, RootState { plugin: None, scheduler: Scheduler::default(), rng: WyRand::from_entropy() });
+                return;
+            }
+            let filter = match c.roots.get_mut(&root_id) {
+                Some(root) => {
+                    let seed = root.rng.next_u64();
+                    root.plugin.as_ref().map(|p| p.new_filter(id, seed))
+                }
+                None => None,
+            };
+            c.streams.insert(id, StreamState { root: root_id, filter, done: false });
+        });
+    }
+
+    pub fn on_configure(&self, root_id: u32, size: usize) -> bool {
+        self.with(false, |c| {
+            let host = ProxyHost;
+            let Some(root) = c.roots.get_mut(&root_id) else { return false };
+            let bytes = host.plugin_configuration(size);
+            match P::configure(&bytes, &host) {
+                Ok(p) => {
+                    root.plugin = Some(Rc::new(p));
+                    host.log(LogLevel::Info, &format!("meshwasm.{}: configured", P::NAME));
+                    true
+                }
+                Err(e) => {
+                    host.log(LogLevel::Error, &format!("meshwasm.{}: invalid configuration: {e}", P::NAME));
+                    false
+                }
+            }
+        })
+    }
+
+    pub fn on_tick(&self, root_id: u32) {
+        self.with((), |c| {
+            let host = ProxyHost;
+            let now = since_epoch(host.now());
+            let Some(root) = c.roots.get_mut(&root_id) else { return };
+            let due = root.scheduler.pop_due(now);
+            let mut again = Vec::new();
+            for (id, phase) in due {
+                let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { continue };
+                if host.set_effective_context(id).is_err() {
+                    continue; // the stream went away
+                }
+                let resumed = match filter.on_timer(&host) {
+                    Flow::Continue => match phase {
+                        Phase::Request => host.resume_request(),
+                        Phase::Response => host.resume_response(),
+                    },
+                    Flow::Pause => Ok(()),
+                    Flow::Delay(d) => {
+                        again.push((id, now + d, phase));
+                        Ok(())
+                    }
+                };
+                if let Err(e) = resumed {
+                    host.log(LogLevel::Debug, &format!("meshwasm.{}: resume stream {id}: {e}", P::NAME));
+                }
+            }
+            let _ = host.set_effective_context(root_id);
+            if let Some(root) = c.roots.get_mut(&root_id) {
+                for (id, deadline, phase) in again {
+                    root.scheduler.schedule(id, deadline, phase);
+                }
+                host.set_tick_period_ms(root.scheduler.tick_period_ms(since_epoch(host.now())));
+            }
+        });
+    }
+
+    /// Run a stream callback and turn its `Flow` into the ABI's action (0 continue, 1 pause).
+    pub fn on_stream(&self, id: u32, phase: Phase, f: impl FnOnce(&mut P::Filter, &ProxyHost) -> Flow) -> u32 {
+        self.with(0, |c| {
+            let Some(stream) = c.streams.get_mut(&id) else { return 0 };
+            let Some(filter) = stream.filter.as_mut() else { return 0 };
+            let host = ProxyHost;
+            match f(filter, &host) {
+                Flow::Continue => 0,
+                Flow::Pause => 1,
+                Flow::Delay(d) => {
+                    let root_id = stream.root;
+                    if let Some(root) = c.roots.get_mut(&root_id) {
+                        let now = since_epoch(host.now());
+                        let earlier = root.scheduler.next_deadline().is_none_or(|n| now + d < n);
+                        root.scheduler.schedule(id, now + d, phase);
+                        if earlier {
+                            host.set_tick_period_ms(root.scheduler.tick_period_ms(now));
+                        }
+                    }
+                    1
+                }
+            }
+        })
+    }
+
+    /// The stream is over (`proxy_on_done`, `proxy_on_log` or `proxy_on_delete`, whichever
+    /// comes first): cancel its timer and let the filter release what it holds, once.
+    pub fn on_stream_done(&self, id: u32) {
+        self.with((), |c| Self::finish(c, id));
+    }
+
+    fn finish(c: &mut Contexts<P>, id: u32) {
+        let Some(stream) = c.streams.get_mut(&id) else { return };
+        if stream.done {
             return;
         }
-        self.done = true;
-        self.scheduler.borrow_mut().cancel(self.id);
-        if let Some(filter) = &self.filter {
-            filter.borrow_mut().on_done(&ProxyHost);
+        stream.done = true;
+        if let Some(root) = c.roots.get_mut(&stream.root) {
+            root.scheduler.cancel(id);
+        }
+        if let Some(filter) = stream.filter.as_mut() {
+            filter.on_done(&ProxyHost);
         }
     }
-}
 
-impl<P: Plugin> Drop for Stream<P> {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-impl<P: Plugin> Context for Stream<P> {
-    fn on_done(&mut self) -> bool {
-        self.finish();
-        true
+    pub fn on_delete(&self, id: u32) {
+        self.with((), |c| {
+            Self::finish(c, id);
+            if c.streams.remove(&id).is_none() {
+                c.roots.remove(&id);
+            }
+        });
     }
 }
 
-impl<P: Plugin> HttpContext for Stream<P> {
-    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::Request, |f, h| f.on_request_headers(h, end_of_stream))
-    }
-    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::Request, |f, h| f.on_request_body(h, size, end_of_stream))
-    }
-    fn on_http_request_trailers(&mut self, _: usize) -> Action {
-        self.run(Phase::Request, |f, h| f.on_request_trailers(h))
-    }
-    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::Response, |f, h| f.on_response_headers(h, end_of_stream))
-    }
-    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::Response, |f, h| f.on_response_body(h, size, end_of_stream))
-    }
-    fn on_log(&mut self) {
-        self.finish();
-    }
+/// Export the Proxy-Wasm ABI for plugin `$plugin`, request phase only (`request`), or request
+/// and response phases (`request, response`). Use once, in the filter's cdylib, on wasm32.
+#[macro_export]
+macro_rules! export_http_filter {
+    ($plugin:ty, request) => {
+        $crate::export_http_filter!(@common $plugin);
+    };
+    ($plugin:ty, request, response) => {
+        $crate::export_http_filter!(@common $plugin);
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_headers(id: u32, _headers: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Response, |f, h| $crate::HttpFilter::on_response_headers(f, h, end_of_stream != 0)))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_body(id: u32, size: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Response, |f, h| $crate::HttpFilter::on_response_body(f, h, size, end_of_stream != 0)))
+        }
+    };
+    (@common $plugin:ty) => {
+        thread_local! {
+            static __MESHWASM_VM: $crate::wasm::Vm<$plugin> = $crate::wasm::Vm::default();
+        }
+        extern "C" {
+            fn __wasm_call_ctors();
+        }
+        #[no_mangle]
+        pub extern "C" fn _initialize() {
+            // SAFETY: the reactor's static constructors, run once before any callback.
+            unsafe { __wasm_call_ctors() };
+            $crate::wasm::init();
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_abi_version_0_2_1() {}
+        #[no_mangle]
+        pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+            $crate::wasm::allocate(size)
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_context_create(id: u32, root_id: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_context_create(id, root_id))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_vm_start(_root_id: u32, _size: usize) -> u32 {
+            1
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> u32 {
+            __MESHWASM_VM.with(|vm| u32::from(vm.on_configure(root_id, size)))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_tick(root_id: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_tick(root_id))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_headers(id: u32, _headers: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Request, |f, h| $crate::HttpFilter::on_request_headers(f, h, end_of_stream != 0)))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_body(id: u32, size: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Request, |f, h| $crate::HttpFilter::on_request_body(f, h, size, end_of_stream != 0)))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_trailers(id: u32, _trailers: usize) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Request, |f, h| $crate::HttpFilter::on_request_trailers(f, h)))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_done(id: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream_done(id));
+            1
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_log(id: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_stream_done(id))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_delete(id: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_delete(id))
+        }
+    };
 }

@@ -87,13 +87,20 @@ struct Setup {
 
 fn setups() -> Result<Vec<Setup>> {
     let noop = build::module_path("noop");
+    let noop_sdk = build::module_path("noop-sdk");
     let fault = build::module_path("fault");
     Ok(vec![
         Setup { key: "bare", label: "bare Envoy (router only)", filters: String::new(), must_fault: None },
         Setup {
             key: "noop",
-            label: "no-op wasm module",
+            label: "no-op wasm module (floor)",
             filters: envoy::wasm_filter("noop", &noop, "{}")?,
+            must_fault: None,
+        },
+        Setup {
+            key: "noop_sdk",
+            label: "no-op wasm module, proxy-wasm SDK",
+            filters: envoy::wasm_filter("noop", &noop_sdk, "{}")?,
             must_fault: None,
         },
         Setup {
@@ -502,9 +509,9 @@ impl Report {
              per-round ratios are shown beside it).\n\n",
         );
         md.push_str("## Headline\n\n| configuration | **ratio: CPU µs/req, best of rounds** | ratio: CPU µs/req, medians | per-round ratios (CPU) | ratio: 1/rps, medians | ratio: p50, medians | target | verdict |\n|---|---:|---:|---|---:|---:|---:|---|\n");
-        for key in ["fault_rules", "fault_rules_tuned", "fault_headers", "native_fault"] {
+        for key in ["fault_rules", "fault_rules_tuned", "fault_headers", "noop_sdk", "native_fault"] {
             if let (Some(row), Some(r)) = (self.row(key), self.ratios(key)) {
-                let verdict = if key == "native_fault" {
+                let verdict = if key == "native_fault" || key == "noop_sdk" {
                     "(reference)".to_string()
                 } else if r.best_cpu <= TARGET_RATIO {
                     "meets target".to_string()
@@ -588,7 +595,7 @@ impl Report {
         let mods: Vec<String> = self.modules.iter().map(|(n, s)| format!("{}: {s}", json::string(&format!("{n}.wasm")))).collect();
         j.push_str(&mods.join(", "));
         j.push_str("},\n  \"headline\": {\n");
-        let heads: Vec<String> = ["fault_rules", "fault_rules_tuned", "fault_headers", "native_fault"]
+        let heads: Vec<String> = ["fault_rules", "fault_rules_tuned", "fault_headers", "noop_sdk", "native_fault"]
             .iter()
             .filter_map(|k| {
                 self.ratios(k).map(|r| {

@@ -20,6 +20,7 @@ pub struct Filter {
 pub const FILTERS: &[Filter] = &[
     Filter { name: "fault", krate: "meshwasm-fault", smoke_config: r#"{"headerControl":true}"# },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
+    Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];
 
 /// A built module.

@@ -9,10 +9,10 @@ pub mod policy;
 
 pub use filter::{FaultFilter, FaultPlugin};
 
+// The fault filter acts on the request only: no response callbacks are exported, so Envoy
+// does not cross into the VM for response headers, bodies or trailers.
 #[cfg(target_arch = "wasm32")]
-#[allow(unsafe_code)] // `proxy_wasm::main!` exports `_initialize` with #[no_mangle].
+#[allow(unsafe_code)] // the ABI exports are #[no_mangle]
 mod entry {
-    proxy_wasm::main! {{
-        meshwasm_sdk_ext::wasm::start::<crate::FaultPlugin>();
-    }}
+    meshwasm_sdk_ext::export_http_filter!(crate::FaultPlugin, request);
 }

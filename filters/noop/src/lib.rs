@@ -1,32 +1,32 @@
-//! The benchmark floor: a Proxy-Wasm HTTP filter that does nothing but exist. Every callback
-//! Envoy makes into it costs the same VM crossing any meshwasm filter pays.
-#![cfg_attr(target_arch = "wasm32", allow(unsafe_code))]
+//! The benchmark floor: an HTTP filter that does nothing, exported for the request phase
+//! only (the fewest VM crossings a filter that looks at requests can have). Any meshwasm
+//! filter's overhead is measured against this.
+
+use std::rc::Rc;
+
+use meshwasm_sdk_ext::{ConfigError, Host, HttpFilter, Plugin};
+
+pub struct Noop;
+
+impl Plugin for Noop {
+    const NAME: &'static str = "noop";
+    type Filter = NoopFilter;
+
+    fn configure(_config: &[u8], _host: &dyn Host) -> Result<Self, ConfigError> {
+        Ok(Noop)
+    }
+
+    fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> NoopFilter {
+        NoopFilter
+    }
+}
+
+pub struct NoopFilter;
+
+impl HttpFilter for NoopFilter {}
 
 #[cfg(target_arch = "wasm32")]
-mod wasm {
-    use proxy_wasm::traits::{Context, HttpContext, RootContext};
-    use proxy_wasm::types::{Action, ContextType};
-
-    struct Root;
-    impl Context for Root {}
-    impl RootContext for Root {
-        fn get_type(&self) -> Option<ContextType> {
-            Some(ContextType::HttpContext)
-        }
-        fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
-            Some(Box::new(Stream))
-        }
-    }
-
-    struct Stream;
-    impl Context for Stream {}
-    impl HttpContext for Stream {
-        fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-            Action::Continue
-        }
-    }
-
-    proxy_wasm::main! {{
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
-    }}
+#[allow(unsafe_code)] // the ABI exports are #[no_mangle]
+mod entry {
+    meshwasm_sdk_ext::export_http_filter!(crate::Noop, request);
 }
