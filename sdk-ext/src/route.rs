@@ -11,7 +11,9 @@
 //! The override is decoded once per route, keyed by `xds.route_name`, and cached for the life
 //! of the plugin configuration. Overrides need a named route (Istio names every route it
 //! generates): a request on an unnamed route reads one property and nothing else, so the
-//! common path never pays for serializing route metadata.
+//! common path never pays for serializing route metadata. (Probing
+//! `xds.route_metadata.filter_metadata.meshwasm.<filter>` instead measured the same: the cost
+//! of a property read is Envoy's attribute evaluation, not the copy of the value.)
 
 use std::cell::RefCell;
 use std::collections::HashMap;
