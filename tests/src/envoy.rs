@@ -201,8 +201,13 @@ impl Route {
 
     fn render(&self, out: &mut String, indent: usize) {
         let pad = " ".repeat(indent);
-        let _ = writeln!(out, "{pad}- name: {}", self.name);
-        let _ = writeln!(out, "{pad}  match: {{ prefix: \"{}\" }}", self.prefix);
+        if self.name.is_empty() {
+            // An unnamed route (`xds.route_name` is empty).
+            let _ = writeln!(out, "{pad}- match: {{ prefix: \"{}\" }}", self.prefix);
+        } else {
+            let _ = writeln!(out, "{pad}- name: {}", self.name);
+            let _ = writeln!(out, "{pad}  match: {{ prefix: \"{}\" }}", self.prefix);
+        }
         let _ = writeln!(out, "{pad}  route: {{ cluster: upstream, timeout: 60s }}");
         if let Some(md) = &self.metadata_yaml {
             let _ = writeln!(out, "{pad}  metadata:");

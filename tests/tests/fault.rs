@@ -962,6 +962,55 @@ fn invalid_route_override_is_logged_once_and_the_plugin_config_applies() {
 /// `"12.5"`; integers stay numbers; verified on Envoy 1.40 with `/config_dump`). A
 /// per-route override written in YAML, the usual way, must still work.
 #[test]
+fn route_overrides_off_ignores_route_metadata_and_unnamed_routes_have_none() {
+    let up = Upstream::start();
+    let route_rule = json!({"rules": [abort_rule("route-rule", "/", 418)]});
+    // routeOverrides: false — the plugin's rules apply everywhere, metadata is not read.
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .listener(
+            Listener::new()
+                .filter(Filter::wasm(
+                    "fault",
+                    json!({"rules": [abort_rule("plugin", "/", 500)], "routeOverrides": false}),
+                ))
+                .route(Route::new("teapot", "/teapot").meshwasm_override("fault", route_rule.clone()))
+                .route(Route::new("default", "/")),
+        )
+        .start();
+    assert_aborted(&envoy.get("/teapot"), 500);
+    assert_aborted(&envoy.get("/other"), 500);
+    drop(envoy);
+    // Overrides are keyed by route name: on an unnamed route the override is ignored.
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .listener(
+            Listener::new()
+                .filter(Filter::wasm("fault", json!({"rules": [abort_rule("plugin", "/", 500)]})))
+                .route(Route::new("", "/teapot").meshwasm_override("fault", route_rule))
+                .route(Route::new("default", "/")),
+        )
+        .start();
+    assert_aborted(&envoy.get("/teapot"), 500);
+    // routeOverrides is plugin-wide: in route metadata it is an error (logged, ignored).
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .listener(
+            Listener::new()
+                .filter(Filter::wasm("fault", json!({"rules": []})))
+                .route(Route::new("r", "/r").meshwasm_override("fault", json!({"routeOverrides": false})))
+                .route(Route::new("default", "/")),
+        )
+        .start();
+    assert_passed(&envoy.get("/r"));
+    assert!(
+        envoy.log().contains("filter_metadata.meshwasm.fault.routeOverrides: is plugin-wide"),
+        "{}",
+        envoy.log()
+    );
+}
+
+#[test]
 fn route_metadata_with_fractional_percentages_from_yaml() {
     let up = Upstream::start();
     let envoy = Envoy::builder()
