@@ -150,12 +150,8 @@ pub fn abort_reply(host: &dyn Host, status: AbortStatus) -> LocalReply {
     };
     match status.grpc {
         Some(g) if g <= 16 => reply.grpc_status = u32::try_from(g).ok(),
-        Some(g) => {
-            if is_grpc_request(host) {
-                reply.headers.push(("grpc-status".to_string(), g.to_string()));
-            }
-        }
-        None => {}
+        Some(g) if is_grpc_request(host) => reply.headers.push(("grpc-status".to_string(), g.to_string())),
+        Some(_) | None => {}
     }
     reply
 }
