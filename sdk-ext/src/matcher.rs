@@ -303,7 +303,11 @@ mod tests {
             (r#"[{"method":{"exact":"GET"}}]"#, StaticRequest::get("/"), true),
             (r#"[{"authority":{"prefix":"example"}}]"#, StaticRequest::get("/"), true),
             (r#"[{"scheme":{"exact":"https"}}]"#, StaticRequest::get("/"), false),
-            (r#"[{"headers":{"End-User":{"exact":"jason"}}}]"#, StaticRequest::get("/").header("end-user", "jason"), true),
+            (
+                r#"[{"headers":{"End-User":{"exact":"jason"}}}]"#,
+                StaticRequest::get("/").header("end-user", "jason"),
+                true,
+            ),
             (r#"[{"headers":{"end-user":{"exact":"jason"}}}]"#, StaticRequest::get("/"), false),
             (r#"[{"headers":{"x":{}}}]"#, StaticRequest::get("/").header("x", ""), true),
             (r#"[{"withoutHeaders":{"x":{}}}]"#, StaticRequest::get("/").header("x", "1"), false),

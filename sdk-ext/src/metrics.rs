@@ -22,7 +22,8 @@ pub const RULE_TAG_REGEX: &str = r"^wasmcustom\.meshwasm\.[a-z_]+\.(rule\.([^.]+
 
 /// Label values may not contain the separator: anything outside `[A-Za-z0-9_-]` becomes `_`.
 pub fn sanitize_label(v: &str) -> String {
-    let s: String = v.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    let s: String =
+        v.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
     if s.is_empty() {
         "_".into()
     } else {
@@ -82,8 +83,10 @@ mod tests {
 
     #[test]
     fn names_and_caching() {
-        assert_eq!(rule_metric_name("fault", "ratings.jason v2", "aborts_injected"),
-            "meshwasm.fault.rule.ratings_jason_v2.aborts_injected");
+        assert_eq!(
+            rule_metric_name("fault", "ratings.jason v2", "aborts_injected"),
+            "meshwasm.fault.rule.ratings_jason_v2.aborts_injected"
+        );
         let host = FakeHost::new();
         let mut m = Metrics::default();
         m.add(&host, MetricKind::Counter, "a", 1);

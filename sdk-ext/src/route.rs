@@ -45,7 +45,8 @@ impl<C> RouteOverrides<C> {
 
     /// The override for the current request's route, decoding it on the route's first request.
     pub fn lookup(&self, host: &dyn Host, decode: impl Fn(&Value) -> Result<C, ConfigError>) -> RouteInfo<C> {
-        let route_name = host.property(&["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok()).filter(|n| !n.is_empty());
+        let route_name =
+            host.property(&["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok()).filter(|n| !n.is_empty());
         let Some(name) = route_name else { return RouteInfo { route_name: None, config: None } };
         if let Some(hit) = self.by_name.borrow().get(&name) {
             return RouteInfo { config: hit.clone(), route_name: Some(name) };
@@ -66,14 +67,20 @@ impl<C> RouteOverrides<C> {
         let ns = match crate::props::metadata_namespace(metadata, "meshwasm") {
             Ok(ns) => ns?,
             Err(e) => {
-                host.log(LogLevel::Error, &format!("meshwasm.{}: route {route}: cannot decode route metadata: {e}", self.filter));
+                host.log(
+                    LogLevel::Error,
+                    &format!("meshwasm.{}: route {route}: cannot decode route metadata: {e}", self.filter),
+                );
                 return None;
             }
         };
         let value = ns.get(self.filter)?;
         match decode(value) {
             Ok(c) => {
-                host.log(LogLevel::Info, &format!("meshwasm.{}: route {route}: using per-route configuration", self.filter));
+                host.log(
+                    LogLevel::Info,
+                    &format!("meshwasm.{}: route {route}: using per-route configuration", self.filter),
+                );
                 Some(Rc::new(c))
             }
             Err(e) => {
@@ -126,7 +133,10 @@ mod tests {
         assert!(cache.lookup(&host, decode).config.is_none());
         // Route r2 with an override.
         host.set_property(&["xds", "route_name"], b"r2");
-        host.set_property(&["xds", "route_metadata"], &encode_metadata("meshwasm", &serde_json::json!({"fault": {"n": 3}})));
+        host.set_property(
+            &["xds", "route_metadata"],
+            &encode_metadata("meshwasm", &serde_json::json!({"fault": {"n": 3}})),
+        );
         let info = cache.lookup(&host, decode);
         assert_eq!(info.config.as_deref(), Some(&C { n: 3 }));
         assert_eq!(info.route_name.as_deref(), Some("r2"));
@@ -138,9 +148,18 @@ mod tests {
         assert!(cache.lookup(&host, decode).config.is_none());
         // Bad override: logged with the path, ignored.
         host.set_property(&["xds", "route_name"], b"r3");
-        host.set_property(&["xds", "route_metadata"], &encode_metadata("meshwasm", &serde_json::json!({"fault": {"m": 3}})));
+        host.set_property(
+            &["xds", "route_metadata"],
+            &encode_metadata("meshwasm", &serde_json::json!({"fault": {"m": 3}})),
+        );
         assert!(cache.lookup(&host, decode).config.is_none());
-        assert!(host.logs.borrow().iter().any(|(_, l)| l.contains("filter_metadata.meshwasm.fault.") && l.contains("unknown field `m`")),
-            "{:?}", host.logs.borrow());
+        assert!(
+            host.logs
+                .borrow()
+                .iter()
+                .any(|(_, l)| l.contains("filter_metadata.meshwasm.fault.") && l.contains("unknown field `m`")),
+            "{:?}",
+            host.logs.borrow()
+        );
     }
 }

@@ -40,7 +40,11 @@ mod raw {
             return_buffer_data: *mut *mut u8,
             return_buffer_size: *mut usize,
         ) -> u32;
-        pub fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> u32;
+        pub fn proxy_get_header_map_pairs(
+            map_type: u32,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
+        ) -> u32;
         pub fn proxy_get_header_map_value(
             map_type: u32,
             key_data: *const u8,
@@ -95,7 +99,12 @@ mod raw {
             grpc_status: i32,
         ) -> u32;
         pub fn proxy_set_effective_context(context_id: u32) -> u32;
-        pub fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+        pub fn proxy_define_metric(
+            metric_type: u32,
+            name_data: *const u8,
+            name_size: usize,
+            return_id: *mut u32,
+        ) -> u32;
         pub fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
         pub fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
@@ -230,7 +239,8 @@ impl Host for ProxyHost {
         let mut ptr = null_mut();
         let mut len = 0;
         // SAFETY: key slice is valid for the call; out-pointers to locals.
-        let s = unsafe { raw::proxy_get_header_map_value(header_map(map), name.as_ptr(), name.len(), &mut ptr, &mut len) };
+        let s =
+            unsafe { raw::proxy_get_header_map_value(header_map(map), name.as_ptr(), name.len(), &mut ptr, &mut len) };
         match status(s) {
             Ok(()) if !ptr.is_null() => String::from_utf8(owned(ptr, len)).ok(),
             Ok(()) => Some(String::new()),
@@ -253,7 +263,9 @@ impl Host for ProxyHost {
         // SAFETY: slices are valid for the call.
         status(unsafe {
             match value {
-                Some(v) => raw::proxy_replace_header_map_value(header_map(map), name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+                Some(v) => {
+                    raw::proxy_replace_header_map_value(header_map(map), name.as_ptr(), name.len(), v.as_ptr(), v.len())
+                }
                 None => raw::proxy_remove_header_map_value(header_map(map), name.as_ptr(), name.len()),
             }
         })
@@ -261,7 +273,9 @@ impl Host for ProxyHost {
 
     fn add_header(&self, map: HeaderMap, name: &str, value: &str) -> Result<(), HostError> {
         // SAFETY: slices are valid for the call.
-        status(unsafe { raw::proxy_add_header_map_value(header_map(map), name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+        status(unsafe {
+            raw::proxy_add_header_map_value(header_map(map), name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        })
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
@@ -365,7 +379,9 @@ impl Host for ProxyHost {
 
     fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
         // SAFETY: slices valid for the call.
-        status(unsafe { raw::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) })
+        status(unsafe {
+            raw::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0))
+        })
     }
 
     fn log(&self, level: LogLevel, message: &str) {
@@ -470,7 +486,10 @@ impl<P: Plugin> Vm<P> {
     pub fn on_context_create(&self, id: u32, root_id: u32) {
         self.with((), |c| {
             if root_id == 0 {
-                c.roots.insert(id, RootState { plugin: None, scheduler: Scheduler::default(), rng: WyRand::from_entropy() });
+                c.roots.insert(
+                    id,
+                    RootState { plugin: None, scheduler: Scheduler::default(), rng: WyRand::from_entropy() },
+                );
                 return;
             }
             let filter = match c.roots.get_mut(&root_id) {

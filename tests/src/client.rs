@@ -79,17 +79,9 @@ impl Request {
     pub fn grpc(path: &str, message: &[u8]) -> Self {
         let mut frame = Vec::with_capacity(5 + message.len());
         frame.push(0u8);
-        frame.extend_from_slice(
-            &u32::try_from(message.len())
-                .expect("grpc message too big")
-                .to_be_bytes(),
-        );
+        frame.extend_from_slice(&u32::try_from(message.len()).expect("grpc message too big").to_be_bytes());
         frame.extend_from_slice(message);
-        Self::new("POST", path)
-            .h2()
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(frame)
+        Self::new("POST", path).h2().header("content-type", "application/grpc").header("te", "trailers").body(frame)
     }
 
     #[must_use]
@@ -153,24 +145,15 @@ impl Request {
             Proto::Http1 => self.path.clone(),
             Proto::Http2 => format!("http://{}{}", self.authority, self.path),
         };
-        let mut b = hyper::Request::builder()
-            .method(self.method.as_str())
-            .uri(uri);
+        let mut b = hyper::Request::builder().method(self.method.as_str()).uri(uri);
         if self.proto == Proto::Http1 {
             b = b.header("host", self.authority.as_str());
         }
         for (k, v) in &self.headers {
             b = b.header(k.as_str(), v.as_str());
         }
-        let trailers = if self.trailers.is_empty() {
-            None
-        } else {
-            Some(header_map(&self.trailers))
-        };
-        let body = ReqBody {
-            data: (!self.body.is_empty()).then(|| self.body.clone()),
-            trailers,
-        };
+        let trailers = if self.trailers.is_empty() { None } else { Some(header_map(&self.trailers)) };
+        let body = ReqBody { data: (!self.body.is_empty()).then(|| self.body.clone()), trailers };
         b.body(body).expect("valid request")
     }
 }
@@ -196,10 +179,7 @@ impl Body for ReqBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if let Some(d) = self.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(d))));
         }
@@ -230,10 +210,7 @@ impl Response {
     }
 
     pub fn trailer(&self, name: &str) -> Option<&str> {
-        self.trailers
-            .as_ref()?
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+        self.trailers.as_ref()?.get(name).and_then(|v| v.to_str().ok())
     }
 
     pub fn text(&self) -> String {
@@ -243,26 +220,18 @@ impl Response {
     /// The body parsed as JSON (the upstream's echo); panics with the body otherwise.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "response body is not JSON ({e}): status {} body {:?}",
-                self.status,
-                self.text()
-            )
+            panic!("response body is not JSON ({e}): status {} body {:?}", self.status, self.text())
         })
     }
 
     /// `grpc-status` from the trailers, else from the headers (trailers-only reply).
     pub fn grpc_status(&self) -> Option<i32> {
-        self.trailer("grpc-status")
-            .or_else(|| self.header("grpc-status"))
-            .and_then(|s| s.trim().parse().ok())
+        self.trailer("grpc-status").or_else(|| self.header("grpc-status")).and_then(|s| s.trim().parse().ok())
     }
 
     /// `grpc-message` from the trailers, else from the headers (percent-decoded).
     pub fn grpc_message(&self) -> Option<String> {
-        self.trailer("grpc-message")
-            .or_else(|| self.header("grpc-message"))
-            .map(percent_decode)
+        self.trailer("grpc-message").or_else(|| self.header("grpc-message")).map(percent_decode)
     }
 
     /// True when this response came from the upstream echo server (not a local reply).
@@ -297,62 +266,40 @@ pub async fn send_async(addr: SocketAddr, req: &Request) -> Result<Response, Str
     let timeout = req.timeout;
     match tokio::time::timeout(timeout, send_inner(addr, req)).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "request {} {} timed out after {timeout:?}",
-            req.method, req.path
-        )),
+        Err(_) => Err(format!("request {} {} timed out after {timeout:?}", req.method, req.path)),
     }
 }
 
 async fn send_inner(addr: SocketAddr, req: &Request) -> Result<Response, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let io = TokioIo::new(tcp);
     let hreq = req.to_hyper();
     let start = Instant::now();
     let rsp = match req.proto {
         Proto::Http1 => {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| format!("h1 handshake: {e}"))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("h1 handshake: {e}"))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            sender
-                .send_request(hreq)
-                .await
-                .map_err(|e| format!("h1 request: {e}"))?
+            sender.send_request(hreq).await.map_err(|e| format!("h1 request: {e}"))?
         }
         Proto::Http2 => {
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| format!("h2 handshake: {e}"))?;
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            sender
-                .send_request(hreq)
-                .await
-                .map_err(|e| format!("h2 request: {e}"))?
+            sender.send_request(hreq).await.map_err(|e| format!("h2 request: {e}"))?
         }
     };
     let (parts, body) = rsp.into_parts();
-    let collected = body
-        .collect()
-        .await
-        .map_err(|e| format!("response body: {e}"))?;
+    let collected = body.collect().await.map_err(|e| format!("response body: {e}"))?;
     let trailers = collected.trailers().cloned();
     let body = collected.to_bytes();
-    Ok(Response {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-        trailers,
-        elapsed: start.elapsed(),
-    })
+    Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body, trailers, elapsed: start.elapsed() })
 }
 
 /// Send one request (blocking); panics on a transport error.
@@ -414,17 +361,13 @@ impl H2Connection {
         crate::block_on(async move {
             let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let _ = tcp.set_nodelay(true);
-            let (sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                    .await
-                    .expect("h2 handshake");
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            Self {
-                sender,
-                authority: "meshwasm.test".into(),
-            }
+            Self { sender, authority: "meshwasm.test".into() }
         })
     }
 
@@ -442,15 +385,9 @@ impl H2Connection {
         crate::block_on(async move {
             let start = Instant::now();
             let fut = async {
-                let rsp = sender
-                    .send_request(hreq)
-                    .await
-                    .map_err(|e| format!("h2 request: {e}"))?;
+                let rsp = sender.send_request(hreq).await.map_err(|e| format!("h2 request: {e}"))?;
                 let (parts, body) = rsp.into_parts();
-                let collected = body
-                    .collect()
-                    .await
-                    .map_err(|e| format!("response body: {e}"))?;
+                let collected = body.collect().await.map_err(|e| format!("response body: {e}"))?;
                 let trailers = collected.trailers().cloned();
                 Ok::<_, String>(Response {
                     status: parts.status.as_u16(),
@@ -472,11 +409,7 @@ impl H2Connection {
     pub fn send_and_reset(&mut self, req: &Request, hold: Duration) -> bool {
         let hreq = self.hyper_request(req);
         let mut sender = self.sender.clone();
-        crate::block_on(async move {
-            tokio::time::timeout(hold, sender.send_request(hreq))
-                .await
-                .is_ok()
-        })
+        crate::block_on(async move { tokio::time::timeout(hold, sender.send_request(hreq)).await.is_ok() })
     }
 }
 
@@ -487,10 +420,7 @@ impl H2Connection {
 pub fn send_and_disconnect(addr: SocketAddr, req: &Request, hold: Duration) -> Vec<u8> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nhost: {}\r\n",
-        req.method, req.path, req.authority
-    );
+    let mut head = format!("{} {} HTTP/1.1\r\nhost: {}\r\n", req.method, req.path, req.authority);
     for (k, v) in &req.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -518,10 +448,7 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(
-            percent_decode("fault%20filter%20abort"),
-            "fault filter abort"
-        );
+        assert_eq!(percent_decode("fault%20filter%20abort"), "fault filter abort");
         assert_eq!(percent_decode("plain"), "plain");
         assert_eq!(percent_decode("50%"), "50%");
         assert_eq!(percent_decode("%zz"), "%zz");

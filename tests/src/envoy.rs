@@ -128,10 +128,7 @@ typed_config:
 "#,
             path = path.display()
         );
-        Self {
-            name: "envoy.filters.http.wasm".into(),
-            yaml,
-        }
+        Self { name: "envoy.filters.http.wasm".into(), yaml }
     }
 
     /// A filter given as raw YAML: a mapping with `name:` and `typed_config:`.
@@ -169,12 +166,7 @@ typed_config:
 impl Route {
     /// A route named `name` matching path prefix `prefix`, to the `upstream` cluster.
     pub fn new(name: &str, prefix: &str) -> Self {
-        Self {
-            name: name.into(),
-            prefix: prefix.into(),
-            metadata_yaml: None,
-            disabled_filters: Vec::new(),
-        }
+        Self { name: name.into(), prefix: prefix.into(), metadata_yaml: None, disabled_filters: Vec::new() }
     }
 
     /// Route `metadata` as YAML (the mapping under `metadata:`, e.g. `filter_metadata: …`).
@@ -217,10 +209,7 @@ impl Route {
             let _ = writeln!(out, "{pad}  typed_per_filter_config:");
             for f in &self.disabled_filters {
                 let _ = writeln!(out, "{pad}    {f}:");
-                let _ = writeln!(
-                    out,
-                    "{pad}      \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig"
-                );
+                let _ = writeln!(out, "{pad}      \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig");
                 let _ = writeln!(out, "{pad}      disabled: true");
             }
         }
@@ -238,12 +227,7 @@ impl Default for Listener {
 impl Listener {
     /// A listener on a free port; with no routes it gets one route `default` for `/`.
     pub fn new() -> Self {
-        Self {
-            name: None,
-            port: None,
-            filters: Vec::new(),
-            routes: Vec::new(),
-        }
+        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new() }
     }
 
     /// Names the listener (also its HCM `stat_prefix`); default `listener_<index>`.
@@ -362,24 +346,17 @@ impl EnvoyBuilder {
     /// Renders the bootstrap YAML for the given ports.
     pub fn bootstrap(&self, admin_port: u16, listener_ports: &[u16]) -> String {
         let mut y = String::new();
-        let _ = writeln!(y, "admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}");
+        let _ =
+            writeln!(y, "admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}");
         if !self.stats_tags.is_empty() {
             y.push_str("stats_config:\n  stats_tags:\n");
             for (name, regex) in &self.stats_tags {
-                let _ = writeln!(
-                    y,
-                    "  - tag_name: {name}\n    regex: '{}'",
-                    regex.replace('\'', "''")
-                );
+                let _ = writeln!(y, "  - tag_name: {name}\n    regex: '{}'", regex.replace('\'', "''"));
             }
         }
         y.push_str("static_resources:\n  listeners:\n");
         let default_listener = [Listener::new()];
-        let listeners: &[Listener] = if self.listeners.is_empty() {
-            &default_listener
-        } else {
-            &self.listeners
-        };
+        let listeners: &[Listener] = if self.listeners.is_empty() { &default_listener } else { &self.listeners };
         for (i, l) in listeners.iter().enumerate() {
             let name = l.name.clone().unwrap_or_else(|| format!("listener_{i}"));
             let port = listener_ports[i];
@@ -404,11 +381,7 @@ impl EnvoyBuilder {
 "#
             );
             let default_route = [Route::new("default", "/")];
-            let routes: &[Route] = if l.routes.is_empty() {
-                &default_route
-            } else {
-                &l.routes
-            };
+            let routes: &[Route] = if l.routes.is_empty() { &default_route } else { &l.routes };
             for r in routes {
                 r.render(&mut y, 14);
             }
@@ -420,9 +393,7 @@ impl EnvoyBuilder {
                 "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
             );
         }
-        let up = self
-            .upstream
-            .unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
+        let up = self.upstream.unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
         let _ = write!(
             y,
             r#"  clusters:
@@ -460,14 +431,8 @@ impl EnvoyBuilder {
         let dir = temp_dir();
         let admin_port = free_port();
         let n = self.listeners.len().max(1);
-        let ports: Vec<u16> = (0..n)
-            .map(|i| {
-                self.listeners
-                    .get(i)
-                    .and_then(|l| l.port)
-                    .unwrap_or_else(free_port)
-            })
-            .collect();
+        let ports: Vec<u16> =
+            (0..n).map(|i| self.listeners.get(i).and_then(|l| l.port).unwrap_or_else(free_port)).collect();
         let config = self.bootstrap(admin_port, &ports);
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, &config).expect("write bootstrap");
@@ -486,9 +451,7 @@ impl EnvoyBuilder {
         if let Some(c) = &self.component_log_level {
             cmd.arg("--component-log-level").arg(c);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("dup log")).stderr(log);
         (dir, admin_port, ports, config, log_path, cmd)
     }
 
@@ -496,17 +459,12 @@ impl EnvoyBuilder {
     /// if it exits or is not ready in time.
     pub fn start(self) -> Envoy {
         let (dir, admin_port, ports, config, log_path, mut cmd) = self.prepare();
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let mut envoy = Envoy {
             child: Some(child),
             dir,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            listeners: ports
-                .iter()
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-                .collect(),
+            listeners: ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect(),
             log_path,
             config,
         };
@@ -518,20 +476,14 @@ impl EnvoyBuilder {
     /// status and log. Panics if it becomes ready instead, or does not exit in time.
     pub fn expect_failure(self) -> FailedEnvoy {
         let (dir, admin_port, _ports, config, log_path, mut cmd) = self.prepare();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().expect("wait envoy") {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let _ = std::fs::remove_dir_all(&dir);
-                return FailedEnvoy {
-                    status,
-                    log,
-                    config,
-                };
+                return FailedEnvoy { status, log, config };
             }
             if ready(admin) {
                 let _ = child.kill();
@@ -560,11 +512,7 @@ impl Envoy {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!(
                     "Envoy exited with {status} before it was ready.\n--- config ---\n{}\n--- log ---\n{}",
                     self.config,
@@ -717,9 +665,7 @@ fn unique_base_id() -> u32 {
 
 fn temp_dir() -> PathBuf {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let dir = std::env::temp_dir().join(format!(
         "meshwasm-envoy-{}-{}-{nanos}",
         std::process::id(),
@@ -732,21 +678,11 @@ fn temp_dir() -> PathBuf {
 /// Removes the common leading indentation and leading/trailing blank lines.
 fn unindent(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
-    let start = lines
-        .iter()
-        .position(|l| !l.trim().is_empty())
-        .unwrap_or(lines.len());
-    let end = lines
-        .iter()
-        .rposition(|l| !l.trim().is_empty())
-        .map_or(start, |e| e + 1);
+    let start = lines.iter().position(|l| !l.trim().is_empty()).unwrap_or(lines.len());
+    let end = lines.iter().rposition(|l| !l.trim().is_empty()).map_or(start, |e| e + 1);
     let body = &lines[start..end];
-    let common = body
-        .iter()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.len() - l.trim_start().len())
-        .min()
-        .unwrap_or(0);
+    let common =
+        body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
     let mut out = String::new();
     for l in body {
         out.push_str(l.get(common..).unwrap_or(""));
@@ -758,16 +694,7 @@ fn unindent(s: &str) -> String {
 /// `yaml` (a mapping) indented by `indent` spaces.
 fn indent_block(yaml: &str, indent: usize) -> String {
     let pad = " ".repeat(indent);
-    unindent(yaml)
-        .lines()
-        .map(|l| {
-            if l.is_empty() {
-                "\n".to_string()
-            } else {
-                format!("{pad}{l}\n")
-            }
-        })
-        .collect()
+    unindent(yaml).lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
 }
 
 /// `yaml` (a mapping) as a YAML list item at `indent`.

@@ -34,9 +34,7 @@ pub use upstream::Upstream;
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let manifest = manifest
-        .canonicalize()
-        .unwrap_or_else(|_| manifest.to_path_buf());
+    let manifest = manifest.canonicalize().unwrap_or_else(|_| manifest.to_path_buf());
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 
@@ -53,11 +51,7 @@ pub fn envoy_bin() -> PathBuf {
         let mut pythons: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("python"))
-            })
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python")))
             .collect();
         pythons.sort();
         for py in pythons.iter().rev() {
@@ -115,20 +109,13 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
 }
 
 /// Poll `f` every `every` until it returns `Some`, or panic with `what` after `timeout`.
-pub fn eventually<T>(
-    what: &str,
-    timeout: std::time::Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
+pub fn eventually<T>(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

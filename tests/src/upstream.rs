@@ -76,16 +76,8 @@ impl Upstream {
                 rt.shutdown_background();
             })
             .expect("spawn upstream thread");
-        let addr = addr_rx
-            .recv()
-            .expect("upstream thread died")
-            .unwrap_or_else(|e| panic!("upstream: {e}"));
-        Self {
-            addr,
-            requests,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        let addr = addr_rx.recv().expect("upstream thread died").unwrap_or_else(|e| panic!("upstream: {e}"));
+        Self { addr, requests, stop: Some(stop_tx), thread: Some(thread) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -137,10 +129,7 @@ pub async fn serve(listener: tokio::net::TcpListener, requests: Arc<AtomicU64>) 
     }
 }
 
-async fn handle(
-    req: hyper::Request<Incoming>,
-    requests: Arc<AtomicU64>,
-) -> hyper::Response<RspBody> {
+async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hyper::Response<RspBody> {
     requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let is_grpc = parts
@@ -148,13 +137,7 @@ async fn handle(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"));
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
 
     // Read the whole request (body and trailers) before answering.
     let (body, trailers) = match body.collect().await {
@@ -173,9 +156,7 @@ async fn handle(
         let mut t = HeaderMap::new();
         t.insert("grpc-status", HeaderValue::from_static("0"));
         let frame = Bytes::from_static(&[0, 0, 0, 0, 0]);
-        let body = Full::new(frame)
-            .with_trailers(async move { Some(Ok(t)) })
-            .boxed();
+        let body = Full::new(frame).with_trailers(async move { Some(Ok(t)) }).boxed();
         return hyper::Response::builder()
             .status(200)
             .header("content-type", "application/grpc")
@@ -184,9 +165,7 @@ async fn handle(
             .expect("grpc response");
     }
 
-    let status = header("x-upstream-status")
-        .and_then(|v| v.parse::<u16>().ok())
-        .unwrap_or(200);
+    let status = header("x-upstream-status").and_then(|v| v.parse::<u16>().ok()).unwrap_or(200);
     let (content_type, out) = match header("x-upstream-body") {
         Some(text) => ("text/plain", Bytes::from(text)),
         None => {

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use meshwasm_tests::envoy::free_port;
 use meshwasm_tests::{
-    assert_binomial, client, eventually, fire, Envoy, Filter, Listener, Request, Response, Route,
-    Upstream,
+    assert_binomial, client, eventually, fire, Envoy, Filter, Listener, Request, Response, Route, Upstream,
 };
 use serde_json::{json, Value};
 
@@ -44,11 +43,7 @@ fn fstat(envoy: &Envoy, rule: &str, stat: &str) -> u64 {
 }
 
 fn ok(results: Vec<Result<Response, String>>) -> Vec<Response> {
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| r.unwrap_or_else(|e| panic!("request {i}: {e}")))
-        .collect()
+    results.into_iter().enumerate().map(|(i, r)| r.unwrap_or_else(|e| panic!("request {i}: {e}"))).collect()
 }
 
 fn count_status(rsps: &[Response], status: u16) -> u64 {
@@ -57,34 +52,15 @@ fn count_status(rsps: &[Response], status: u16) -> u64 {
 
 #[track_caller]
 fn assert_aborted(rsp: &Response, status: u16) {
-    assert_eq!(
-        rsp.status,
-        status,
-        "expected an abort with {status}, got {} body {:?}",
-        rsp.status,
-        rsp.text()
-    );
+    assert_eq!(rsp.status, status, "expected an abort with {status}, got {} body {:?}", rsp.status, rsp.text());
     assert_eq!(rsp.text(), "fault filter abort");
-    assert!(
-        !rsp.from_upstream(),
-        "an aborted request must not reach the upstream"
-    );
+    assert!(!rsp.from_upstream(), "an aborted request must not reach the upstream");
 }
 
 #[track_caller]
 fn assert_passed(rsp: &Response) {
-    assert_eq!(
-        rsp.status,
-        200,
-        "expected the upstream's 200, got {} body {:?}",
-        rsp.status,
-        rsp.text()
-    );
-    assert!(
-        rsp.from_upstream(),
-        "expected the upstream's reply: {:?}",
-        rsp.headers
-    );
+    assert_eq!(rsp.status, 200, "expected the upstream's 200, got {} body {:?}", rsp.status, rsp.text());
+    assert!(rsp.from_upstream(), "expected the upstream's reply: {:?}", rsp.headers);
 }
 
 fn abort_rule(name: &str, prefix: &str, status: u16) -> Value {
@@ -109,9 +85,7 @@ fn abort_at_100_and_0_percent_and_missing_percentage() {
         ]}),
     );
     let n = 60;
-    let rsps = ok(fire(envoy.listener_addr(), n * 3, 6, move |i| {
-        Request::get(["/all", "/none", "/unset"][i % 3])
-    }));
+    let rsps = ok(fire(envoy.listener_addr(), n * 3, 6, move |i| Request::get(["/all", "/none", "/unset"][i % 3])));
     for (i, r) in rsps.iter().enumerate() {
         if i % 3 == 0 {
             assert_aborted(r, 503);
@@ -143,9 +117,7 @@ fn abort_percentages_follow_the_binomial() {
     );
     let n = 400usize;
     let paths = ["/half", "/eighth", "/legacy"];
-    let rsps = ok(fire(envoy.listener_addr(), n * 3, 8, move |i| {
-        Request::get(paths[i % 3])
-    }));
+    let rsps = ok(fire(envoy.listener_addr(), n * 3, 8, move |i| Request::get(paths[i % 3])));
     let mut hits = [0u64; 3];
     for (i, r) in rsps.iter().enumerate() {
         match r.status {
@@ -177,9 +149,7 @@ fn delay_percentage_follows_the_binomial() {
             "fault": {"delay": {"fixedDelay": "100ms", "percentage": {"value": 30.0}}}}]}),
     );
     let n = 400u64;
-    let rsps = ok(fire(envoy.listener_addr(), n as usize, 16, |_| {
-        Request::get("/")
-    }));
+    let rsps = ok(fire(envoy.listener_addr(), n as usize, 16, |_| Request::get("/")));
     rsps.iter().for_each(assert_passed);
     // The counter is exact; the responses' timing must agree with it: every delayed
     // request is slow, so at least `counter` responses took the delay. On a loaded
@@ -201,11 +171,7 @@ fn delay_percentage_follows_the_binomial() {
 fn delays_are_accurate() {
     // Every accepted duration syntax; elapsed must be >= the delay and < delay + 1 s.
     let up = Upstream::start();
-    let cases = [
-        ("/d250", "0.250s", 250u64),
-        ("/d300", "300ms", 300),
-        ("/d1s", "1s", 1000),
-    ];
+    let cases = [("/d250", "0.250s", 250u64), ("/d300", "300ms", 300), ("/d1s", "1s", 1000)];
     let rules: Vec<Value> = cases
         .iter()
         .map(|(p, d, _)| {
@@ -228,11 +194,7 @@ fn delays_are_accurate() {
         );
         assert_eq!(fstat(&envoy, &path[1..], "delays_injected"), 1, "{path}");
     }
-    assert!(
-        baseline.elapsed < Duration::from_millis(250),
-        "undelayed request took {:?}",
-        baseline.elapsed
-    );
+    assert!(baseline.elapsed < Duration::from_millis(250), "undelayed request took {:?}", baseline.elapsed);
     assert_eq!(up.requests(), 4);
 }
 
@@ -253,16 +215,8 @@ fn abort_is_decided_after_the_delay() {
     });
     let rsp = pending.join().expect("request thread");
     assert_aborted(&rsp, 503);
-    assert!(
-        was_delayed(&rsp, Duration::from_millis(300)),
-        "abort came before the delay: {:?}",
-        rsp.elapsed
-    );
-    assert!(
-        rsp.elapsed < Duration::from_millis(1300),
-        "elapsed {:?}",
-        rsp.elapsed
-    );
+    assert!(was_delayed(&rsp, Duration::from_millis(300)), "abort came before the delay: {:?}", rsp.elapsed);
+    assert!(rsp.elapsed < Duration::from_millis(1300), "elapsed {:?}", rsp.elapsed);
     assert_eq!(fstat(&envoy, "both", "delays_injected"), 1);
     assert_eq!(fstat(&envoy, "both", "aborts_injected"), 1);
     assert_eq!(fstat(&envoy, "both", "active_faults"), 0);
@@ -285,33 +239,18 @@ fn delayed_request_keeps_body_and_trailers() {
     let sum = format!("{:016x}", meshwasm_tests::upstream::fnv1a64(&body));
 
     // HTTP/2 with trailers.
-    let rsp = envoy.send(
-        Request::post("/upload", body.clone())
-            .h2()
-            .trailer("x-checksum", &sum),
-    );
+    let rsp = envoy.send(Request::post("/upload", body.clone()).h2().trailer("x-checksum", &sum));
     assert_passed(&rsp);
-    assert!(
-        was_delayed(&rsp, Duration::from_millis(200)),
-        "not delayed: {:?}",
-        rsp.elapsed
-    );
+    assert!(was_delayed(&rsp, Duration::from_millis(200)), "not delayed: {:?}", rsp.elapsed);
     let echo = rsp.json();
     assert_eq!(echo["body_len"], body.len());
     assert_eq!(echo["body_fnv1a64"], sum);
-    assert_eq!(
-        echo["trailers"]["x-checksum"], sum,
-        "request trailers lost: {echo}"
-    );
+    assert_eq!(echo["trailers"]["x-checksum"], sum, "request trailers lost: {echo}");
 
     // HTTP/1.1 with a content-length body.
     let rsp = envoy.send(Request::post("/upload", body.clone()));
     assert_passed(&rsp);
-    assert!(
-        was_delayed(&rsp, Duration::from_millis(200)),
-        "not delayed: {:?}",
-        rsp.elapsed
-    );
+    assert!(was_delayed(&rsp, Duration::from_millis(200)), "not delayed: {:?}", rsp.elapsed);
     assert_eq!(rsp.json()["body_fnv1a64"], sum);
     assert_eq!(fstat(&envoy, "slow", "delays_injected"), 2);
 }
@@ -350,37 +289,12 @@ fn grpc_aborts_are_trailers_only_with_grpc_status() {
     ];
     for (path, code) in cases {
         let rsp = envoy.send(Request::grpc(path, b"payload"));
-        assert_eq!(
-            rsp.status, 200,
-            "{path}: gRPC aborts are HTTP 200, got {}",
-            rsp.status
-        );
-        assert_eq!(
-            rsp.header("content-type"),
-            Some("application/grpc"),
-            "{path}"
-        );
-        assert_eq!(
-            rsp.grpc_status(),
-            Some(code),
-            "{path}: headers {:?} trailers {:?}",
-            rsp.headers,
-            rsp.trailers
-        );
-        assert_eq!(
-            rsp.grpc_message().as_deref(),
-            Some("fault filter abort"),
-            "{path}"
-        );
-        assert!(
-            rsp.header("grpc-status").is_some(),
-            "{path}: expected a trailers-only reply (grpc-status in headers)"
-        );
-        assert!(
-            rsp.body.is_empty(),
-            "{path}: trailers-only reply has no body, got {:?}",
-            rsp.body
-        );
+        assert_eq!(rsp.status, 200, "{path}: gRPC aborts are HTTP 200, got {}", rsp.status);
+        assert_eq!(rsp.header("content-type"), Some("application/grpc"), "{path}");
+        assert_eq!(rsp.grpc_status(), Some(code), "{path}: headers {:?} trailers {:?}", rsp.headers, rsp.trailers);
+        assert_eq!(rsp.grpc_message().as_deref(), Some("fault filter abort"), "{path}");
+        assert!(rsp.header("grpc-status").is_some(), "{path}: expected a trailers-only reply (grpc-status in headers)");
+        assert!(rsp.body.is_empty(), "{path}: trailers-only reply has no body, got {:?}", rsp.body);
         assert!(!rsp.from_upstream());
     }
     // A gRPC call no rule matches reaches the upstream and gets its OK.
@@ -472,11 +386,7 @@ fn header_control_table() {
     let mut failures = Vec::new();
     let (mut aborts, mut delays, mut passed) = (0u64, 0u64, 0u64);
     for (headers, grpc, expect, delayed) in &table {
-        let mut req = if *grpc {
-            Request::grpc("/svc.S/M", b"m")
-        } else {
-            Request::get("/hc")
-        };
+        let mut req = if *grpc { Request::grpc("/svc.S/M", b"m") } else { Request::get("/hc") };
         req = req.headers(headers.iter().copied());
         let mut rsp = envoy.send(req.clone());
         // An undelayed request that was slow only because the machine is loaded: retry
@@ -497,9 +407,7 @@ fn header_control_table() {
         let got_delayed = was_delayed(&rsp, DELAY);
         let body_ok = match got {
             Abort(_) => rsp.text() == "fault filter abort",
-            GrpcAbort(_) => {
-                rsp.status == 200 && rsp.grpc_message().as_deref() == Some("fault filter abort")
-            }
+            GrpcAbort(_) => rsp.status == 200 && rsp.grpc_message().as_deref() == Some("fault filter abort"),
             Pass => rsp.status == 200,
         };
         if got != *expect || got_delayed != *delayed || !body_ok {
@@ -535,23 +443,15 @@ fn header_control_table() {
 #[test]
 fn header_control_is_only_for_requests_no_rule_matched() {
     let up = Upstream::start();
-    let envoy = fault_envoy(
-        &up,
-        json!({"rules": [abort_rule("explicit", "/rule", 418)], "headerControl": true}),
-    );
+    let envoy = fault_envoy(&up, json!({"rules": [abort_rule("explicit", "/rule", 418)], "headerControl": true}));
     // A request matching a rule gets the rule's fault, not the header's.
     let rsp = envoy.send(Request::get("/rule").header("x-envoy-fault-abort-request", "503"));
     assert_aborted(&rsp, 418);
     let rsp = envoy.send(Request::get("/other").header("x-envoy-fault-abort-request", "503"));
     assert_aborted(&rsp, 503);
     // Without headerControl the headers are ignored.
-    let envoy2 = fault_envoy(
-        &up,
-        json!({"rules": [abort_rule("explicit", "/rule", 418)]}),
-    );
-    assert_passed(
-        &envoy2.send(Request::get("/other").header("x-envoy-fault-abort-request", "503")),
-    );
+    let envoy2 = fault_envoy(&up, json!({"rules": [abort_rule("explicit", "/rule", 418)]}));
+    assert_passed(&envoy2.send(Request::get("/other").header("x-envoy-fault-abort-request", "503")));
     assert_passed(&envoy2.send(Request::get("/other").header("x-envoy-fault-delay-request", "10")));
     assert_eq!(fstat(&envoy, "explicit", "aborts_injected"), 1);
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), 1);
@@ -594,10 +494,7 @@ fn header_percentages_are_capped() {
     rsps.iter().for_each(assert_passed);
     let delayed = fstat(&envoy, "header-control", "delays_injected");
     assert_binomial(delayed, n, 0.1);
-    assert_eq!(
-        fstat(&envoy, "header-control", "aborts_injected"),
-        aborted + aborted_low
-    );
+    assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), aborted + aborted_low);
 }
 
 // === max active faults ===
@@ -618,16 +515,8 @@ fn max_active_faults_bounds_concurrent_delays_across_workers() {
     });
     let rsps = ok(load.join().expect("load thread"));
     rsps.iter().for_each(assert_passed);
-    let delayed = rsps
-        .iter()
-        .filter(|r| was_delayed(r, Duration::from_secs(1)))
-        .count();
-    assert_eq!(
-        delayed,
-        5,
-        "elapsed: {:?}",
-        rsps.iter().map(|r| r.elapsed).collect::<Vec<_>>()
-    );
+    let delayed = rsps.iter().filter(|r| was_delayed(r, Duration::from_secs(1))).count();
+    assert_eq!(delayed, 5, "elapsed: {:?}", rsps.iter().map(|r| r.elapsed).collect::<Vec<_>>());
     assert_eq!(fstat(&envoy, "slow", "delays_injected"), 5);
     assert_eq!(fstat(&envoy, "slow", "faults_overflow"), 15);
     eventually("active_faults back to 0", Duration::from_secs(2), || {
@@ -635,11 +524,7 @@ fn max_active_faults_bounds_concurrent_delays_across_workers() {
     });
     // The budget is free again.
     let rsp = envoy.get("/");
-    assert!(
-        was_delayed(&rsp, Duration::from_secs(1)),
-        "not delayed after the burst: {:?}",
-        rsp.elapsed
-    );
+    assert!(was_delayed(&rsp, Duration::from_secs(1)), "not delayed after the burst: {:?}", rsp.elapsed);
     assert_eq!(up.requests(), 21);
 }
 
@@ -660,35 +545,20 @@ fn client_disconnect_during_delay_releases_the_fault() {
         (fstat(&envoy, "slow", "active_faults") == 1).then_some(())
     });
     let got = client.join().expect("client thread");
-    assert!(
-        got.is_empty(),
-        "response arrived during the delay: {}",
-        String::from_utf8_lossy(&got)
-    );
+    assert!(got.is_empty(), "response arrived during the delay: {}", String::from_utf8_lossy(&got));
     // Released when the stream is reset, well before the delay would have ended.
-    eventually(
-        "active_faults back to 0 after the reset",
-        Duration::from_millis(900),
-        || (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(()),
-    );
-    assert!(
-        start.elapsed() < Duration::from_millis(1500),
-        "released only when the timer fired"
-    );
+    eventually("active_faults back to 0 after the reset", Duration::from_millis(900), || {
+        (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(())
+    });
+    assert!(start.elapsed() < Duration::from_millis(1500), "released only when the timer fired");
     // Past the original delay: nothing was forwarded, the worker survived.
-    std::thread::sleep(
-        Duration::from_millis(1500).saturating_sub(start.elapsed()) + Duration::from_millis(300),
-    );
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(start.elapsed()) + Duration::from_millis(300));
     envoy.assert_healthy();
     assert_eq!(up.requests(), 0, "the abandoned request was forwarded");
     // With maxActiveFaults 1, a leaked slot would make this request overflow (no delay).
     let rsp = envoy.get("/slow");
     assert_passed(&rsp);
-    assert!(
-        was_delayed(&rsp, Duration::from_millis(1500)),
-        "slot leaked: not delayed ({:?})",
-        rsp.elapsed
-    );
+    assert!(was_delayed(&rsp, Duration::from_millis(1500)), "slot leaked: not delayed ({:?})", rsp.elapsed);
     assert_eq!(fstat(&envoy, "slow", "faults_overflow"), 0);
     let log = envoy.log();
     assert!(!log.contains("panicked"), "wasm panic in log");
@@ -706,32 +576,19 @@ fn h2_stream_reset_during_delay_releases_the_fault_and_keeps_the_connection() {
     let start = Instant::now();
     let answered = conn.send_and_reset(&Request::get("/slow"), Duration::from_millis(300));
     assert!(!answered, "the delayed stream was answered within 300 ms");
-    eventually(
-        "active_faults back to 0 after RST_STREAM",
-        Duration::from_millis(1000),
-        || (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(()),
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "released only when the timer fired"
-    );
+    eventually("active_faults back to 0 after RST_STREAM", Duration::from_millis(1000), || {
+        (envoy.stat(&stat_name("slow", "active_faults")) == Some(0)).then_some(())
+    });
+    assert!(start.elapsed() < Duration::from_secs(2), "released only when the timer fired");
     // The same connection still carries streams, and the slot is free again (max 1).
     let rsp = conn.send(&Request::get("/fast"));
     assert_passed(&rsp);
     let rsp = conn.send(&Request::get("/slow").timeout(Duration::from_secs(10)));
     assert_passed(&rsp);
-    assert!(
-        was_delayed(&rsp, Duration::from_secs(2)),
-        "slot leaked: not delayed ({:?})",
-        rsp.elapsed
-    );
+    assert!(was_delayed(&rsp, Duration::from_secs(2)), "slot leaked: not delayed ({:?})", rsp.elapsed);
     assert_eq!(fstat(&envoy, "slow", "delays_injected"), 2);
     assert_eq!(fstat(&envoy, "slow", "faults_overflow"), 0);
-    assert_eq!(
-        up.requests(),
-        2,
-        "the reset stream must never reach the upstream"
-    );
+    assert_eq!(up.requests(), 2, "the reset stream must never reach the upstream");
 }
 
 // === matching ===
@@ -768,11 +625,7 @@ fn matching_rules() {
                 .route(Route::new("special", "/special"))
                 .route(Route::new("default", "/")),
         )
-        .listener(
-            Listener::new()
-                .port(port_listener)
-                .filter(Filter::wasm("fault", config)),
-        )
+        .listener(Listener::new().port(port_listener).filter(Filter::wasm("fault", config)))
         .start();
     use Expect::*;
     let get = Request::get;
@@ -818,11 +671,7 @@ fn matching_rules() {
     let mut failures = Vec::new();
     for (req, expect) in &table {
         let rsp = envoy.send(req.clone());
-        let got = if rsp.from_upstream() && rsp.status == 200 {
-            Pass
-        } else {
-            Abort(rsp.status)
-        };
+        let got = if rsp.from_upstream() && rsp.status == 200 { Pass } else { Abort(rsp.status) };
         if got != *expect {
             failures.push(format!(
                 "{} {} {:?}: expected {expect:?}, got {got:?} ({})",
@@ -836,10 +685,7 @@ fn matching_rules() {
     // The port rule only applies on its listener.
     let rsp = envoy.send_to(1, get("/port"));
     if rsp.status != 512 {
-        failures.push(format!(
-            "GET /port on listener port {port_listener}: expected Abort(512), got {}",
-            rsp.status
-        ));
+        failures.push(format!("GET /port on listener port {port_listener}: expected Abort(512), got {}", rsp.status));
     }
     assert!(
         failures.is_empty(),
@@ -881,21 +727,13 @@ fn route_metadata_overrides_the_plugin_config() {
         .upstream(up.addr())
         .listener(
             Listener::new()
-                .filter(Filter::wasm(
-                    "fault",
-                    json!({"rules": [abort_rule("plugin", "/", 500)]}),
-                ))
-                .route(Route::new("teapot", "/teapot").meshwasm_override(
-                    "fault",
-                    json!({"rules": [abort_rule("route-rule", "/teapot", 418)]}),
-                ))
+                .filter(Filter::wasm("fault", json!({"rules": [abort_rule("plugin", "/", 500)]})))
                 .route(
-                    Route::new("quiet", "/quiet").meshwasm_override("fault", json!({"rules": []})),
+                    Route::new("teapot", "/teapot")
+                        .meshwasm_override("fault", json!({"rules": [abort_rule("route-rule", "/teapot", 418)]})),
                 )
-                .route(
-                    Route::new("headers", "/headers")
-                        .meshwasm_override("fault", json!({"headerControl": true})),
-                )
+                .route(Route::new("quiet", "/quiet").meshwasm_override("fault", json!({"rules": []})))
+                .route(Route::new("headers", "/headers").meshwasm_override("fault", json!({"headerControl": true})))
                 .route(Route::new("default", "/")),
         )
         .start();
@@ -904,15 +742,9 @@ fn route_metadata_overrides_the_plugin_config() {
     assert_aborted(&envoy.get("/teapot/2"), 418);
     assert_passed(&envoy.get("/quiet"));
     assert_passed(&envoy.get("/headers"));
-    assert_aborted(
-        &envoy.send(Request::get("/headers").header("x-envoy-fault-abort-request", "429")),
-        429,
-    );
+    assert_aborted(&envoy.send(Request::get("/headers").header("x-envoy-fault-abort-request", "429")), 429);
     // The plugin-wide header control is off: the header does nothing elsewhere.
-    assert_aborted(
-        &envoy.send(Request::get("/x").header("x-envoy-fault-abort-request", "429")),
-        500,
-    );
+    assert_aborted(&envoy.send(Request::get("/x").header("x-envoy-fault-abort-request", "429")), 500);
     assert_eq!(fstat(&envoy, "plugin", "aborts_injected"), 2);
     assert_eq!(fstat(&envoy, "route-rule", "aborts_injected"), 2);
     assert_eq!(fstat(&envoy, "header-control", "aborts_injected"), 1);
@@ -927,10 +759,7 @@ fn invalid_route_override_is_logged_once_and_the_plugin_config_applies() {
         .concurrency(1)
         .listener(
             Listener::new()
-                .filter(Filter::wasm(
-                    "fault",
-                    json!({"rules": [abort_rule("plugin", "/", 500)]}),
-                ))
+                .filter(Filter::wasm("fault", json!({"rules": [abort_rule("plugin", "/", 500)]})))
                 .route(Route::new("broken", "/broken").meshwasm_override(
                     "fault",
                     json!({"rules": [{"name": "bad", "fault": {"abort": {"httpStatus": 700}}}]}),
@@ -943,14 +772,10 @@ fn invalid_route_override_is_logged_once_and_the_plugin_config_applies() {
     }
     let log = envoy.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("route broken")).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected one error for the broken route (decoded once, cached):\n{}",
-        lines.join("\n")
-    );
+    assert_eq!(lines.len(), 1, "expected one error for the broken route (decoded once, cached):\n{}", lines.join("\n"));
     assert!(
-        lines[0].contains("filter_metadata.meshwasm.fault.rules[0].fault.abort.httpStatus: must be in 200..=599, got 700"),
+        lines[0]
+            .contains("filter_metadata.meshwasm.fault.rules[0].fault.abort.httpStatus: must be in 200..=599, got 700"),
         "{}",
         lines[0]
     );
@@ -1003,11 +828,7 @@ fn route_overrides_off_ignores_route_metadata_and_unnamed_routes_have_none() {
         )
         .start();
     assert_passed(&envoy.get("/r"));
-    assert!(
-        envoy.log().contains("filter_metadata.meshwasm.fault.routeOverrides: is plugin-wide"),
-        "{}",
-        envoy.log()
-    );
+    assert!(envoy.log().contains("filter_metadata.meshwasm.fault.routeOverrides: is plugin-wide"), "{}", envoy.log());
 }
 
 #[test]
@@ -1032,12 +853,7 @@ fn route_metadata_with_fractional_percentages_from_yaml() {
     assert!(
         !envoy.log().contains("invalid per-route configuration"),
         "route override rejected:\n{}",
-        envoy
-            .log()
-            .lines()
-            .filter(|l| l.contains("per-route"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        envoy.log().lines().filter(|l| l.contains("per-route")).collect::<Vec<_>>().join("\n")
     );
 }
 
@@ -1054,10 +870,7 @@ fn prometheus_has_the_rule_label() {
                       "abort": {"httpStatus": 500, "percentage": {"value": 100}}}}]}),
     );
     for _ in 0..3 {
-        assert_aborted(
-            &envoy.send(Request::get("/ratings/1").header("end-user", "jason")),
-            500,
-        );
+        assert_aborted(&envoy.send(Request::get("/ratings/1").header("end-user", "jason")), 500);
     }
     let prom = envoy.prometheus();
     let ours: Vec<&str> = prom.lines().filter(|l| l.contains("meshwasm")).collect();
@@ -1069,11 +882,7 @@ fn prometheus_has_the_rule_label() {
         "# TYPE meshwasm_fault_active_faults gauge",
         "meshwasm_fault_active_faults{rule=\"ratings-jason\"} 0",
     ] {
-        assert!(
-            ours.contains(&want),
-            "missing `{want}` in /stats/prometheus; meshwasm lines:\n{}",
-            ours.join("\n")
-        );
+        assert!(ours.contains(&want), "missing `{want}` in /stats/prometheus; meshwasm lines:\n{}", ours.join("\n"));
     }
     // And the flat name in /stats.
     assert_eq!(fstat(&envoy, "ratings-jason", "delays_injected"), 3);
@@ -1082,9 +891,7 @@ fn prometheus_has_the_rule_label() {
 // === bad config ===
 
 fn rejected(config: &str) -> String {
-    let failed = Envoy::builder()
-        .listener(Listener::new().filter(Filter::wasm_raw("fault", config)))
-        .expect_failure();
+    let failed = Envoy::builder().listener(Listener::new().filter(Filter::wasm_raw("fault", config))).expect_failure();
     assert!(!failed.status.success(), "Envoy exited {:?}", failed.status);
     failed.log
 }
@@ -1096,23 +903,14 @@ fn bad_config_is_rejected_with_the_json_path() {
             r#"{"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 700, "percentage": {"value": 100}}}}]}"#,
             "rules[0].fault.abort.httpStatus: must be in 200..=599, got 700",
         ),
-        (
-            r#"{"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 500}}, "bogus": 1}]}"#,
-            "bogus",
-        ),
+        (r#"{"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 500}}, "bogus": 1}]}"#, "bogus"),
         (r#"{"rules": [], "maxActiveFault": 3}"#, "maxActiveFault"),
         (
             r#"{"rules": [{"fault": {"delay": {"fixedDelay": "5s", "percentage": {"value": 101}}}}]}"#,
             "rules[0].fault.delay.percentage",
         ),
-        (
-            r#"{"rules": [{"fault": {"delay": {"fixedDelay": "soon"}}}]}"#,
-            "rules[0].fault.delay.fixedDelay",
-        ),
-        (
-            r#"{"rules": [{"fault": {"abort": {"grpcStatus": "NOPE"}}}]}"#,
-            "rules[0].fault.abort.grpcStatus",
-        ),
+        (r#"{"rules": [{"fault": {"delay": {"fixedDelay": "soon"}}}]}"#, "rules[0].fault.delay.fixedDelay"),
+        (r#"{"rules": [{"fault": {"abort": {"grpcStatus": "NOPE"}}}]}"#, "rules[0].fault.abort.grpcStatus"),
         (
             r#"{"rules": [{"match": [{"uri": {"regex": "("}}], "fault": {"abort": {"httpStatus": 500}}}]}"#,
             "rules[0].match[0].uri",
@@ -1123,10 +921,8 @@ fn bad_config_is_rejected_with_the_json_path() {
     for (config, want) in cases {
         let log = rejected(config);
         if !log.contains(want) {
-            let wasm_lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("wasm") || l.contains("error") || l.contains("critical"))
-                .collect();
+            let wasm_lines: Vec<&str> =
+                log.lines().filter(|l| l.contains("wasm") || l.contains("error") || l.contains("critical")).collect();
             failures.push(format!(
                 "config {config}\n  expected log to contain {want:?}; relevant log lines:\n    {}",
                 wasm_lines.join("\n    ")
@@ -1150,8 +946,5 @@ fn good_config_starts() {
     );
     assert_passed(&envoy.get("/"));
     assert_passed(&envoy.send(Request::get("/ratings").header("end-user", "mike")));
-    assert_aborted(
-        &envoy.send(Request::get("/").header("x-envoy-fault-abort-request", "503")),
-        503,
-    );
+    assert_aborted(&envoy.send(Request::get("/").header("x-envoy-fault-abort-request", "503")), 503);
 }

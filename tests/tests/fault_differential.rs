@@ -15,10 +15,7 @@ use serde_json::json;
 const DELAY_MS: u64 = 150;
 
 fn native_fault(typed_config_body: &str) -> Filter {
-    let body = typed_config_body
-        .lines()
-        .map(|l| format!("  {l}\n"))
-        .collect::<String>();
+    let body = typed_config_body.lines().map(|l| format!("  {l}\n")).collect::<String>();
     Filter::native(&format!(
         "name: envoy.filters.http.fault\ntyped_config:\n  \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n{body}"
     ))
@@ -49,15 +46,7 @@ impl PartialEq for Outcome {
             &self.grpc_message,
             self.upstream,
             self.delayed,
-        ) == (
-            o.status,
-            &o.body,
-            &o.content_type,
-            &o.grpc_status,
-            &o.grpc_message,
-            o.upstream,
-            o.delayed,
-        )
+        ) == (o.status, &o.body, &o.content_type, &o.grpc_status, &o.grpc_message, o.upstream, o.delayed)
     }
 }
 
@@ -67,11 +56,7 @@ impl Outcome {
         let upstream = rsp.from_upstream();
         Self {
             status: rsp.status,
-            body: if upstream {
-                "<upstream>".into()
-            } else {
-                rsp.text()
-            },
+            body: if upstream { "<upstream>".into() } else { rsp.text() },
             content_type: rsp.header("content-type").map(str::to_string),
             grpc_status: raw("grpc-status"),
             grpc_message: raw("grpc-message"),
@@ -102,12 +87,7 @@ impl fmt::Display for Outcome {
 }
 
 fn describe(req: &Request) -> String {
-    let kind = match (
-        req.proto,
-        req.headers
-            .iter()
-            .any(|(k, v)| k == "content-type" && v == "application/grpc"),
-    ) {
+    let kind = match (req.proto, req.headers.iter().any(|(k, v)| k == "content-type" && v == "application/grpc")) {
         (_, true) => "gRPC",
         (meshwasm_tests::Proto::Http2, false) => "HTTP/2",
         _ => "HTTP/1.1",
@@ -130,11 +110,7 @@ fn compare(envoy: &Envoy, ours: usize, native: usize, reqs: &[Request]) -> Vec<S
         // Differing only in "delayed": a loaded machine can make an undelayed request slow.
         // A real difference is deterministic (percentages are 0 or 100 here): retry twice.
         for _ in 0..2 {
-            let only_delay_differs = a.delayed != b.delayed
-                && (Outcome {
-                    delayed: b.delayed,
-                    ..a.clone()
-                }) == b;
+            let only_delay_differs = a.delayed != b.delayed && (Outcome { delayed: b.delayed, ..a.clone() }) == b;
             if !only_delay_differs {
                 break;
             }
@@ -142,10 +118,7 @@ fn compare(envoy: &Envoy, ours: usize, native: usize, reqs: &[Request]) -> Vec<S
             b = Outcome::of(&envoy.send_to(native, req.clone()));
         }
         if a != b {
-            diffs.push(format!(
-                "{}\n    native:   {b}\n    meshwasm: {a}",
-                describe(req)
-            ));
+            diffs.push(format!("{}\n    native:   {b}\n    meshwasm: {a}", describe(req)));
         }
     }
     diffs
@@ -154,9 +127,7 @@ fn compare(envoy: &Envoy, ours: usize, native: usize, reqs: &[Request]) -> Vec<S
 fn http_and_grpc(headers: &[(&str, &str)]) -> Vec<Request> {
     vec![
         Request::get("/diff").headers(headers.iter().copied()),
-        Request::post("/diff", "body")
-            .h2()
-            .headers(headers.iter().copied()),
+        Request::post("/diff", "body").h2().headers(headers.iter().copied()),
         Request::grpc("/pkg.Svc/Call", b"msg").headers(headers.iter().copied()),
     ]
 }
@@ -284,31 +255,16 @@ fn fixed_faults_match_native_fault_filter() {
             .listener(
                 Listener::new()
                     .name(&format!("meshwasm_{i}"))
-                    .filter(Filter::wasm(
-                        "fault",
-                        json!({"rules": [{"name": format!("pair-{i}"), "fault": ours}]}),
-                    )),
+                    .filter(Filter::wasm("fault", json!({"rules": [{"name": format!("pair-{i}"), "fault": ours}]}))),
             )
-            .listener(
-                Listener::new()
-                    .name(&format!("native_{i}"))
-                    .filter(native_fault(native)),
-            );
+            .listener(Listener::new().name(&format!("native_{i}")).filter(native_fault(native)));
     }
     let envoy = b.start();
     let mut diffs = Vec::new();
     for (i, (ours, native)) in pairs.iter().enumerate() {
         for d in compare(&envoy, 2 * i, 2 * i + 1, &http_and_grpc(&[])) {
-            diffs.push(format!(
-                "config meshwasm {ours} / native `{}`: {d}",
-                native.replace('\n', " ")
-            ));
+            diffs.push(format!("config meshwasm {ours} / native `{}`: {d}", native.replace('\n', " ")));
         }
     }
-    assert!(
-        diffs.is_empty(),
-        "{} differences against the native fault filter:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
+    assert!(diffs.is_empty(), "{} differences against the native fault filter:\n{}", diffs.len(), diffs.join("\n"));
 }

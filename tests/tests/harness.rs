@@ -28,18 +28,13 @@ fn bare_envoy_http1_and_http2_reach_upstream() {
     assert_eq!(echo["body_len"], 10);
     assert_eq!(up.requests(), 2);
 
-    assert_eq!(
-        envoy.stat("cluster.upstream.upstream_rq_completed"),
-        Some(2)
-    );
+    assert_eq!(envoy.stat("cluster.upstream.upstream_rq_completed"), Some(2));
     assert!(
         envoy.stat_or_zero("listener_0.downstream_rq_http2_total") >= 1
             || envoy.stat_or_zero("http.listener_0.downstream_rq_http2_total") >= 1,
         "h2 downstream request not counted"
     );
-    assert!(envoy
-        .prometheus()
-        .contains("envoy_cluster_upstream_rq_completed"));
+    assert!(envoy.prometheus().contains("envoy_cluster_upstream_rq_completed"));
 }
 
 #[test]
@@ -47,19 +42,12 @@ fn upstream_h2_keeps_body_and_trailers() {
     let up = Upstream::start();
     let envoy = Envoy::builder().upstream(up.addr()).upstream_h2().start();
     let body = vec![7u8; 100_000];
-    let rsp = envoy.send(
-        Request::post("/t", body.clone())
-            .h2()
-            .trailer("x-trailer", "t1"),
-    );
+    let rsp = envoy.send(Request::post("/t", body.clone()).h2().trailer("x-trailer", "t1"));
     assert_eq!(rsp.status, 200, "{}", rsp.text());
     let echo = rsp.json();
     assert_eq!(echo["protocol"], "HTTP/2.0");
     assert_eq!(echo["body_len"], 100_000);
-    assert_eq!(
-        echo["body_fnv1a64"],
-        format!("{:016x}", meshwasm_tests::upstream::fnv1a64(&body))
-    );
+    assert_eq!(echo["body_fnv1a64"], format!("{:016x}", meshwasm_tests::upstream::fnv1a64(&body)));
     assert_eq!(echo["trailers"]["x-trailer"], "t1");
 }
 
@@ -68,21 +56,13 @@ fn upstream_controls_and_grpc() {
     let up = Upstream::start();
     let envoy = Envoy::builder().upstream(up.addr()).upstream_h2().start();
 
-    let rsp = envoy.send(
-        Request::get("/")
-            .header("x-upstream-status", "418")
-            .header("x-upstream-body", "teapot"),
-    );
+    let rsp = envoy.send(Request::get("/").header("x-upstream-status", "418").header("x-upstream-body", "teapot"));
     assert_eq!(rsp.status, 418);
     assert_eq!(rsp.text(), "teapot");
 
     let rsp = envoy.send(Request::get("/").header("x-upstream-delay-ms", "200"));
     assert_eq!(rsp.status, 200);
-    assert!(
-        rsp.elapsed >= Duration::from_millis(200),
-        "{:?}",
-        rsp.elapsed
-    );
+    assert!(rsp.elapsed >= Duration::from_millis(200), "{:?}", rsp.elapsed);
 
     let rsp = envoy.send(Request::grpc("/pkg.Svc/Method", b"hi"));
     assert_eq!(rsp.status, 200);
@@ -118,23 +98,12 @@ fn native_filter_route_disable_and_concurrency() {
     let rsp = envoy.get("/open");
     assert_eq!(rsp.status, 200);
 
-    let results = fire(envoy.listener_addr(), 40, 8, |i| {
-        Request::get(if i % 2 == 0 { "/open" } else { "/x" })
-    });
-    let ok = results
-        .iter()
-        .filter(|r| r.as_ref().map(|r| r.status) == Ok(200))
-        .count();
-    let aborted = results
-        .iter()
-        .filter(|r| r.as_ref().map(|r| r.status) == Ok(503))
-        .count();
+    let results = fire(envoy.listener_addr(), 40, 8, |i| Request::get(if i % 2 == 0 { "/open" } else { "/x" }));
+    let ok = results.iter().filter(|r| r.as_ref().map(|r| r.status) == Ok(200)).count();
+    let aborted = results.iter().filter(|r| r.as_ref().map(|r| r.status) == Ok(503)).count();
     assert_eq!((ok, aborted), (20, 20));
     assert_eq!(up.requests(), 21);
-    assert_eq!(
-        envoy.stat("http.listener_0.fault.aborts_injected"),
-        Some(21)
-    );
+    assert_eq!(envoy.stat("http.listener_0.fault.aborts_injected"), Some(21));
 }
 
 #[test]
@@ -147,14 +116,9 @@ fn client_disconnect_helper() {
         Duration::from_millis(200),
     );
     assert!(got.is_empty(), "no response expected yet");
-    meshwasm_tests::eventually(
-        "downstream_cx_destroy_remote",
-        Duration::from_secs(5),
-        || {
-            (envoy.stat_or_zero("http.listener_0.downstream_cx_destroy_remote_active_rq") >= 1)
-                .then_some(())
-        },
-    );
+    meshwasm_tests::eventually("downstream_cx_destroy_remote", Duration::from_secs(5), || {
+        (envoy.stat_or_zero("http.listener_0.downstream_cx_destroy_remote_active_rq") >= 1).then_some(())
+    });
     assert_eq!(envoy.get("/").status, 200);
 }
 
@@ -176,20 +140,23 @@ fn noop_wasm_module_loads_and_passes_traffic() {
         .upstream(up.addr())
         .listener(Listener::new().filter(Filter::wasm("noop", serde_json::json!({}))))
         .start();
-    let results = fire(envoy.listener_addr(), 20, 4, |i| {
-        if i % 2 == 0 {
-            Request::get("/a")
-        } else {
-            Request::post("/b", "x").h2()
-        }
-    });
+    let results =
+        fire(
+            envoy.listener_addr(),
+            20,
+            4,
+            |i| {
+                if i % 2 == 0 {
+                    Request::get("/a")
+                } else {
+                    Request::post("/b", "x").h2()
+                }
+            },
+        );
     for r in &results {
         assert_eq!(r.as_ref().map(|r| r.status), Ok(200), "{r:?}");
     }
     assert_eq!(up.requests(), 20);
     // One VM per worker (plus the main thread's): the module really runs in V8.
-    assert!(
-        envoy.stat_or_zero("wasm.envoy.wasm.runtime.v8.active") >= 2,
-        "wasm VMs not created"
-    );
+    assert!(envoy.stat_or_zero("wasm.envoy.wasm.runtime.v8.active") >= 2, "wasm VMs not created");
 }

@@ -160,7 +160,10 @@ pub fn run(opts: Options) -> Result<()> {
     let pinned = cores >= 2 && on_path("taskset").is_some();
     let (proxy_cpu, load_cpu) = if pinned { (Some("0"), Some("1")) } else { (None, None) };
     if !pinned {
-        println!("    warning: no pinning ({cores} core(s), taskset {}); numbers are noisier", if on_path("taskset").is_some() { "present" } else { "missing" });
+        println!(
+            "    warning: no pinning ({cores} core(s), taskset {}); numbers are noisier",
+            if on_path("taskset").is_some() { "present" } else { "missing" }
+        );
     }
 
     let modules = build::run()?;
@@ -170,7 +173,12 @@ pub fn run(opts: Options) -> Result<()> {
     step("starting the upstream and one Envoy per configuration");
     let upstream = Envoy::start(
         &envoy_bin,
-        Launch { name: "bench-upstream", config: &envoy::template("bench-upstream.yaml")?, concurrency: 1, cpus: load_cpu },
+        Launch {
+            name: "bench-upstream",
+            config: &envoy::template("bench-upstream.yaml")?,
+            concurrency: 1,
+            cpus: load_cpu,
+        },
     )?;
     let upstream_port = upstream.listener("upstream")?.port().to_string();
     println!("    upstream (direct_response Envoy) on 127.0.0.1:{upstream_port}, pid {}", upstream.proc.pid());
@@ -181,7 +189,10 @@ pub fn run(opts: Options) -> Result<()> {
         None => true,
     };
     for setup in setups()?.into_iter().filter(|s| keep(s.key)) {
-        let config = envoy::render_bootstrap("bench.yaml", &[("HTTP_FILTERS", &setup.filters), ("UPSTREAM_PORT", &upstream_port)])?;
+        let config = envoy::render_bootstrap(
+            "bench.yaml",
+            &[("HTTP_FILTERS", &setup.filters), ("UPSTREAM_PORT", &upstream_port)],
+        )?;
         let name = format!("bench-{}", setup.key);
         let envoy = Envoy::start(&envoy_bin, Launch { name: &name, config: &config, concurrency: 1, cpus: proxy_cpu })?;
         let addr = envoy.listener("ingress")?;
@@ -211,9 +222,11 @@ pub fn run(opts: Options) -> Result<()> {
             if opts.warmup > 0 {
                 wrk_run(&wrk, r.addr, opts.warmup, opts.connections, load_cpu)?;
             }
-            let (cpu0, up0, core0) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
+            let (cpu0, up0, core0) =
+                (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
             let mut s = wrk_run(&wrk, r.addr, opts.duration, opts.connections, load_cpu)?;
-            let (cpu1, up1, core1) = (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
+            let (cpu1, up1, core1) =
+                (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
             if let (Some((b0, t0)), Some((b1, t1))) = (core0, core1) {
                 let busy = b1.saturating_sub(b0).saturating_sub(cpu1.saturating_sub(cpu0));
                 s.foreign = busy as f64 / (t1.saturating_sub(t0)).max(1) as f64;
@@ -268,7 +281,11 @@ fn probe(setup: &Setup, addr: SocketAddr) -> Result<()> {
     if let Some((path, headers, status)) = setup.must_fault {
         let rsp = http::get(addr, path, headers)?;
         if rsp.status != status {
-            bail!("{}: GET {path} {headers:?} returned {} (expected the fault {status}): the filter is not active", setup.key, rsp.status);
+            bail!(
+                "{}: GET {path} {headers:?} returned {} (expected the fault {status}): the filter is not active",
+                setup.key,
+                rsp.status
+            );
         }
     }
     Ok(())
@@ -285,8 +302,7 @@ fn wrk_run(wrk: &Path, addr: SocketAddr, secs: u64, connections: u32, cpus: Opti
         }
         _ => Command::new(wrk),
     };
-    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"])
-        .arg(format!("http://{addr}/"));
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"]).arg(format!("http://{addr}/"));
     let out = output(&mut cmd)?;
     parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
 }
@@ -425,12 +441,19 @@ impl Report {
             .collect();
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
             .unwrap_or_else(|| "unknown".into());
         let git = output(Command::new("git").current_dir(root()).args(["rev-parse", "--short", "HEAD"]))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let date = output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])).map(|s| s.trim().to_string()).unwrap_or_default();
+        let date = output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         let header = vec![
             ("date", date),
             ("git", git),
@@ -495,9 +518,7 @@ impl Report {
     fn markdown(&self) -> String {
         let mut md = String::from("# meshwasm benchmark: fault filter vs no-op wasm vs native\n\n");
         md.push_str("Generated by `cargo xtask bench`. Overhead = per-request cost above bare Envoy; ");
-        md.push_str(&format!(
-            "**ratio = overhead(fault) / overhead(no-op wasm)**, target ≤ {TARGET_RATIO}.\n\n"
-        ));
+        md.push_str(&format!("**ratio = overhead(fault) / overhead(no-op wasm)**, target ≤ {TARGET_RATIO}.\n\n"));
         md.push_str(
             "The primary measure is the proxy's own CPU time per request, best of rounds (utime+stime of the pinned \
              Envoy over the measured window, from /proc, divided by wrk's request count). 1/rps \
@@ -592,7 +613,8 @@ impl Report {
         }
         let _ = writeln!(j, "  \"target_ratio\": {},", json::number(TARGET_RATIO));
         j.push_str("  \"modules\": {");
-        let mods: Vec<String> = self.modules.iter().map(|(n, s)| format!("{}: {s}", json::string(&format!("{n}.wasm")))).collect();
+        let mods: Vec<String> =
+            self.modules.iter().map(|(n, s)| format!("{}: {s}", json::string(&format!("{n}.wasm")))).collect();
         j.push_str(&mods.join(", "));
         j.push_str("},\n  \"headline\": {\n");
         let heads: Vec<String> = ["fault_rules", "fault_rules_tuned", "fault_headers", "noop_sdk", "native_fault"]
@@ -676,10 +698,15 @@ impl Report {
         let h = 60.0 + 2.0 * panel_h + latency_h + 30.0;
         let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
         let mut s = String::new();
-        let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="Helvetica, Arial, sans-serif" font-size="13">"#);
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="Helvetica, Arial, sans-serif" font-size="13">"#
+        );
         let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
         let title = match self.ratios("fault_rules") {
-            Some(r) => format!("meshwasm fault: CPU overhead {:.2}× the no-op module's (target ≤ {TARGET_RATIO}×)", r.best_cpu),
+            Some(r) => {
+                format!("meshwasm fault: CPU overhead {:.2}× the no-op module's (target ≤ {TARGET_RATIO}×)", r.best_cpu)
+            }
             None => "meshwasm benchmark".to_string(),
         };
         let _ = writeln!(s, r#"<text x="20" y="30" font-size="18" font-weight="bold">{}</text>"#, esc(&title));
@@ -691,54 +718,120 @@ impl Report {
         // Panel 1: the proxy's CPU per request: the headline measure.
         let max_cpu = self.rows.iter().map(|r| r.best_cpu).fold(0.0, f64::max);
         let bare_cpu = self.row("bare").map(|r| r.best_cpu).unwrap_or(f64::NAN);
-        let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Envoy CPU per request, µs, best of rounds (lower is better; ratio = overhead above bare ÷ no-op's)</text>"#, y + 24.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="20" y="{}" font-weight="bold">Envoy CPU per request, µs, best of rounds (lower is better; ratio = overhead above bare ÷ no-op's)</text>"#,
+            y + 24.0
+        );
         y += 36.0;
         for r in &self.rows {
             let w = if max_cpu > 0.0 { r.best_cpu / max_cpu * bar_max } else { 0.0 };
             let color = color(r.key);
-            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + 16.0, esc(r.label));
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                LABEL_W - 10.0,
+                y + 16.0,
+                esc(r.label)
+            );
             let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{color}"/>"#);
             let extra = match (r.key, self.ratios(r.key)) {
                 ("bare", _) | (_, None) => String::new(),
                 ("noop", _) => format!("  +{:.1}", r.best_cpu - bare_cpu),
                 (_, Some(q)) => format!("  +{:.1}  ({:.2}× no-op)", r.best_cpu - bare_cpu, q.best_cpu),
             };
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{:.1}{}</text>"#, LABEL_W + w + 6.0, y + 16.0, r.best_cpu, esc(&extra));
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}">{:.1}{}</text>"#,
+                LABEL_W + w + 6.0,
+                y + 16.0,
+                r.best_cpu,
+                esc(&extra)
+            );
             y += BAR_H + GAP;
         }
         // Panel 2: throughput.
         y += 10.0;
         let max_rps = self.rows.iter().map(|r| r.med.rps).fold(0.0, f64::max);
         let bare_rps = self.row("bare").map(|r| r.med.rps).unwrap_or(f64::NAN);
-        let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Throughput, req/s (higher is better; one pinned core, shared machine)</text>"#, y + 24.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="20" y="{}" font-weight="bold">Throughput, req/s (higher is better; one pinned core, shared machine)</text>"#,
+            y + 24.0
+        );
         y += 36.0;
         for r in &self.rows {
             let w = if max_rps > 0.0 { r.med.rps / max_rps * bar_max } else { 0.0 };
             let color = color(r.key);
-            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + 16.0, esc(r.label));
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                LABEL_W - 10.0,
+                y + 16.0,
+                esc(r.label)
+            );
             let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{color}"/>"#);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{:.0} ({:.1}%)</text>"#, LABEL_W + w + 6.0, y + 16.0, r.med.rps, r.med.rps / bare_rps * 100.0);
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}">{:.0} ({:.1}%)</text>"#,
+                LABEL_W + w + 6.0,
+                y + 16.0,
+                r.med.rps,
+                r.med.rps / bare_rps * 100.0
+            );
             y += BAR_H + GAP;
         }
         // Panel 3: latency.
         y += 10.0;
         let max_l = self.rows.iter().map(|r| r.med.p99_ms).fold(0.0, f64::max);
-        let _ = writeln!(s, r#"<text x="20" y="{}" font-weight="bold">Latency at saturation, ms (p50 solid, p99 light; lower is better)</text>"#, y + 24.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="20" y="{}" font-weight="bold">Latency at saturation, ms (p50 solid, p99 light; lower is better)</text>"#,
+            y + 24.0
+        );
         y += 36.0;
         let half = BAR_H / 1.5;
         for r in &self.rows {
             let color = color(r.key);
             let w50 = if max_l > 0.0 { r.med.p50_ms / max_l * bar_max } else { 0.0 };
             let w99 = if max_l > 0.0 { r.med.p99_ms / max_l * bar_max } else { 0.0 };
-            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LABEL_W - 10.0, y + half + 4.0, esc(r.label));
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                LABEL_W - 10.0,
+                y + half + 4.0,
+                esc(r.label)
+            );
             let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{y}" width="{w50:.1}" height="{half:.1}" fill="{color}"/>"#);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="11">p50 {:.3}</text>"#, LABEL_W + w50 + 6.0, y + half - 3.0, r.med.p50_ms);
-            let _ = writeln!(s, r#"<rect x="{LABEL_W}" y="{:.1}" width="{w99:.1}" height="{half:.1}" fill="{color}" fill-opacity="0.45"/>"#, y + half);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="11">p99 {:.3}</text>"#, LABEL_W + w99 + 6.0, y + 2.0 * half - 3.0, r.med.p99_ms);
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="11">p50 {:.3}</text>"#,
+                LABEL_W + w50 + 6.0,
+                y + half - 3.0,
+                r.med.p50_ms
+            );
+            let _ = writeln!(
+                s,
+                r#"<rect x="{LABEL_W}" y="{:.1}" width="{w99:.1}" height="{half:.1}" fill="{color}" fill-opacity="0.45"/>"#,
+                y + half
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="11">p99 {:.3}</text>"#,
+                LABEL_W + w99 + 6.0,
+                y + 2.0 * half - 3.0,
+                r.med.p99_ms
+            );
             y += 2.0 * half + GAP;
         }
-        let mods: Vec<String> = self.modules.iter().map(|(n, b)| format!("{n}.wasm {:.1} KiB", *b as f64 / 1024.0)).collect();
-        let _ = writeln!(s, r##"<text x="20" y="{:.1}" font-size="11" fill="#555">{}</text>"##, y + 20.0, esc(&format!("modules: {}", mods.join(", "))));
+        let mods: Vec<String> =
+            self.modules.iter().map(|(n, b)| format!("{n}.wasm {:.1} KiB", *b as f64 / 1024.0)).collect();
+        let _ = writeln!(
+            s,
+            r##"<text x="20" y="{:.1}" font-size="11" fill="#555">{}</text>"##,
+            y + 20.0,
+            esc(&format!("modules: {}", mods.join(", ")))
+        );
         s.push_str("</svg>\n");
         s
     }

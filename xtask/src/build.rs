@@ -64,11 +64,8 @@ pub fn run() -> Result<Vec<Module>> {
 
     let mut modules = Vec::new();
     for f in FILTERS {
-        let built = root()
-            .join("target")
-            .join(TARGET)
-            .join("release")
-            .join(format!("{}.wasm", f.krate.replace('-', "_")));
+        let built =
+            root().join("target").join(TARGET).join("release").join(format!("{}.wasm", f.krate.replace('-', "_")));
         let out = module_path(f.name);
         let cargo_size = std::fs::metadata(&built).context(format!("{} was not built", built.display()))?.len();
         match (&wasm_opt, &opt_flags) {

@@ -30,7 +30,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let plugin = envoy::template("demo-fault.json")?;
     json::check(&plugin).context("envoy-configs/demo-fault.json")?;
     let filter = envoy::wasm_filter("fault", &build::module_path("fault"), &plugin)?;
-    let config = envoy::render_bootstrap("demo.yaml", &[("HTTP_FILTERS", &filter), ("UPSTREAM_PORT", &upstream.1.port().to_string())])?;
+    let config = envoy::render_bootstrap(
+        "demo.yaml",
+        &[("HTTP_FILTERS", &filter), ("UPSTREAM_PORT", &upstream.1.port().to_string())],
+    )?;
     let envoy = Envoy::start(&envoy_bin, Launch { name: "demo-envoy", config: &config, concurrency: 2, cpus: None })?;
     let addr = envoy.listener("ingress")?;
     println!("    upstream  http://{}  (pid {})", upstream.1, upstream.0.pid());
@@ -125,7 +128,15 @@ struct Scenario {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "normal request", path: "/productpage", headers: &[], status: 200, header: None, min_delay: Duration::ZERO, repeat: 5 },
+    Scenario {
+        name: "normal request",
+        path: "/productpage",
+        headers: &[],
+        status: 200,
+        header: None,
+        min_delay: Duration::ZERO,
+        repeat: 5,
+    },
     Scenario {
         name: "rule abort (end-user: jason → 503, 100%)",
         path: "/ratings/1",

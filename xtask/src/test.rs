@@ -154,16 +154,14 @@ fn filter_for(file: &Path) -> Result<&'static str> {
     let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let dir = file.parent().unwrap_or(Path::new("."));
     let dir_name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let names = |s: &str| FILTERS.iter().find(|f| s == f.name || s.starts_with(&format!("{}-", f.name))).map(|f| f.name);
+    let names =
+        |s: &str| FILTERS.iter().find(|f| s == f.name || s.starts_with(&format!("{}-", f.name))).map(|f| f.name);
     if let Some(f) = names(&stem).or_else(|| names(&dir_name)) {
         return Ok(f);
     }
     let envoy_yaml = fs::read_to_string(dir.join("envoy.yaml")).unwrap_or_default();
-    let loaded: Vec<&'static str> = FILTERS
-        .iter()
-        .filter(|f| envoy_yaml.contains(&format!("dist/{}.wasm", f.name)))
-        .map(|f| f.name)
-        .collect();
+    let loaded: Vec<&'static str> =
+        FILTERS.iter().filter(|f| envoy_yaml.contains(&format!("dist/{}.wasm", f.name))).map(|f| f.name).collect();
     match loaded.as_slice() {
         [only] => Ok(only),
         _ => bail!("cannot tell which filter this configures: name it <filter>.json or <filter>-<what>.json"),
@@ -226,7 +224,11 @@ fn fuzz() -> Option<Result<()>> {
                 let log = String::from_utf8_lossy(&out.stderr);
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
-                println!("    FAIL  {t} ({}); artifacts in fuzz/artifacts/{t}/:\n{}", out.status, envoy::indent(&tail.join("\n")));
+                println!(
+                    "    FAIL  {t} ({}); artifacts in fuzz/artifacts/{t}/:\n{}",
+                    out.status,
+                    envoy::indent(&tail.join("\n"))
+                );
                 failed.push(t.clone());
             }
             Err(e) => {
@@ -235,5 +237,9 @@ fn fuzz() -> Option<Result<()>> {
             }
         }
     }
-    Some(if failed.is_empty() { Ok(()) } else { Err(crate::Error::msg(format!("fuzz target(s) failed: {}", failed.join(", ")))) })
+    Some(if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::Error::msg(format!("fuzz target(s) failed: {}", failed.join(", "))))
+    })
 }

@@ -131,7 +131,10 @@ impl Config {
             ));
         }
         if raw.route_overrides.is_some() {
-            return Err(ConfigError::new("routeOverrides", "is plugin-wide: set it in the plugin configuration, not in route metadata"));
+            return Err(ConfigError::new(
+                "routeOverrides",
+                "is plugin-wide: set it in the plugin configuration, not in route metadata",
+            ));
         }
         Config::try_from(raw)
     }
@@ -155,10 +158,9 @@ impl TryFrom<FaultConfigJson> for Config {
             // Names label the stats, so they must stay distinct once sanitized for stat names.
             let label = meshwasm_sdk_ext::metrics::sanitize_label(&rule.name);
             if label == HEADER_CONTROL_RULE || !names.insert(label.clone()) {
-                return Err(path.field("name").err(format!(
-                    "duplicate or reserved rule name {:?} (stats label {label:?})",
-                    rule.name
-                )));
+                return Err(path
+                    .field("name")
+                    .err(format!("duplicate or reserved rule name {:?} (stats label {label:?})", rule.name)));
             }
             rules.push(rule);
         }
@@ -205,7 +207,9 @@ fn percentage(p: Option<Percentage>, percent: Option<u32>, path: &Path) -> Resul
 impl Delay {
     fn compile(raw: &DelayJson, path: &Path) -> Result<Self, ConfigError> {
         if raw.exponential_delay.is_some() {
-            return Err(path.field("exponentialDelay").err("is not supported (Istio does not implement it either); use fixedDelay"));
+            return Err(path
+                .field("exponentialDelay")
+                .err("is not supported (Istio does not implement it either); use fixedDelay"));
         }
         let Some(fixed) = &raw.fixed_delay else {
             return Err(path.field("fixedDelay").err("is required"));
@@ -232,7 +236,9 @@ impl Abort {
                 }
                 AbortStatus { http: s as u32, grpc: None }
             }
-            (None, Some(g)) => AbortStatus { http: 200, grpc: Some(u64::from(grpc_code(g, &path.field("grpcStatus"))?)) },
+            (None, Some(g)) => {
+                AbortStatus { http: 200, grpc: Some(u64::from(grpc_code(g, &path.field("grpcStatus"))?)) }
+            }
         };
         Ok(Abort { status, percentage: percentage(raw.percentage, raw.percent, path)? })
     }
@@ -284,7 +290,8 @@ fn header_control(v: Option<&Value>, path: &Path) -> Result<Option<HeaderControl
         match m.get("percentage") {
             None => Ok(Fraction::ALWAYS),
             Some(pv) => {
-                let pct: Percentage = meshwasm_sdk_ext::config::from_value(pv).map_err(|e| e.within(p.field("percentage").as_str()))?;
+                let pct: Percentage =
+                    meshwasm_sdk_ext::config::from_value(pv).map_err(|e| e.within(p.field("percentage").as_str()))?;
                 Fraction::from_percentage(pct, &p.field("percentage"))
             }
         }
@@ -323,7 +330,13 @@ mod tests {
         .unwrap();
         let r = &c.rules[0];
         assert_eq!(r.name, "ratings-jason");
-        assert_eq!(r.delay, Some(Delay { fixed: Duration::from_secs(5), percentage: Fraction { numerator: 1000, denominator: 1_000_000 } }));
+        assert_eq!(
+            r.delay,
+            Some(Delay {
+                fixed: Duration::from_secs(5),
+                percentage: Fraction { numerator: 1000, denominator: 1_000_000 }
+            })
+        );
         assert_eq!(r.abort.as_ref().unwrap().status, AbortStatus { http: 500, grpc: None });
         assert_eq!(c.header_control, Some(HeaderControl { abort_cap: Fraction::ALWAYS, delay_cap: Fraction::ALWAYS }));
         assert_eq!(c.max_active_faults, Some(100));
@@ -331,9 +344,12 @@ mod tests {
 
     #[test]
     fn variants() {
-        let c = Config::from_json(br#"{"rules":[{"fault":{"abort":{"grpcStatus":"unavailable","percent":30}}},
+        let c = Config::from_json(
+            br#"{"rules":[{"fault":{"abort":{"grpcStatus":"unavailable","percent":30}}},
             {"fault":{"abort":{"grpcStatus":4}, "delay":{"fixedDelay":"0.250s"}}}],
-            "headerControl":{"abort":{"percentage":{"value":20}}}}"#).unwrap();
+            "headerControl":{"abort":{"percentage":{"value":20}}}}"#,
+        )
+        .unwrap();
         assert_eq!(c.rules[0].name, "rule-0");
         assert_eq!(c.rules[0].abort.as_ref().unwrap().status, AbortStatus { http: 200, grpc: Some(14) });
         assert_eq!(c.rules[0].abort.as_ref().unwrap().percentage, Fraction::from_percent(30));

@@ -80,7 +80,10 @@ impl Plugin for FaultPlugin {
 enum State {
     Idle,
     /// Paused for a delay; the abort (if any) is decided when it ends.
-    Delaying { label: String, abort: Option<Abort> },
+    Delaying {
+        label: String,
+        abort: Option<Abort>,
+    },
     /// Aborted with a local reply: nothing more to do.
     Aborted,
 }
@@ -109,7 +112,10 @@ impl FaultFilter {
                 }
                 Err(e) => {
                     // Cannot prove we are under the limit: do not inject (the safe side).
-                    host.log(LogLevel::Warn, &format!("meshwasm.fault: active fault count unavailable ({e}); not injecting"));
+                    host.log(
+                        LogLevel::Warn,
+                        &format!("meshwasm.fault: active fault count unavailable ({e}); not injecting"),
+                    );
                     self.plugin.count(host, MetricKind::Counter, label, FAULTS_OVERFLOW, 1);
                     return false;
                 }
@@ -236,7 +242,8 @@ mod tests {
         Rc::new(FaultPlugin::configure(json.as_bytes(), host).unwrap())
     }
 
-    const ABORT_ALL: &str = r#"{"rules":[{"name":"all","fault":{"abort":{"httpStatus":503,"percentage":{"value":100}}}}]}"#;
+    const ABORT_ALL: &str =
+        r#"{"rules":[{"name":"all","fault":{"abort":{"httpStatus":503,"percentage":{"value":100}}}}]}"#;
 
     #[test]
     fn abort_sends_envoy_reply_and_counts() {
@@ -294,8 +301,11 @@ mod tests {
     #[test]
     fn max_active_faults_across_streams_and_overflow() {
         let host = FakeHost::with_request(&[(":path", "/")]);
-        let p = plugin(r#"{"rules":[{"name":"d","fault":{"delay":{"fixedDelay":"1s","percentage":{"value":100}},
-            "abort":{"httpStatus":503,"percentage":{"value":100}}}}],"maxActiveFaults":2}"#, &host);
+        let p = plugin(
+            r#"{"rules":[{"name":"d","fault":{"delay":{"fixedDelay":"1s","percentage":{"value":100}},
+            "abort":{"httpStatus":503,"percentage":{"value":100}}}}],"maxActiveFaults":2}"#,
+            &host,
+        );
         let mut a = p.new_filter(2, 1);
         let mut b = p.new_filter(3, 2);
         let mut c = p.new_filter(4, 3);

@@ -68,7 +68,11 @@ fn header_plan<'c>(hc: &HeaderControl, req: &mut dyn RequestView, rng: &mut impl
     let http = req.header(ABORT_REQUEST).as_deref().and_then(simple_atoi_u64).filter(|c| (200..600).contains(c));
     let status = match http {
         Some(code) => Some(AbortStatus { http: code as u32, grpc: None }),
-        None => req.header(ABORT_GRPC_REQUEST).as_deref().and_then(simple_atoi_u64).map(|g| AbortStatus { http: 200, grpc: Some(g) }),
+        None => req
+            .header(ABORT_GRPC_REQUEST)
+            .as_deref()
+            .and_then(simple_atoi_u64)
+            .map(|g| AbortStatus { http: 200, grpc: Some(g) }),
     };
     let abort = status.map(|status| Abort {
         status,

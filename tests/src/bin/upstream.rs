@@ -14,20 +14,12 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
-                let v = args
-                    .next()
-                    .unwrap_or_else(|| usage("--listen needs an address"));
-                listen = v
-                    .parse()
-                    .unwrap_or_else(|e| usage(&format!("bad --listen {v}: {e}")));
+                let v = args.next().unwrap_or_else(|| usage("--listen needs an address"));
+                listen = v.parse().unwrap_or_else(|e| usage(&format!("bad --listen {v}: {e}")));
             }
             "--threads" => {
-                let v = args
-                    .next()
-                    .unwrap_or_else(|| usage("--threads needs a number"));
-                threads = v
-                    .parse()
-                    .unwrap_or_else(|e| usage(&format!("bad --threads {v}: {e}")));
+                let v = args.next().unwrap_or_else(|| usage("--threads needs a number"));
+                threads = v.parse().unwrap_or_else(|e| usage(&format!("bad --threads {v}: {e}")));
             }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
@@ -39,12 +31,10 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("meshwasm-upstream: bind {listen}: {e}");
-                std::process::exit(1)
-            });
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap_or_else(|e| {
+            eprintln!("meshwasm-upstream: bind {listen}: {e}");
+            std::process::exit(1)
+        });
         let addr = listener.local_addr().expect("local addr");
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
