@@ -6,7 +6,7 @@
 //! 3. every `examples/*/envoy.yaml` passes `envoy --mode validate` (cwd = repo root)
 //! 4. every `examples/*/*.json` is valid JSON and its filter accepts it inside Envoy
 //! 5. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
-//!    matter most)
+//!    matter most), and `cargo fmt --check`
 //! 6. every fuzz target runs briefly (`cargo +nightly fuzz`, when nightly and cargo-fuzz are
 //!    installed; `MESHWASM_FUZZ_SECS` per target, default 15, 0 skips)
 //!
@@ -44,6 +44,7 @@ pub fn run() -> Result<()> {
     report.push(("examples/*/*.json accepted", check_example_plugin_configs(&envoy)));
 
     report.push(("clippy", clippy()));
+    report.push(("rustfmt", fmt()));
 
     if let Some(result) = fuzz() {
         report.push(("fuzz targets (smoke)", result));
@@ -184,6 +185,15 @@ fn clippy() -> Result<()> {
     wasm.args(["--", "-D", "warnings"]);
     let wasm = run_cmd(&mut wasm);
     host.and(wasm)
+}
+
+fn fmt() -> Result<()> {
+    if output(cargo().args(["fmt", "--version"])).is_err() {
+        println!("    note: rustfmt is not installed (rustup component add rustfmt); SKIPPED");
+        return Ok(());
+    }
+    step("cargo fmt --check");
+    run_cmd(cargo().args(["fmt", "--all", "--check"]))
 }
 
 /// A short run of every fuzz target: they must build and survive `MESHWASM_FUZZ_SECS` seconds
