@@ -95,7 +95,11 @@ mod tests {
         m.add(&host, MetricKind::Gauge, "g", -1);
         assert_eq!(host.metric_value("a"), 3);
         assert_eq!(host.metric_value("g"), 0);
-        assert_eq!(host.metrics.borrow().len(), 2);
+        assert_eq!(host.metrics.borrow().len(), 2, "ids are cached: one definition per metric");
+        m.record(&host, "h", 42);
+        m.record(&host, "h", 7);
+        assert_eq!(host.metric_value("h"), 7, "histogram records the latest sample in the fake");
+        assert!(host.metrics.borrow().iter().any(|(k, n, _)| *k == MetricKind::Histogram && n == "h"));
         let re = regex_lite::Regex::new(RULE_TAG_REGEX).unwrap();
         let caps = re.captures("wasmcustom.meshwasm.fault.rule.ratings-jason.delays_injected").unwrap();
         assert_eq!(&caps[2], "ratings-jason");
