@@ -85,16 +85,15 @@ impl Path {
 
 /// Deserialize `bytes` as JSON into `T`, reporting the JSON path of any error.
 /// An empty configuration is read as `{}`.
+///
+/// The bytes are parsed into a `serde_json::Value` first and typed from there, the same way
+/// route-metadata overrides are: one instantiation of the typed deserializers instead of two
+/// keeps the module smaller (configuration is parsed once, so the extra tree costs nothing).
 pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
     let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ConfigError::new(path, strip_position(&e.inner().to_string()))
-    })?;
-    de.end().map_err(|e| ConfigError::new("", strip_position(&e.to_string())))?;
-    Ok(value)
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ConfigError::new("", format!("invalid JSON: {}", strip_position(&e.to_string()))))?;
+    from_value(&value)
 }
 
 /// Deserialize a `serde_json::Value` (e.g. from route metadata) into `T`.
@@ -164,6 +163,12 @@ mod tests {
     #[test]
     fn trailing_garbage_rejected() {
         assert!(from_json::<Outer>(br#"{"rules":[]} x"#).is_err());
+    }
+
+    #[test]
+    fn syntax_errors_say_invalid_json() {
+        let e = from_json::<Outer>(br#"{"rules":[{"httpStatus":1}"#).unwrap_err();
+        assert!(e.to_string().starts_with("invalid JSON: EOF while parsing"), "{e}");
     }
 
     #[test]
