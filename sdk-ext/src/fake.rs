@@ -89,22 +89,6 @@ impl Host for FakeHost {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.properties.borrow().get(&path.join(".")).cloned()
     }
-    fn has_property(&self, path: &[&str]) -> bool {
-        // Envoy navigates into route metadata: `xds.route_metadata.filter_metadata.<ns>.<key>...`.
-        if let (["xds", "route_metadata", "filter_metadata", ns, rest @ ..], Some(md)) =
-            (path, self.properties.borrow().get("xds.route_metadata"))
-        {
-            let Ok(Some(mut v)) = crate::props::metadata_namespace(md, ns) else { return false };
-            for k in rest {
-                match v.get(k) {
-                    Some(next) => v = next.clone(),
-                    None => return false,
-                }
-            }
-            return true;
-        }
-        self.properties.borrow().contains_key(&path.join("."))
-    }
     fn now(&self) -> SystemTime {
         UNIX_EPOCH + self.clock.get()
     }

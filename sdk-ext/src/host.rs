@@ -75,9 +75,6 @@ pub trait Host {
 
     // --- properties (Envoy attributes: `xds.route_name`, `destination.port`, ...) ---
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// Whether a property exists, without copying its value into the VM when it does not.
-    /// (A value read costs a second VM crossing to allocate the copy; a miss does not.)
-    fn has_property(&self, path: &[&str]) -> bool;
 
     // --- time ---
     fn now(&self) -> SystemTime;

@@ -111,6 +111,69 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, String> {
     Ok(out)
 }
 
+/// Encode `filter_metadata[namespace] = value` as a serialized `Metadata`: the inverse of
+/// `metadata_namespace`, for tests (the fake host's `xds.route_metadata`). A non-object
+/// `value` encodes as an empty `Struct`.
+pub fn encode_metadata(namespace: &str, value: &Value) -> Vec<u8> {
+    let mut entry = Vec::new();
+    put_bytes(1, namespace.as_bytes(), &mut entry);
+    put_bytes(2, &encode_struct(value), &mut entry);
+    let mut out = Vec::new();
+    put_bytes(1, &entry, &mut out);
+    out
+}
+
+fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn put_bytes(field: u64, data: &[u8], out: &mut Vec<u8>) {
+    put_varint(field << 3 | 2, out);
+    put_varint(data.len() as u64, out);
+    out.extend_from_slice(data);
+}
+
+fn encode_struct(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in v.as_object().into_iter().flatten() {
+        let mut e = Vec::new();
+        put_bytes(1, k.as_bytes(), &mut e);
+        put_bytes(2, &encode_value(v), &mut e);
+        put_bytes(1, &e, &mut out);
+    }
+    out
+}
+
+fn encode_value(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    match v {
+        Value::Null => out.extend_from_slice(&[1 << 3, 0]),
+        Value::Number(n) => {
+            out.push(2 << 3 | 1);
+            out.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_bits().to_le_bytes());
+        }
+        Value::String(s) => put_bytes(3, s.as_bytes(), &mut out),
+        Value::Bool(b) => out.extend_from_slice(&[4 << 3, u8::from(*b)]),
+        Value::Object(_) => put_bytes(5, &encode_struct(v), &mut out),
+        Value::Array(items) => {
+            let mut list = Vec::new();
+            for i in items {
+                put_bytes(1, &encode_value(i), &mut list);
+            }
+            put_bytes(6, &list, &mut out);
+        }
+    }
+    out
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -162,66 +225,9 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    // A tiny encoder for tests only.
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-    fn ld(field: u64, data: &[u8], out: &mut Vec<u8>) {
-        varint(field << 3 | 2, out);
-        varint(data.len() as u64, out);
-        out.extend_from_slice(data);
-    }
-    fn enc_value(v: &Value) -> Vec<u8> {
-        let mut o = Vec::new();
-        match v {
-            Value::Null => o.extend_from_slice(&[8, 0]),
-            Value::Number(n) => {
-                o.push(2 << 3 | 1);
-                o.extend_from_slice(&n.as_f64().unwrap().to_bits().to_le_bytes());
-            }
-            Value::String(s) => ld(3, s.as_bytes(), &mut o),
-            Value::Bool(b) => o.extend_from_slice(&[4 << 3, u8::from(*b)]),
-            Value::Object(_) => ld(5, &enc_struct(v), &mut o),
-            Value::Array(items) => {
-                let mut l = Vec::new();
-                for i in items {
-                    ld(1, &enc_value(i), &mut l);
-                }
-                ld(6, &l, &mut o);
-            }
-        }
-        o
-    }
-    fn enc_struct(v: &Value) -> Vec<u8> {
-        let mut o = Vec::new();
-        for (k, v) in v.as_object().unwrap() {
-            let mut e = Vec::new();
-            ld(1, k.as_bytes(), &mut e);
-            ld(2, &enc_value(v), &mut e);
-            ld(1, &e, &mut o);
-        }
-        o
-    }
-    pub(crate) fn encode_metadata(ns: &str, v: &Value) -> Vec<u8> {
-        let mut e = Vec::new();
-        ld(1, ns.as_bytes(), &mut e);
-        ld(2, &enc_struct(v), &mut e);
-        let mut o = Vec::new();
-        ld(1, &e, &mut o);
-        o
-    }
 
     #[test]
     fn roundtrip_metadata() {

@@ -16,32 +16,16 @@ impl WyRand {
         Self { state: seed }
     }
 
-    /// Seed from the OS/host entropy source; falls back to the clock if that fails.
+    /// Seed from the host's entropy: std's `RandomState` draws its keys from the platform
+    /// source (WASI `random_get` on wasm32-wasip1), so hashing with it gives a seed without
+    /// another dependency.
     pub fn from_entropy() -> Self {
-        let mut seed = [0u8; 8];
-        let seed = match getrandom_fill(&mut seed) {
-            true => u64::from_le_bytes(seed),
-            false => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0x9E37_79B9_7F4A_7C15),
-        };
-        Self::new(seed)
+        use std::collections::hash_map::RandomState;
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(0x9E37_79B9_7F4A_7C15);
+        Self::new(h.finish())
     }
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> bool {
-    // std's HashMap RandomState draws from the platform entropy source (WASI random_get on
-    // wasm32-wasip1); hashing a counter with it gives us a seed without another dependency.
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = RandomState::new().build_hasher();
-    h.write_usize(buf.len());
-    let v = h.finish().to_le_bytes();
-    for (b, s) in buf.iter_mut().zip(v.iter().cycle()) {
-        *b = *s;
-    }
-    true
 }
 
 impl Rng for WyRand {

@@ -111,7 +111,7 @@ mod tests {
     use super::*;
     use crate::config::from_value;
     use crate::fake::FakeHost;
-    use crate::props::tests::encode_metadata;
+    use crate::props::encode_metadata;
 
     #[derive(Debug, serde::Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]

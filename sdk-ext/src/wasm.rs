@@ -290,17 +290,6 @@ impl Host for ProxyHost {
         }
     }
 
-    fn has_property(&self, path: &[&str]) -> bool {
-        let joined = path.join("\0");
-        let mut ptr = null_mut();
-        let mut len = 0;
-        // SAFETY: path slice valid for the call; out-pointers to locals.
-        let s = unsafe { raw::proxy_get_property(joined.as_ptr(), joined.len(), &mut ptr, &mut len) };
-        drop(owned(ptr, len));
-        // Found, or found but not serializable (a Struct): both mean it exists.
-        !matches!(status(s), Err(HostError::NotFound))
-    }
-
     fn now(&self) -> SystemTime {
         let mut t = 0u64;
         // SAFETY: out-pointer to a local.

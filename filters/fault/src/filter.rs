@@ -339,66 +339,9 @@ mod tests {
         let p = plugin(ABORT_ALL, &host);
         host.set_property(&["xds", "route_name"], b"calm");
         let meta = serde_json::json!({"fault": {"rules": [{"name": "r", "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}}]}});
-        host.set_property(&["xds", "route_metadata"], &meshwasm_sdk_ext_test_encode(&meta));
+        host.set_property(&["xds", "route_metadata"], &meshwasm_sdk_ext::props::encode_metadata("meshwasm", &meta));
         let mut f = p.new_filter(2, 1);
         assert_eq!(f.on_request_headers(&host, true), Flow::Pause);
         assert_eq!(host.replies.borrow()[0].status, 418);
-    }
-
-    /// Minimal protobuf encoding of Metadata{filter_metadata{"meshwasm": Struct}} for tests.
-    fn meshwasm_sdk_ext_test_encode(v: &serde_json::Value) -> Vec<u8> {
-        fn varint(mut v: u64, o: &mut Vec<u8>) {
-            loop {
-                let b = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    o.push(b);
-                    return;
-                }
-                o.push(b | 0x80);
-            }
-        }
-        fn ld(f: u64, d: &[u8], o: &mut Vec<u8>) {
-            varint(f << 3 | 2, o);
-            varint(d.len() as u64, o);
-            o.extend_from_slice(d);
-        }
-        fn value(v: &serde_json::Value) -> Vec<u8> {
-            let mut o = Vec::new();
-            match v {
-                serde_json::Value::Number(n) => {
-                    o.push(2 << 3 | 1);
-                    o.extend_from_slice(&n.as_f64().unwrap().to_bits().to_le_bytes());
-                }
-                serde_json::Value::String(s) => ld(3, s.as_bytes(), &mut o),
-                serde_json::Value::Bool(b) => o.extend_from_slice(&[4 << 3, u8::from(*b)]),
-                serde_json::Value::Object(_) => ld(5, &strukt(v), &mut o),
-                serde_json::Value::Array(a) => {
-                    let mut l = Vec::new();
-                    for i in a {
-                        ld(1, &value(i), &mut l);
-                    }
-                    ld(6, &l, &mut o);
-                }
-                serde_json::Value::Null => o.extend_from_slice(&[8, 0]),
-            }
-            o
-        }
-        fn strukt(v: &serde_json::Value) -> Vec<u8> {
-            let mut o = Vec::new();
-            for (k, v) in v.as_object().unwrap() {
-                let mut e = Vec::new();
-                ld(1, k.as_bytes(), &mut e);
-                ld(2, &value(v), &mut e);
-                ld(1, &e, &mut o);
-            }
-            o
-        }
-        let mut e = Vec::new();
-        ld(1, b"meshwasm", &mut e);
-        ld(2, &strukt(v), &mut e);
-        let mut o = Vec::new();
-        ld(1, &e, &mut o);
-        o
     }
 }
