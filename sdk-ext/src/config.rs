@@ -6,6 +6,7 @@
 use std::fmt;
 
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 /// A configuration error: where (JSON path) and what rule was broken.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +113,43 @@ where
     Config: TryFrom<Raw, Error = ConfigError>,
 {
     Config::try_from(from_json::<Raw>(bytes)?)
+}
+
+/// gRPC status codes by name, as Istio writes them.
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status from config: a code name (`"UNAVAILABLE"`, any case) or a number 0..=16.
+pub fn grpc_code(v: &Value, path: &Path) -> Result<u32, ConfigError> {
+    let bad = || path.err(format!("must be a gRPC code name like \"UNAVAILABLE\" or a number 0..=16, got {v}"));
+    match v {
+        Value::String(s) => {
+            if let Ok(n) = s.parse::<u32>() {
+                return if n <= 16 { Ok(n) } else { Err(bad()) };
+            }
+            let upper = s.to_ascii_uppercase();
+            GRPC_CODES.iter().position(|c| *c == upper).map(|i| i as u32).ok_or_else(bad)
+        }
+        Value::Number(n) => n.as_u64().filter(|n| *n <= 16).map(|n| n as u32).ok_or_else(bad),
+        _ => Err(bad()),
+    }
 }
 
 fn strip_position(msg: &str) -> String {

@@ -5,7 +5,18 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::host::{HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+use crate::host::{GrpcCall, HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+
+/// A gRPC call the filter started, as recorded by the fake host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedGrpcCall {
+    pub token: u32,
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    pub message: Vec<u8>,
+    pub timeout: Duration,
+}
 
 #[derive(Default)]
 pub struct FakeHost {
@@ -25,6 +36,9 @@ pub struct FakeHost {
     /// Make the next N `set_shared_data` calls with a CAS fail, as a concurrent writer would.
     pub cas_conflicts: Cell<u32>,
     pub logs: RefCell<Vec<(LogLevel, String)>>,
+    pub grpc_calls: RefCell<Vec<RecordedGrpcCall>>,
+    /// When set, `grpc_call` fails with this error (an unknown cluster, for example).
+    pub grpc_call_error: Cell<Option<HostError>>,
 }
 
 impl FakeHost {
@@ -163,6 +177,22 @@ impl Host for FakeHost {
         let next = current.unwrap_or(0) + 1;
         s.insert(key.to_string(), (value.to_vec(), next));
         Ok(())
+    }
+    fn grpc_call(&self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        if let Some(e) = self.grpc_call_error.get() {
+            return Err(e);
+        }
+        let mut calls = self.grpc_calls.borrow_mut();
+        let token = u32::try_from(calls.len() + 1).map_err(|_| HostError::BadArgument)?;
+        calls.push(RecordedGrpcCall {
+            token,
+            cluster: call.cluster.to_string(),
+            service: call.service.to_string(),
+            method: call.method.to_string(),
+            message: call.message.to_vec(),
+            timeout: call.timeout,
+        });
+        Ok(token)
     }
     fn log(&self, level: LogLevel, message: &str) {
         self.logs.borrow_mut().push((level, message.to_string()));

@@ -20,6 +20,16 @@ pub enum Flow {
     Delay(Duration),
 }
 
+/// How a gRPC callout ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcReply {
+    /// The response message (serialized).
+    Message(Vec<u8>),
+    /// The call failed with this gRPC status: 4 DEADLINE_EXCEEDED after the call's timeout,
+    /// 14 UNAVAILABLE when the service cannot be reached, or whatever the service answered.
+    Failed(u32),
+}
+
 pub trait HttpFilter {
     fn on_request_headers(&mut self, _host: &dyn Host, _end_of_stream: bool) -> Flow {
         Flow::Continue
@@ -38,6 +48,12 @@ pub trait HttpFilter {
     }
     /// A delay asked for with `Flow::Delay` has elapsed. `Continue` resumes the stream.
     fn on_timer(&mut self, _host: &dyn Host) -> Flow {
+        Flow::Continue
+    }
+    /// A gRPC call this stream started (`Host::grpc_call`) has ended. `Continue` resumes the
+    /// stream (it must have paused for the call), `Pause` leaves it paused (a local reply was
+    /// sent).
+    fn on_grpc_reply(&mut self, _host: &dyn Host, _token: u32, _reply: GrpcReply) -> Flow {
         Flow::Continue
     }
     /// The stream is finished (completed, reset or destroyed). Called exactly once.

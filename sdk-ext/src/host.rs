@@ -3,7 +3,7 @@
 //! `crate::fake::FakeHost` is the in-memory implementation used by tests.
 
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A failed host call. The adapter turns every non-Ok status into this — it never panics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,21 @@ pub enum HeaderMap {
     ResponseTrailers,
 }
 
+/// An outgoing unary gRPC call through Envoy's gRPC client to `cluster` (a cluster of the
+/// bootstrap, with HTTP/2). The reply comes back as `HttpFilter::on_grpc_reply`.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcCall<'a> {
+    pub cluster: &'a str,
+    /// Fully qualified service, e.g. `envoy.service.ratelimit.v3.RateLimitService`.
+    pub service: &'a str,
+    pub method: &'a str,
+    pub initial_metadata: &'a [(String, String)],
+    /// The serialized request message.
+    pub message: &'a [u8],
+    /// Envoy ends the call with DEADLINE_EXCEEDED after this long.
+    pub timeout: Duration,
+}
+
 pub trait Host {
     // --- headers ---
     fn header(&self, map: HeaderMap, name: &str) -> Option<String>;
@@ -95,6 +110,10 @@ pub trait Host {
     fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
     /// Write with compare-and-swap; `cas: None` writes unconditionally.
     fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError>;
+
+    // --- callouts ---
+    /// Start a gRPC call; returns its token. The stream should pause until the reply.
+    fn grpc_call(&self, call: &GrpcCall<'_>) -> Result<u32, HostError>;
 
     // --- logging ---
     fn log(&self, level: LogLevel, message: &str);

@@ -17,6 +17,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod percent;
 pub mod props;
+pub mod proto;
 pub mod rng;
 pub mod route;
 pub mod scheduler;
@@ -25,5 +26,5 @@ pub mod shared;
 pub mod wasm;
 
 pub use config::{ConfigError, Path};
-pub use filter::{Flow, HttpFilter, Plugin};
-pub use host::{HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+pub use filter::{Flow, GrpcReply, HttpFilter, Plugin};
+pub use host::{GrpcCall, HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};

@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Number, Value};
 
+use crate::proto::{put_bytes, Reader};
+
 pub fn decode_int(b: &[u8]) -> Option<i64> {
     let arr: [u8; 8] = b.try_into().ok()?;
     Some(i64::from_le_bytes(arr))
@@ -12,11 +14,11 @@ pub fn decode_int(b: &[u8]) -> Option<i64> {
 /// `filter_metadata[namespace]` as JSON (a `google.protobuf.Struct`).
 pub fn metadata_namespace(bytes: &[u8], namespace: &str) -> Result<Option<Value>, String> {
     // Metadata { map<string, Struct> filter_metadata = 1; ... }
-    let mut r = Reader(bytes);
+    let mut r = Reader::new(bytes);
     while let Some((field, wire)) = r.key()? {
         if field == 1 && wire == 2 {
             // map entry { string key = 1; Struct value = 2; }
-            let mut entry = Reader(r.bytes()?);
+            let mut entry = Reader::new(r.bytes()?);
             let mut key = None;
             let mut value = None;
             while let Some((f, w)) = entry.key()? {
@@ -44,11 +46,11 @@ fn decode_struct(bytes: &[u8], depth: usize) -> Result<Value, String> {
         return Err(format!("metadata nested deeper than {MAX_DEPTH} levels"));
     }
     // Struct { map<string, Value> fields = 1; }
-    let mut r = Reader(bytes);
+    let mut r = Reader::new(bytes);
     let mut map = Map::new();
     while let Some((field, wire)) = r.key()? {
         if field == 1 && wire == 2 {
-            let mut entry = Reader(r.bytes()?);
+            let mut entry = Reader::new(r.bytes()?);
             let mut key = String::new();
             let mut value = Value::Null;
             while let Some((f, w)) = entry.key()? {
@@ -70,7 +72,7 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, String> {
     // Value { oneof kind { NullValue null_value = 1; double number_value = 2;
     //   string string_value = 3; bool bool_value = 4; Struct struct_value = 5;
     //   ListValue list_value = 6; } }
-    let mut r = Reader(bytes);
+    let mut r = Reader::new(bytes);
     let mut out = Value::Null;
     while let Some((field, wire)) = r.key()? {
         out = match (field, wire) {
@@ -91,7 +93,7 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, String> {
             (4, 0) => Value::Bool(r.varint()? != 0),
             (5, 2) => decode_struct(r.bytes()?, depth + 1)?,
             (6, 2) => {
-                let mut list = Reader(r.bytes()?);
+                let mut list = Reader::new(r.bytes()?);
                 let mut items = Vec::new();
                 while let Some((f, w)) = list.key()? {
                     if f == 1 && w == 2 {
@@ -121,24 +123,6 @@ pub fn encode_metadata(namespace: &str, value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     put_bytes(1, &entry, &mut out);
     out
-}
-
-fn put_varint(mut v: u64, out: &mut Vec<u8>) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
-fn put_bytes(field: u64, data: &[u8], out: &mut Vec<u8>) {
-    put_varint(field << 3 | 2, out);
-    put_varint(data.len() as u64, out);
-    out.extend_from_slice(data);
 }
 
 fn encode_struct(v: &Value) -> Vec<u8> {
@@ -172,56 +156,6 @@ fn encode_value(v: &Value) -> Vec<u8> {
         }
     }
     out
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn varint(&mut self) -> Result<u64, String> {
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let (&b, rest) = self.0.split_first().ok_or("truncated varint")?;
-            self.0 = rest;
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint too long".into())
-    }
-    fn key(&mut self) -> Result<Option<(u64, u8)>, String> {
-        if self.0.is_empty() {
-            return Ok(None);
-        }
-        let k = self.varint()?;
-        Ok(Some((k >> 3, (k & 7) as u8)))
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if n > self.0.len() {
-            return Err("truncated field".into());
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], String> {
-        let n = usize::try_from(self.varint()?).map_err(|_| "length overflow")?;
-        self.take(n)
-    }
-    fn fixed64(&mut self) -> Result<u64, String> {
-        let b = self.take(8)?;
-        let arr: [u8; 8] = b.try_into().map_err(|_| "truncated fixed64")?;
-        Ok(u64::from_le_bytes(arr))
-    }
-    fn skip(&mut self, wire: u8) -> Result<(), String> {
-        match wire {
-            0 => self.varint().map(drop),
-            1 => self.take(8).map(drop),
-            2 => self.bytes().map(drop),
-            5 => self.take(4).map(drop),
-            w => Err(format!("unsupported wire type {w}")),
-        }
-    }
 }
 
 #[cfg(test)]

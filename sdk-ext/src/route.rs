@@ -43,8 +43,9 @@ impl<C> RouteOverrides<C> {
         Self { filter, by_name: RefCell::default() }
     }
 
-    /// The override for the current request's route, decoding it on the route's first request.
-    pub fn lookup(&self, host: &dyn Host, decode: impl Fn(&Value) -> Result<C, ConfigError>) -> RouteInfo<C> {
+    /// The override for the current request's route, decoding it on the route's first request
+    /// (`decode` gets the route name and the filter's value from the route metadata).
+    pub fn lookup(&self, host: &dyn Host, decode: impl Fn(&str, &Value) -> Result<C, ConfigError>) -> RouteInfo<C> {
         let route_name =
             host.property(&["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok()).filter(|n| !n.is_empty());
         let Some(name) = route_name else { return RouteInfo { route_name: None, config: None } };
@@ -62,7 +63,7 @@ impl<C> RouteOverrides<C> {
         host: &dyn Host,
         route: &str,
         metadata: &[u8],
-        decode: impl Fn(&Value) -> Result<C, ConfigError>,
+        decode: impl Fn(&str, &Value) -> Result<C, ConfigError>,
     ) -> Option<Rc<C>> {
         let ns = match crate::props::metadata_namespace(metadata, "meshwasm") {
             Ok(ns) => ns?,
@@ -75,7 +76,7 @@ impl<C> RouteOverrides<C> {
             }
         };
         let value = ns.get(self.filter)?;
-        match decode(value) {
+        match decode(route, value) {
             Ok(c) => {
                 host.log(
                     LogLevel::Info,
@@ -124,7 +125,7 @@ mod tests {
         let host = FakeHost::new();
         let cache = RouteOverrides::<C>::new("fault");
         let decode_calls = std::cell::Cell::new(0);
-        let decode = |v: &Value| {
+        let decode = |_: &str, v: &Value| {
             decode_calls.set(decode_calls.get() + 1);
             from_value::<C>(v)
         };

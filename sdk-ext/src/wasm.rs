@@ -20,8 +20,8 @@ use std::ptr::{null, null_mut, NonNull};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::filter::{Flow, HttpFilter, Plugin};
-use crate::host::{HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+use crate::filter::{Flow, GrpcReply, HttpFilter, Plugin};
+use crate::host::{GrpcCall, HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
 use crate::rng::{Rng, WyRand};
 use crate::scheduler::Scheduler;
 
@@ -108,6 +108,21 @@ mod raw {
         pub fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
         pub fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        pub fn proxy_grpc_call(
+            service_data: *const u8,
+            service_size: usize,
+            service_name_data: *const u8,
+            service_name_size: usize,
+            method_name_data: *const u8,
+            method_name_size: usize,
+            initial_metadata_data: *const u8,
+            initial_metadata_size: usize,
+            request_data: *const u8,
+            request_size: usize,
+            timeout_milliseconds: u32,
+            return_callout_id: *mut u32,
+        ) -> u32;
+        pub fn proxy_cancel_grpc_call(callout_id: u32) -> u32;
     }
 }
 
@@ -199,6 +214,16 @@ fn deserialize_pairs(b: &[u8]) -> Vec<(String, String)> {
 
 // === impl ProxyHost ===
 
+thread_local! {
+    /// Tokens of gRPC calls started during the current callback; the dispatcher maps them to
+    /// the calling stream when the callback returns.
+    static NEW_CALLOUTS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_new_callouts() -> Vec<u32> {
+    NEW_CALLOUTS.with(|c| std::mem::take(&mut *c.borrow_mut()))
+}
+
 /// The `Host` backed by the real proxy. Stateless: hostcalls act on the effective context.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProxyHost;
@@ -226,6 +251,23 @@ impl ProxyHost {
             Ok(()) => owned(ptr, len),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// The message of the gRPC reply being delivered (`proxy_on_grpc_receive`).
+    pub fn grpc_receive_buffer(&self, size: usize) -> Vec<u8> {
+        let mut ptr = null_mut();
+        let mut len = 0;
+        // SAFETY: out-pointers to locals; buffer type 5 is GrpcReceiveBuffer.
+        let s = unsafe { raw::proxy_get_buffer_bytes(5, 0, size, &mut ptr, &mut len) };
+        match status(s) {
+            Ok(()) => owned(ptr, len),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn cancel_grpc_call(&self, token: u32) {
+        // SAFETY: plain value argument. A call that already ended is not an error worth reporting.
+        let _ = unsafe { raw::proxy_cancel_grpc_call(token) };
     }
 
     fn continue_stream(&self, stream: u32) -> Result<(), HostError> {
@@ -373,6 +415,38 @@ impl Host for ProxyHost {
         })
     }
 
+    fn grpc_call(&self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        // Envoy parses the service argument as a serialized `envoy.config.core.v3.GrpcService`
+        // (falling back to a bare cluster name); send the message so a cluster name can never
+        // be misread as one: GrpcService { envoy_grpc = 1: EnvoyGrpc { cluster_name = 1 } }.
+        let mut envoy_grpc = Vec::new();
+        crate::proto::put_bytes(1, call.cluster.as_bytes(), &mut envoy_grpc);
+        let mut service = Vec::new();
+        crate::proto::put_bytes(1, &envoy_grpc, &mut service);
+        let metadata = serialize_pairs(call.initial_metadata);
+        let timeout = u32::try_from(call.timeout.as_millis()).unwrap_or(u32::MAX);
+        let mut token = 0;
+        // SAFETY: all slices are valid for the call; out-pointer to a local.
+        status(unsafe {
+            raw::proxy_grpc_call(
+                service.as_ptr(),
+                service.len(),
+                call.service.as_ptr(),
+                call.service.len(),
+                call.method.as_ptr(),
+                call.method.len(),
+                metadata.as_ptr(),
+                metadata.len(),
+                call.message.as_ptr(),
+                call.message.len(),
+                timeout,
+                &mut token,
+            )
+        })?;
+        NEW_CALLOUTS.with(|c| c.borrow_mut().push(token));
+        Ok(token)
+    }
+
     fn log(&self, level: LogLevel, message: &str) {
         let l = match level {
             LogLevel::Trace => 0,
@@ -437,6 +511,38 @@ struct StreamState<P: Plugin> {
 struct Contexts<P: Plugin> {
     roots: IdMap<RootState<P>>,
     streams: IdMap<StreamState<P>>,
+    /// gRPC calls in flight: token → (stream, phase to resume).
+    callouts: IdMap<(u32, Phase)>,
+}
+
+impl<P: Plugin> Contexts<P> {
+    /// Remember the calls stream `id` started in the callback that just returned.
+    fn adopt_callouts(&mut self, id: u32, phase: Phase) {
+        for token in take_new_callouts() {
+            self.callouts.insert(token, (id, phase));
+        }
+    }
+
+    /// Turn a stream callback's `Flow` into the ABI's action (0 continue, 1 pause), arming
+    /// the root tick for a delay.
+    fn flow(&mut self, id: u32, phase: Phase, flow: Flow, host: &ProxyHost) -> u32 {
+        match flow {
+            Flow::Continue => 0,
+            Flow::Pause => 1,
+            Flow::Delay(d) => {
+                let root_id = self.streams.get(&id).map(|s| s.root);
+                if let Some(root) = root_id.and_then(|r| self.roots.get_mut(&r)) {
+                    let now = since_epoch(host.now());
+                    let earlier = root.scheduler.next_deadline().is_none_or(|n| now + d < n);
+                    root.scheduler.schedule(id, now + d, phase);
+                    if earlier {
+                        host.set_tick_period_ms(root.scheduler.tick_period_ms(now));
+                    }
+                }
+                1
+            }
+        }
+    }
 }
 
 /// All of one VM's contexts for plugin `P`. `export_http_filter!` keeps one in a thread-local
@@ -447,7 +553,13 @@ pub struct Vm<P: Plugin> {
 
 impl<P: Plugin> Default for Vm<P> {
     fn default() -> Self {
-        Self { contexts: RefCell::new(Contexts { roots: IdMap::default(), streams: IdMap::default() }) }
+        Self {
+            contexts: RefCell::new(Contexts {
+                roots: IdMap::default(),
+                streams: IdMap::default(),
+                callouts: IdMap::default(),
+            }),
+        }
     }
 }
 
@@ -523,7 +635,11 @@ impl<P: Plugin> Vm<P> {
                 if host.set_effective_context(id).is_err() {
                     continue; // the stream went away
                 }
-                let resumed = match filter.on_timer(&host) {
+                let flow = filter.on_timer(&host);
+                for token in take_new_callouts() {
+                    c.callouts.insert(token, (id, phase));
+                }
+                let resumed = match flow {
                     Flow::Continue => match phase {
                         Phase::Request => host.resume_request(),
                         Phase::Response => host.resume_response(),
@@ -551,26 +667,45 @@ impl<P: Plugin> Vm<P> {
     /// Run a stream callback and turn its `Flow` into the ABI's action (0 continue, 1 pause).
     pub fn on_stream(&self, id: u32, phase: Phase, f: impl FnOnce(&mut P::Filter, &ProxyHost) -> Flow) -> u32 {
         self.with(0, |c| {
-            let Some(stream) = c.streams.get_mut(&id) else { return 0 };
-            let Some(filter) = stream.filter.as_mut() else { return 0 };
+            let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { return 0 };
             let host = ProxyHost;
-            match f(filter, &host) {
-                Flow::Continue => 0,
-                Flow::Pause => 1,
-                Flow::Delay(d) => {
-                    let root_id = stream.root;
-                    if let Some(root) = c.roots.get_mut(&root_id) {
-                        let now = since_epoch(host.now());
-                        let earlier = root.scheduler.next_deadline().is_none_or(|n| now + d < n);
-                        root.scheduler.schedule(id, now + d, phase);
-                        if earlier {
-                            host.set_tick_period_ms(root.scheduler.tick_period_ms(now));
-                        }
-                    }
-                    1
+            let flow = f(filter, &host);
+            c.adopt_callouts(id, phase);
+            c.flow(id, phase, flow, &host)
+        })
+    }
+
+    /// A gRPC call ended (`proxy_on_grpc_receive` with the message, or `proxy_on_grpc_close`
+    /// with a status): hand it to the stream that started it and resume the stream if the
+    /// filter says so. Tokens are ours to check: an unknown one is logged and dropped.
+    pub fn on_grpc_reply(&self, token: u32, reply: impl FnOnce(&ProxyHost) -> GrpcReply) {
+        self.with((), |c| {
+            let host = ProxyHost;
+            let Some((id, phase)) = c.callouts.remove(&token) else {
+                host.log(LogLevel::Debug, &format!("meshwasm.{}: reply for unknown gRPC call {token}", P::NAME));
+                return;
+            };
+            let reply = reply(&host);
+            let Some(stream) = c.streams.get_mut(&id) else { return };
+            if stream.done {
+                return;
+            }
+            let Some(filter) = stream.filter.as_mut() else { return };
+            if host.set_effective_context(id).is_err() {
+                return; // the stream went away
+            }
+            let flow = filter.on_grpc_reply(&host, token, reply);
+            c.adopt_callouts(id, phase);
+            if c.flow(id, phase, flow, &host) == 0 {
+                let resumed = match phase {
+                    Phase::Request => host.resume_request(),
+                    Phase::Response => host.resume_response(),
+                };
+                if let Err(e) = resumed {
+                    host.log(LogLevel::Debug, &format!("meshwasm.{}: resume stream {id}: {e}", P::NAME));
                 }
             }
-        })
+        });
     }
 
     /// The stream is over (`proxy_on_done`, `proxy_on_log` or `proxy_on_delete`, whichever
@@ -587,6 +722,14 @@ impl<P: Plugin> Vm<P> {
         stream.done = true;
         if let Some(root) = c.roots.get_mut(&stream.root) {
             root.scheduler.cancel(id);
+        }
+        if !c.callouts.is_empty() {
+            c.callouts.retain(|token, (stream, _)| {
+                if *stream == id {
+                    ProxyHost.cancel_grpc_call(*token);
+                }
+                *stream != id
+            });
         }
         if let Some(filter) = stream.filter.as_mut() {
             filter.on_done(&ProxyHost);
@@ -667,6 +810,18 @@ macro_rules! export_http_filter {
         #[no_mangle]
         pub extern "C" fn proxy_on_request_trailers(id: u32, _trailers: usize) -> u32 {
             __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Request, |f, h| $crate::HttpFilter::on_request_trailers(f, h)))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_grpc_receive_initial_metadata(_id: u32, _token: u32, _headers: u32) {}
+        #[no_mangle]
+        pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(_id: u32, _token: u32, _trailers: u32) {}
+        #[no_mangle]
+        pub extern "C" fn proxy_on_grpc_receive(_id: u32, token: u32, size: usize) {
+            __MESHWASM_VM.with(|vm| vm.on_grpc_reply(token, |h| $crate::GrpcReply::Message(h.grpc_receive_buffer(size))))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_grpc_close(_id: u32, token: u32, status: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_grpc_reply(token, |_| $crate::GrpcReply::Failed(status)))
         }
         #[no_mangle]
         pub extern "C" fn proxy_on_done(id: u32) -> u32 {

@@ -244,41 +244,7 @@ impl Abort {
     }
 }
 
-/// gRPC status codes by name, as Istio writes them.
-pub const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-fn grpc_code(v: &Value, path: &Path) -> Result<u32, ConfigError> {
-    let bad = || path.err(format!("must be a gRPC code name like \"UNAVAILABLE\" or a number 0..=16, got {v}"));
-    match v {
-        Value::String(s) => {
-            if let Ok(n) = s.parse::<u32>() {
-                return if n <= 16 { Ok(n) } else { Err(bad()) };
-            }
-            let upper = s.to_ascii_uppercase();
-            GRPC_CODES.iter().position(|c| *c == upper).map(|i| i as u32).ok_or_else(bad)
-        }
-        Value::Number(n) => n.as_u64().filter(|n| *n <= 16).map(|n| n as u32).ok_or_else(bad),
-        _ => Err(bad()),
-    }
-}
+pub use meshwasm_sdk_ext::config::{grpc_code, GRPC_CODES};
 
 fn header_control(v: Option<&Value>, path: &Path) -> Result<Option<HeaderControl>, ConfigError> {
     let cap = |v: Option<&Value>, p: &Path| -> Result<Fraction, ConfigError> {

@@ -173,7 +173,7 @@ impl HttpFilter for FaultFilter {
         let plugin = self.plugin.clone();
         let mut req = HostRequest::new(host);
         let route = if plugin.config.route_overrides {
-            let route = plugin.routes.lookup(host, Config::from_route_value);
+            let route = plugin.routes.lookup(host, |_, v| Config::from_route_value(v));
             if let Some(name) = route.route_name {
                 req = req.with_route(name);
             }
