@@ -163,4 +163,7 @@ impl crate::matcher::RequestView for HostRequest<'_> {
         }
         self.route.clone().flatten()
     }
+    fn remote_address(&mut self) -> Option<String> {
+        self.host.property(&["source", "address"]).and_then(|b| String::from_utf8(b).ok())
+    }
 }

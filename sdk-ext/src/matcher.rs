@@ -235,6 +235,10 @@ pub trait RequestView {
     fn port(&mut self) -> Option<u32>;
     /// The Envoy route name (`xds.route_name`).
     fn route_name(&mut self) -> Option<String>;
+    /// The downstream peer's address (`source.address`, `ip:port`).
+    fn remote_address(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// A request held in memory: for tests and for callers that already have the headers.
@@ -243,6 +247,7 @@ pub struct StaticRequest {
     pub headers: Vec<(String, String)>,
     pub port: Option<u32>,
     pub route: Option<String>,
+    pub remote: Option<String>,
 }
 
 impl StaticRequest {
@@ -273,6 +278,9 @@ impl RequestView for StaticRequest {
     }
     fn route_name(&mut self) -> Option<String> {
         self.route.clone()
+    }
+    fn remote_address(&mut self) -> Option<String> {
+        self.remote.clone()
     }
 }
 

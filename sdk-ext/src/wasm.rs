@@ -122,7 +122,7 @@ mod raw {
             timeout_milliseconds: u32,
             return_callout_id: *mut u32,
         ) -> u32;
-        pub fn proxy_cancel_grpc_call(callout_id: u32) -> u32;
+        pub fn proxy_grpc_cancel(callout_id: u32) -> u32;
     }
 }
 
@@ -267,7 +267,7 @@ impl ProxyHost {
 
     pub fn cancel_grpc_call(&self, token: u32) {
         // SAFETY: plain value argument. A call that already ended is not an error worth reporting.
-        let _ = unsafe { raw::proxy_cancel_grpc_call(token) };
+        let _ = unsafe { raw::proxy_grpc_cancel(token) };
     }
 
     fn continue_stream(&self, stream: u32) -> Result<(), HostError> {

@@ -19,6 +19,8 @@
 
 pub mod client;
 pub mod envoy;
+pub mod ratelimit_service;
+pub mod redis;
 pub mod stats;
 pub mod upstream;
 
@@ -28,6 +30,10 @@ use std::sync::OnceLock;
 
 pub use client::{fire, Proto, Request, Response};
 pub use envoy::{Envoy, EnvoyBuilder, Filter, Listener, Route, UpstreamProto};
+pub use ratelimit_service::{
+    Behaviour, CallError, Header, Limit, LimitEntry, RateLimitService, RateLimitServiceBuilder, ServiceConfig, Unit,
+};
+pub use redis::Redis;
 pub use stats::assert_binomial;
 pub use upstream::Upstream;
 

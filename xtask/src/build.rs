@@ -19,6 +19,11 @@ pub struct Filter {
 /// THE list of modules. A new filter is one line here.
 pub const FILTERS: &[Filter] = &[
     Filter { name: "fault", krate: "meshwasm-fault", smoke_config: r#"{"headerControl":true}"# },
+    Filter {
+        name: "ratelimit",
+        krate: "meshwasm-ratelimit",
+        smoke_config: r#"{"rules":[{"tokenBucket":{"maxTokens":10,"fillInterval":"1s"}}]}"#,
+    },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];

@@ -1,0 +1,407 @@
+//! The rate-limit filter's stream and root: local buckets first (shared data, exact across
+//! workers), then one callout to the rate-limit service for the global rules, then the
+//! reply or the rate-limit headers on the response.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use meshwasm_sdk_ext::host::HostRequest;
+use meshwasm_sdk_ext::metrics::{rule_metric_name, sanitize_label, Metrics};
+use meshwasm_sdk_ext::route::RouteOverrides;
+use meshwasm_sdk_ext::{
+    ConfigError, Flow, GrpcCall, GrpcReply, HeaderMap, Host, HttpFilter, LocalReply, LogLevel, MetricKind, Plugin,
+};
+
+use crate::config::{Config, FailureMode, Limit};
+use crate::policy::{self, Entries, Tightest, ERROR_BODY, REJECT_BODY, REJECT_DETAILS};
+use crate::rls;
+use crate::slots::SlotTable;
+
+pub const NAME: &str = "ratelimit";
+
+/// Per-rule stats, as Envoy's local rate limit filter names them.
+pub const ENABLED: &str = "enabled";
+pub const OK: &str = "ok";
+pub const RATE_LIMITED: &str = "rate_limited";
+pub const ENFORCED: &str = "enforced";
+pub const KEYS_EVICTED: &str = "keys_evicted";
+/// Rate-limit service stats, as Envoy's rate limit filter names them:
+/// `meshwasm.ratelimit.global.<stat>`.
+pub const GLOBAL_STATS: [&str; 4] = ["ok", "over_limit", "error", "failure_mode_allowed"];
+
+// === impl Limiter ===
+
+/// A validated config bound to its buckets in shared data.
+pub struct Limiter {
+    pub config: Config,
+    /// One per rule; `None` for global rules.
+    tables: Vec<Option<SlotTable>>,
+}
+
+impl Limiter {
+    /// Bind `config` to the shared-data keys under `prefix`, creating the bucket slots.
+    pub fn new(config: Config, prefix: &str, host: &dyn Host) -> Self {
+        let tables = config
+            .rules
+            .iter()
+            .map(|r| match r.limit {
+                Limit::Local(_) => {
+                    let t = SlotTable::new(format!("{prefix}.rule.{}", sanitize_label(&r.name)), r.max_keys);
+                    t.init(host);
+                    Some(t)
+                }
+                Limit::Global => None,
+            })
+            .collect();
+        Self { config, tables }
+    }
+}
+
+// === impl RateLimitPlugin ===
+
+pub struct RateLimitPlugin {
+    limiter: Rc<Limiter>,
+    routes: RouteOverrides<Limiter>,
+    metrics: RefCell<Metrics>,
+    prefix: String,
+}
+
+impl RateLimitPlugin {
+    fn count(&self, host: &dyn Host, rule: &str, stat: &str) {
+        self.metrics.borrow_mut().add(host, MetricKind::Counter, &rule_metric_name(NAME, rule, stat), 1);
+    }
+    fn count_global(&self, host: &dyn Host, stat: &str) {
+        self.metrics.borrow_mut().add(host, MetricKind::Counter, &format!("meshwasm.{NAME}.global.{stat}"), 1);
+    }
+    fn define(&self, host: &dyn Host, config: &Config) {
+        let mut m = self.metrics.borrow_mut();
+        for r in &config.rules {
+            for stat in [ENABLED, OK, RATE_LIMITED, ENFORCED, KEYS_EVICTED] {
+                m.add(host, MetricKind::Counter, &rule_metric_name(NAME, &r.name, stat), 0);
+            }
+        }
+        if config.has_global() {
+            for stat in GLOBAL_STATS {
+                m.add(host, MetricKind::Counter, &format!("meshwasm.{NAME}.global.{stat}"), 0);
+            }
+        }
+    }
+}
+
+impl Plugin for RateLimitPlugin {
+    const NAME: &'static str = NAME;
+    type Filter = RateLimitFilter;
+
+    fn configure(bytes: &[u8], host: &dyn Host) -> Result<Self, ConfigError> {
+        let config = Config::from_json(bytes)?;
+        let name = host.property(&["plugin_name"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+        let prefix = format!("meshwasm.{NAME}.{name}");
+        let plugin = RateLimitPlugin {
+            limiter: Rc::new(Limiter::new(config, &prefix, host)),
+            routes: RouteOverrides::new(NAME),
+            metrics: RefCell::default(),
+            prefix,
+        };
+        plugin.define(host, &plugin.limiter.config);
+        Ok(plugin)
+    }
+
+    fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> RateLimitFilter {
+        RateLimitFilter { plugin: self.clone(), state: State::Idle, response_headers: Vec::new() }
+    }
+}
+
+// === impl RateLimitFilter ===
+
+enum State {
+    Idle,
+    /// Waiting for the rate-limit service: the call's token and the global rules it covers.
+    Calling {
+        token: u32,
+        limiter: Rc<Limiter>,
+        rules: Vec<usize>,
+    },
+    Done,
+}
+
+pub struct RateLimitFilter {
+    plugin: Rc<RateLimitPlugin>,
+    state: State,
+    /// Headers to set on the response (rate-limit headers, the service's headers).
+    response_headers: Vec<(String, String)>,
+}
+
+fn now_ns(host: &dyn Host) -> u64 {
+    host.now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+fn reject(config: &Config, mut headers: Vec<(String, String)>, retry_after: Option<u64>) -> LocalReply {
+    if let Some(s) = retry_after.filter(|s| *s > 0) {
+        headers.push(("retry-after".into(), s.to_string()));
+    }
+    LocalReply {
+        status: config.status,
+        body: REJECT_BODY.into(),
+        headers,
+        grpc_status: config.grpc_status,
+        details: REJECT_DETAILS.into(),
+    }
+}
+
+impl RateLimitFilter {
+    fn send(&mut self, host: &dyn Host, reply: &LocalReply) -> Flow {
+        self.response_headers.clear();
+        self.state = State::Done;
+        if let Err(e) = host.send_local_reply(reply) {
+            host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: reply not sent: {e}"));
+        }
+        Flow::Pause
+    }
+
+    /// Local rules, in order. Returns the reply flow when a rule rejects (enforced).
+    fn local(
+        &mut self,
+        host: &dyn Host,
+        limiter: &Limiter,
+        req: &mut HostRequest<'_>,
+    ) -> Result<Vec<(usize, Entries)>, Flow> {
+        let plugin = self.plugin.clone();
+        let config = &limiter.config;
+        let mut global = Vec::new();
+        let mut taken: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut tightest = None;
+        let mut now = None;
+        for (i, rule) in config.rules.iter().enumerate() {
+            if !rule.matches.matches(req) {
+                continue;
+            }
+            let Some(entries) = policy::entries(rule, req) else { continue };
+            let (Limit::Local(spec), Some(Some(table))) = (rule.limit, limiter.tables.get(i)) else {
+                global.push((i, entries));
+                continue;
+            };
+            plugin.count(host, &rule.name, ENABLED);
+            let key = policy::bucket_key(&entries);
+            let now = *now.get_or_insert_with(|| now_ns(host));
+            let taken_now = match table.take(host, &key, &spec, now) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Shared data failed: we cannot prove the limit is reached; let it through.
+                    host.log(
+                        LogLevel::Warn,
+                        &format!("meshwasm.ratelimit: rule {}: bucket unavailable ({e}); allowing", rule.name),
+                    );
+                    continue;
+                }
+            };
+            if taken_now.evicted {
+                plugin.count(host, &rule.name, KEYS_EVICTED);
+            }
+            tightest = Tightest::update(tightest, spec.max_tokens, &taken_now.take);
+            if taken_now.take.admitted {
+                plugin.count(host, &rule.name, OK);
+                taken.push((i, key));
+                continue;
+            }
+            plugin.count(host, &rule.name, RATE_LIMITED);
+            if !config.enforce {
+                host.log(
+                    LogLevel::Info,
+                    &format!(
+                        "meshwasm.ratelimit: dry run: rule {} would rate limit {}",
+                        rule.name,
+                        String::from_utf8_lossy(&key)
+                    ),
+                );
+                continue;
+            }
+            plugin.count(host, &rule.name, ENFORCED);
+            // The request is rejected: give back what earlier rules took for it.
+            for (j, k) in &taken {
+                if let (Some(Limit::Local(s)), Some(Some(t))) =
+                    (config.rules.get(*j).map(|r| r.limit), limiter.tables.get(*j))
+                {
+                    if let Err(e) = t.refund(host, k, &s) {
+                        host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: refund failed: {e}"));
+                    }
+                }
+            }
+            let headers = if config.headers { tightest.map(|t| t.headers()).unwrap_or_default() } else { Vec::new() };
+            return Err(self.send(host, &reject(config, headers, Some(taken_now.take.reset_secs))));
+        }
+        if config.headers {
+            if let Some(t) = tightest {
+                self.response_headers.extend(t.headers());
+            }
+        }
+        Ok(global)
+    }
+
+    fn call_service(&mut self, host: &dyn Host, limiter: Rc<Limiter>, global: Vec<(usize, Entries)>) -> Flow {
+        let Some(service) = limiter.config.service.as_ref() else { return Flow::Continue };
+        let descriptors: Vec<Entries> = global.iter().map(|(_, e)| e.clone()).collect();
+        let message = rls::encode_request(&service.domain, &descriptors, service.hits_addend);
+        let call = GrpcCall {
+            cluster: &service.cluster,
+            service: rls::SERVICE,
+            method: rls::METHOD,
+            initial_metadata: &[],
+            message: &message,
+            timeout: service.timeout,
+        };
+        for (i, _) in &global {
+            if let Some(r) = limiter.config.rules.get(*i) {
+                self.plugin.count(host, &r.name, ENABLED);
+            }
+        }
+        match host.grpc_call(&call) {
+            Ok(token) => {
+                self.state = State::Calling { token, rules: global.into_iter().map(|(i, _)| i).collect(), limiter };
+                Flow::Pause
+            }
+            Err(e) => self.service_failed(host, &limiter, &format!("cannot call cluster {:?}: {e}", service.cluster)),
+        }
+    }
+
+    /// The service failed, timed out or answered garbage: apply the failure mode.
+    fn service_failed(&mut self, host: &dyn Host, limiter: &Limiter, why: &str) -> Flow {
+        self.plugin.count_global(host, "error");
+        let Some(service) = limiter.config.service.as_ref() else { return Flow::Continue };
+        match service.failure_mode {
+            FailureMode::Allow => {
+                host.log(
+                    LogLevel::Warn,
+                    &format!("meshwasm.ratelimit: rate-limit service: {why}; allowing (failureMode allow)"),
+                );
+                self.plugin.count_global(host, "failure_mode_allowed");
+                self.state = State::Done;
+                Flow::Continue
+            }
+            FailureMode::Deny => {
+                host.log(
+                    LogLevel::Warn,
+                    &format!("meshwasm.ratelimit: rate-limit service: {why}; denying (failureMode deny)"),
+                );
+                let reply = LocalReply {
+                    status: service.status_on_error,
+                    body: ERROR_BODY.into(),
+                    headers: Vec::new(),
+                    grpc_status: None,
+                    details: ERROR_BODY.into(),
+                };
+                self.send(host, &reply)
+            }
+        }
+    }
+
+    fn on_service_reply(&mut self, host: &dyn Host, limiter: &Limiter, rules: &[usize], resp: rls::Response) -> Flow {
+        let config = &limiter.config;
+        match resp.overall {
+            rls::Code::Unknown => self.service_failed(host, limiter, "overall_code UNKNOWN"),
+            rls::Code::Ok => {
+                self.plugin.count_global(host, "ok");
+                for i in rules {
+                    if let Some(r) = config.rules.get(*i) {
+                        self.plugin.count(host, &r.name, OK);
+                    }
+                }
+                for (k, v) in &resp.request_headers {
+                    if let Err(e) = host.set_header(HeaderMap::RequestHeaders, k, Some(v)) {
+                        host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: cannot set request header {k}: {e}"));
+                    }
+                }
+                self.response_headers.extend(resp.response_headers);
+                self.state = State::Done;
+                Flow::Continue
+            }
+            rls::Code::OverLimit => {
+                self.plugin.count_global(host, "over_limit");
+                let mut retry_after: Option<u64> = None;
+                for (n, i) in rules.iter().enumerate() {
+                    let Some(r) = config.rules.get(*i) else { continue };
+                    // Statuses come in descriptor order; without them, every rule is over.
+                    let status = resp.statuses.get(n);
+                    if status.is_some_and(|s| s.code != rls::Code::OverLimit) {
+                        self.plugin.count(host, &r.name, OK);
+                        continue;
+                    }
+                    if let Some(s) = status.and_then(|s| s.reset_secs) {
+                        retry_after = Some(retry_after.map_or(s, |r| r.min(s)));
+                    }
+                    self.plugin.count(host, &r.name, RATE_LIMITED);
+                    if config.enforce {
+                        self.plugin.count(host, &r.name, ENFORCED);
+                    }
+                }
+                if !config.enforce {
+                    host.log(LogLevel::Info, "meshwasm.ratelimit: dry run: the rate-limit service answered OVER_LIMIT");
+                    self.response_headers.extend(resp.response_headers);
+                    self.state = State::Done;
+                    return Flow::Continue;
+                }
+                let mut headers = std::mem::take(&mut self.response_headers);
+                headers.retain(|(k, _)| !resp.response_headers.iter().any(|(rk, _)| rk == k));
+                headers.extend(resp.response_headers);
+                self.send(host, &reject(config, headers, retry_after))
+            }
+        }
+    }
+}
+
+impl HttpFilter for RateLimitFilter {
+    fn on_request_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
+        let plugin = self.plugin.clone();
+        let mut req = HostRequest::new(host);
+        let limiter = if plugin.limiter.config.route_overrides {
+            let route = plugin.routes.lookup(host, |route, v| {
+                let config = Config::from_route_value(v)?;
+                let limiter = Limiter::new(config, &format!("{}.route.{}", plugin.prefix, sanitize_label(route)), host);
+                plugin.define(host, &limiter.config);
+                Ok(limiter)
+            });
+            if let Some(name) = route.route_name {
+                req = req.with_route(name);
+            }
+            route.config.unwrap_or_else(|| plugin.limiter.clone())
+        } else {
+            plugin.limiter.clone()
+        };
+        let global = match self.local(host, &limiter, &mut req) {
+            Ok(g) => g,
+            Err(flow) => return flow,
+        };
+        if global.is_empty() {
+            self.state = State::Done;
+            return Flow::Continue;
+        }
+        self.call_service(host, limiter, global)
+    }
+
+    fn on_grpc_reply(&mut self, host: &dyn Host, token: u32, reply: GrpcReply) -> Flow {
+        let State::Calling { token: want, limiter, rules } = std::mem::replace(&mut self.state, State::Done) else {
+            return Flow::Continue;
+        };
+        if want != token {
+            host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: unexpected gRPC reply {token}"));
+            self.state = State::Calling { token: want, limiter, rules };
+            return Flow::Pause;
+        }
+        match reply {
+            GrpcReply::Message(bytes) => match rls::decode_response(&bytes) {
+                Ok(resp) => self.on_service_reply(host, &limiter, &rules, resp),
+                Err(e) => self.service_failed(host, &limiter, &format!("malformed reply: {e}")),
+            },
+            GrpcReply::Failed(status) => self.service_failed(host, &limiter, &format!("gRPC status {status}")),
+        }
+    }
+
+    fn on_response_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
+        for (k, v) in self.response_headers.drain(..) {
+            if let Err(e) = host.set_header(HeaderMap::ResponseHeaders, &k, Some(&v)) {
+                host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: cannot set response header {k}: {e}"));
+            }
+        }
+        Flow::Continue
+    }
+}

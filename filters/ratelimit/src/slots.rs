@@ -1,0 +1,256 @@
+//! Buckets in Envoy shared data, exact across workers.
+//!
+//! A rule's buckets live in a fixed table of `max_keys` slots, shared-data keys
+//! `<prefix>.<index>`, all created (empty) at configuration time. Envoy's shared data has no
+//! delete and accepts any write to a missing key, so creating every slot up front is what
+//! makes each later write a compare-and-swap, and what bounds memory: a flood of distinct
+//! keys reuses slots instead of adding keys.
+//!
+//! A key hashes to a slot and probes up to [`PROBES`] slots. A slot holds
+//! `[1][base: u128][last_used_ns: u64][key bytes]`, or `[0]` when empty. When every probed slot
+//! holds another key, the new key takes a slot whose bucket has refilled (a full bucket is
+//! the same as no bucket, so nothing changes), else the least recently used one: that key's
+//! bucket is forgotten (counted as `keys_evicted`) and starts full when it comes back.
+
+use meshwasm_sdk_ext::shared::MAX_CAS_RETRIES;
+use meshwasm_sdk_ext::{Host, HostError, LogLevel};
+
+use crate::bucket::{BucketSpec, Take};
+
+/// Slots probed per key.
+pub const PROBES: u32 = 8;
+/// Longer keys are stored as a prefix plus a hash, so a slot stays small whatever the
+/// request carries.
+pub const MAX_KEY_BYTES: usize = 256;
+
+const EMPTY: [u8; 1] = [0];
+const HEADER: usize = 1 + 16 + 8;
+
+#[derive(Debug, Clone)]
+pub struct SlotTable {
+    prefix: String,
+    size: u32,
+}
+
+/// What a take did to the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub take: Take,
+    /// Another key's bucket (not yet refilled) was forgotten to make room.
+    pub evicted: bool,
+}
+
+struct Slot<'a> {
+    base: u128,
+    last_used: u64,
+    key: &'a [u8],
+}
+
+fn parse(v: &[u8]) -> Option<Slot<'_>> {
+    let (&kind, rest) = v.split_first()?;
+    if kind != 1 || rest.len() < HEADER - 1 {
+        return None;
+    }
+    let (base, rest) = rest.split_at(16);
+    let (last, key) = rest.split_at(8);
+    Some(Slot {
+        base: u128::from_le_bytes(base.try_into().ok()?),
+        last_used: u64::from_le_bytes(last.try_into().ok()?),
+        key,
+    })
+}
+
+fn encode(base: u128, last_used: u64, key: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER + key.len());
+    v.push(1);
+    v.extend_from_slice(&base.to_le_bytes());
+    v.extend_from_slice(&last_used.to_le_bytes());
+    v.extend_from_slice(key);
+    v
+}
+
+/// FNV-1a, 64 bit: stable across workers and restarts (the slot of a key must not depend on
+/// the VM that computes it).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Bound a key's length: keep a prefix and append the hash of the whole key.
+pub fn bounded_key(mut key: Vec<u8>) -> Vec<u8> {
+    if key.len() > MAX_KEY_BYTES {
+        let h = fnv1a(&key);
+        key.truncate(MAX_KEY_BYTES - 17);
+        key.push(0x1f);
+        key.extend_from_slice(format!("{h:016x}").as_bytes());
+    }
+    key
+}
+
+impl SlotTable {
+    pub fn new(prefix: String, size: u32) -> Self {
+        Self { prefix, size: size.max(1) }
+    }
+
+    fn slot_key(&self, i: u32) -> String {
+        format!("{}.{i}", self.prefix)
+    }
+
+    /// Create the empty slots that do not exist yet (every worker does this when it loads
+    /// the configuration; the ones already there are left alone).
+    pub fn init(&self, host: &dyn Host) {
+        for i in 0..self.size {
+            let k = self.slot_key(i);
+            if host.shared_data(&k).0.is_none() {
+                if let Err(e) = host.set_shared_data(&k, &EMPTY, None) {
+                    host.log(LogLevel::Warn, &format!("meshwasm.ratelimit: cannot create {k}: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Take a token for `key` at `now_ns`.
+    pub fn take(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec, now_ns: u64) -> Result<Taken, HostError> {
+        let start = (fnv1a(key) % u64::from(self.size)) as u32;
+        let probes = PROBES.min(self.size);
+        for _ in 0..MAX_CAS_RETRIES {
+            // (slot, cas, this key's state, evicts another key's live bucket)
+            let mut found: Option<(u32, Option<u32>, Option<u128>, bool)> = None;
+            let mut refilled: Option<(u32, Option<u32>)> = None;
+            let mut oldest: Option<(u32, Option<u32>, u64)> = None;
+            for p in 0..probes {
+                let i = (start + p) % self.size;
+                let (value, cas) = host.shared_data(&self.slot_key(i));
+                match value.as_deref().and_then(parse) {
+                    None => {
+                        found = Some((i, cas, None, false));
+                        break;
+                    }
+                    Some(s) if s.key == key => {
+                        found = Some((i, cas, Some(s.base), false));
+                        break;
+                    }
+                    Some(s) if spec.is_full(s.base, now_ns) => {
+                        refilled = refilled.or(Some((i, cas)));
+                    }
+                    Some(s) => {
+                        if oldest.is_none_or(|(_, _, t)| s.last_used < t) {
+                            oldest = Some((i, cas, s.last_used));
+                        }
+                    }
+                }
+            }
+            let target = found
+                .or_else(|| refilled.map(|(i, cas)| (i, cas, None, false)))
+                .or_else(|| oldest.map(|(i, cas, _)| (i, cas, None, true)));
+            let Some((slot, cas, base, evicted)) = target else { return Err(HostError::NotFound) };
+            let take = spec.take(base, now_ns);
+            if !take.admitted {
+                return Ok(Taken { take, evicted: false });
+            }
+            match host.set_shared_data(&self.slot_key(slot), &encode(take.base, now_ns, key), cas) {
+                Ok(()) => return Ok(Taken { take, evicted }),
+                Err(HostError::CasMismatch) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        host.log(
+            LogLevel::Warn,
+            &format!("meshwasm.ratelimit: {}: gave up after {MAX_CAS_RETRIES} CAS conflicts", self.prefix),
+        );
+        Err(HostError::CasMismatch)
+    }
+
+    /// Give back the token `take` took for `key` (if the key still holds its slot).
+    pub fn refund(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec) -> Result<(), HostError> {
+        let start = (fnv1a(key) % u64::from(self.size)) as u32;
+        for _ in 0..MAX_CAS_RETRIES {
+            let mut hit = None;
+            for p in 0..PROBES.min(self.size) {
+                let i = (start + p) % self.size;
+                let (value, cas) = host.shared_data(&self.slot_key(i));
+                match value.as_deref().and_then(parse) {
+                    None => break,
+                    Some(s) if s.key == key => {
+                        hit = Some((i, cas, spec.refund(s.base), s.last_used));
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+            let Some((slot, cas, base, last)) = hit else { return Ok(()) };
+            match host.set_shared_data(&self.slot_key(slot), &encode(base, last, key), cas) {
+                Ok(()) => return Ok(()),
+                Err(HostError::CasMismatch) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(HostError::CasMismatch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwasm_sdk_ext::fake::FakeHost;
+
+    const S: u64 = 1_000_000_000;
+    const SPEC: BucketSpec = BucketSpec { max_tokens: 2, tokens_per_fill: 1, fill_interval_ns: 10 * S };
+
+    #[test]
+    fn keys_have_their_own_buckets_and_memory_is_bounded() {
+        let host = FakeHost::new();
+        let t = SlotTable::new("rl.r".into(), 16);
+        t.init(&host);
+        assert_eq!(host.shared.borrow().len(), 16);
+        let now = 100 * S;
+        for _ in 0..2 {
+            assert!(t.take(&host, b"a", &SPEC, now).unwrap().take.admitted);
+        }
+        assert!(!t.take(&host, b"a", &SPEC, now).unwrap().take.admitted);
+        assert!(t.take(&host, b"b", &SPEC, now).unwrap().take.admitted);
+        // A flood of 1000 distinct keys: the table does not grow, and keys get evicted.
+        let mut evicted = 0;
+        for i in 0..1000 {
+            let r = t.take(&host, format!("flood-{i}").as_bytes(), &SPEC, now + i).unwrap();
+            assert!(r.take.admitted);
+            evicted += u32::from(r.evicted);
+        }
+        assert_eq!(host.shared.borrow().len(), 16);
+        assert!(evicted > 900, "{evicted}");
+    }
+
+    #[test]
+    fn refilled_buckets_are_reused_without_eviction() {
+        let host = FakeHost::new();
+        let t = SlotTable::new("rl.r".into(), 1);
+        t.init(&host);
+        assert!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.admitted);
+        let r = t.take(&host, b"b", &SPEC, 100 * S).unwrap();
+        assert!(r.evicted, "a's bucket is not full yet");
+        let r = t.take(&host, b"a", &SPEC, 200 * S).unwrap();
+        assert!(!r.evicted, "b's bucket has refilled: reusing its slot loses nothing");
+    }
+
+    #[test]
+    fn cas_conflicts_are_retried_and_refund_works() {
+        let host = FakeHost::new();
+        let t = SlotTable::new("rl.r".into(), 4);
+        t.init(&host);
+        host.cas_conflicts.set(5);
+        assert_eq!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.remaining, 1);
+        assert_eq!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.remaining, 0);
+        t.refund(&host, b"a", &SPEC).unwrap();
+        assert!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.admitted);
+        host.cas_conflicts.set(10_000);
+        assert_eq!(t.take(&host, b"a", &SPEC, 200 * S), Err(HostError::CasMismatch));
+    }
+
+    #[test]
+    fn long_keys_are_bounded() {
+        let k = bounded_key(vec![b'x'; 10_000]);
+        assert_eq!(k.len(), MAX_KEY_BYTES);
+        assert_ne!(bounded_key(vec![b'x'; 10_000]), bounded_key(vec![b'y'; 10_000]));
+        assert_eq!(bounded_key(b"short".to_vec()), b"short");
+    }
+}

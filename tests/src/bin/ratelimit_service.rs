@@ -1,0 +1,62 @@
+//! `meshwasm-ratelimit-service --listen 127.0.0.1:PORT --redis 127.0.0.1:6379 --config FILE.json`:
+//! the test rate-limit service as a standalone server (for the demo and by hand). Speaks
+//! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` over h2c and counts in
+//! the given Redis. Prints `listening on <addr>` once it accepts.
+//!
+//! The config file holds one domain's configuration or an array of them, e.g.
+//! `{"domain": "meshwasm", "limits": [{"entries": [{"key": "client"}], "requestsPerUnit": 3,
+//! "unit": "minute"}], "rateLimitHeaders": true}`. See `meshwasm_tests::ratelimit_service`
+//! for the semantics.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use meshwasm_tests::ServiceConfig;
+
+fn main() {
+    let mut listen: SocketAddr = "127.0.0.1:8081".parse().expect("default addr");
+    let mut redis: SocketAddr = "127.0.0.1:6379".parse().expect("default addr");
+    let mut config: Option<String> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => {
+                let v = args.next().unwrap_or_else(|| usage("--listen needs an address"));
+                listen = v.parse().unwrap_or_else(|e| usage(&format!("bad --listen {v}: {e}")));
+            }
+            "--redis" => {
+                let v = args.next().unwrap_or_else(|| usage("--redis needs an address"));
+                redis = v.parse().unwrap_or_else(|e| usage(&format!("bad --redis {v}: {e}")));
+            }
+            "--config" => config = Some(args.next().unwrap_or_else(|| usage("--config needs a file"))),
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    let path = config.unwrap_or_else(|| usage("--config is required"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| fail(&format!("read {path}: {e}")));
+    let configs = ServiceConfig::from_json(&text).unwrap_or_else(|e| fail(&format!("{path}: {e}")));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
+        let addr = listener.local_addr().expect("local addr");
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+        meshwasm_tests::ratelimit_service::serve(listener, redis, configs).await;
+    });
+}
+
+fn fail(err: &str) -> ! {
+    eprintln!("meshwasm-ratelimit-service: {err}");
+    std::process::exit(1)
+}
+
+fn usage(err: &str) -> ! {
+    if !err.is_empty() {
+        eprintln!("meshwasm-ratelimit-service: {err}");
+    }
+    eprintln!("usage: meshwasm-ratelimit-service --listen 127.0.0.1:PORT --redis 127.0.0.1:6379 --config FILE.json");
+    std::process::exit(if err.is_empty() { 0 } else { 2 })
+}
