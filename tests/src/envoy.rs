@@ -142,6 +142,18 @@ typed_config:
         Self { name, yaml }
     }
 
+    /// Sets the wasm plugin's `config.name` (default `meshwasm.<module>`): filters keep state
+    /// shared across workers (rate-limit buckets) under it, so two listeners with distinct
+    /// plugin names have distinct state.
+    #[must_use]
+    pub fn plugin_name(mut self, name: &str) -> Self {
+        if let Some(start) = self.yaml.find("\n    name: ") {
+            let line_end = self.yaml[start + 1..].find('\n').map_or(self.yaml.len(), |e| start + 1 + e);
+            self.yaml.replace_range(start + 1..line_end, &format!("    name: {name}"));
+        }
+        self
+    }
+
     /// Renames the filter (its `name:` in the chain, used by `typed_per_filter_config`);
     /// needed when a chain holds two wasm filters.
     #[must_use]
