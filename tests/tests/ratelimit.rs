@@ -586,3 +586,43 @@ fn grpc_clients_over_a_global_limit_get_the_configured_status() {
     let r = call();
     assert_eq!((r.grpc_status(), r.grpc_message().as_deref()), (Some(8), Some("local_rate_limited")));
 }
+
+// === state scope and hostile input ===
+
+/// Buckets are keyed by the plugin's name: listeners (or filter chains) that load the plugin
+/// under one name share its limits; another name has its own.
+#[test]
+fn buckets_are_shared_by_plugin_name() {
+    let up = Upstream::start();
+    let config = json!({"rules": [{"name": "r", "tokenBucket": bucket(2, 1, "1h")}]});
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .listener(Listener::new().filter(Filter::wasm("ratelimit", config.clone())))
+        .listener(Listener::new().filter(Filter::wasm("ratelimit", config.clone())))
+        .listener(Listener::new().filter(Filter::wasm("ratelimit", config).plugin_name("other")))
+        .start();
+    let s = |i| envoy.send_to(i, Request::get("/")).status;
+    assert_eq!([s(0), s(1), s(0), s(1)], [200, 200, 429, 429], "one bucket for both listeners");
+    assert_eq!([s(2), s(2), s(2)], [200, 200, 429], "its own bucket");
+}
+
+/// Keys built from hostile headers stay bounded and distinct, and never break the filter.
+#[test]
+fn huge_and_odd_key_values_are_handled() {
+    let up = Upstream::start();
+    let envoy = envoy(
+        &up,
+        json!({"rules": [{"descriptors": [{"requestHeader": {"name": "x-key"}}, {"remoteAddress": {"xffNumTrustedHops": 3}}],
+            "tokenBucket": bucket(1, 1, "1h")}]}),
+    );
+    let big_a = "a".repeat(8_000);
+    let big_b = format!("{}b", "a".repeat(7_999));
+    let send = |k: &str, xff: &str| envoy.send(get_with("/", &[("x-key", k), ("x-forwarded-for", xff)])).status;
+    assert_eq!([send(&big_a, ""), send(&big_a, "")], [200, 429]);
+    assert_eq!(send(&big_b, ""), 200, "long keys that differ only at the end are distinct");
+    for xff in [",,,", " , ", "not-an-ip", "1.2.3.4:99, [::1]:5, x"] {
+        assert!(matches!(send("k", xff), 200 | 429));
+    }
+    assert_eq!(envoy.get("/").status, 200, "still serving");
+    assert!(!envoy.log().contains("panic"), "{}", envoy.log());
+}
