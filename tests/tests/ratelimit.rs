@@ -86,6 +86,8 @@ fn local_limit_is_exact_across_workers_under_concurrent_load() {
     assert_eq!(stat(&envoy, "all", "ok"), 150);
     assert_eq!(stat(&envoy, "all", "rate_limited"), n as u64 - 150);
     assert_eq!(stat(&envoy, "all", "enforced"), n as u64 - 150);
+    let prom = envoy.prometheus();
+    assert!(prom.contains(r#"meshwasm_ratelimit_ok{rule="all"} 150"#), "the rule label in Prometheus:\n{prom}");
 }
 
 #[test]
