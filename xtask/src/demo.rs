@@ -1,18 +1,26 @@
-//! `cargo xtask demo [--serve]`: a stock Envoy with the meshwasm fault filter in front of a
-//! local upstream, a scripted tour of what the filter does, its metrics, and a report.
+//! `cargo xtask demo [--serve]`: a stock Envoy with the meshwasm fault and rate-limit filters
+//! in front of a local upstream, a scripted tour of what they do, their metrics, and a report.
 //!
-//! The plugin configuration is `envoy-configs/demo-fault.json`; the bootstrap is
-//! `envoy-configs/demo.yaml`. Rendered files and logs land in `target/xtask/`.
+//! - Listener `ingress`: the fault filter, configured by `envoy-configs/demo-fault.json`.
+//! - Listener `ratelimit`: the rate-limit filter, configured by
+//!   `envoy-configs/demo-ratelimit.json`: a local token bucket per API key (exact across
+//!   Envoy's two workers), and a global rule counted by the real rate-limit service
+//!   (`meshwasm-ratelimit-service`, configured by `envoy-configs/demo-ratelimit-service.json`)
+//!   in a `redis-server` the demo starts. Without `redis-server` the global part is skipped
+//!   (`envoy-configs/demo-ratelimit-local.json` has the local rule alone).
+//!
+//! The bootstrap is `envoy-configs/demo.yaml`. Rendered files and logs land in `target/xtask/`.
+//! Every child process is killed when the demo ends, whichever way it ends.
 
-use std::io::BufRead;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::build;
 use crate::envoy::{self, Envoy, Launch, Proc};
-use crate::{bail, cargo, http, json, rel, root, run_cmd, step, Context, Result};
+use crate::{bail, cargo, http, json, on_path, rel, root, run_cmd, step, Context, Result};
 
 pub fn run(args: &[String]) -> Result<()> {
     let serve = match args {
@@ -23,77 +31,147 @@ pub fn run(args: &[String]) -> Result<()> {
 
     build::run()?;
     let envoy_bin = envoy::ensure()?;
-    let upstream_bin = build_upstream()?;
+    let bins = build_helpers()?;
 
-    step("starting meshwasm-upstream and Envoy (--concurrency 2) with dist/fault.wasm");
-    let upstream = start_upstream(&upstream_bin)?;
-    let plugin = envoy::template("demo-fault.json")?;
-    json::check(&plugin).context("envoy-configs/demo-fault.json")?;
-    let filter = envoy::wasm_filter("fault", &build::module_path("fault"), &plugin)?;
+    step("starting meshwasm-upstream, and Redis + meshwasm-ratelimit-service for the global rule");
+    let upstream = start_listening("demo-upstream", Command::new(&bins.upstream))?;
+    println!("    upstream           http://{}  (pid {})", upstream.1, upstream.0.pid());
+    let global = start_global(&bins.ratelimit_service)?;
+    match &global {
+        Ok(g) => {
+            println!("    redis-server       {}  (pid {})", g.redis_addr, g.redis.pid());
+            println!("    ratelimit-service  h2c://{}  (pid {})", g.rls_addr, g.rls.pid());
+        }
+        Err(why) => println!("    note: {why}: the global rule is SKIPPED (local rules still run)"),
+    }
+
+    step("starting Envoy (--concurrency 2): dist/fault.wasm on listener ingress, dist/ratelimit.wasm on listener ratelimit");
+    let fault_plugin = plugin_config("demo-fault.json")?;
+    let ratelimit_file = if global.is_ok() { "demo-ratelimit.json" } else { "demo-ratelimit-local.json" };
+    let ratelimit_plugin = plugin_config(ratelimit_file)?;
+    let fault_filter = envoy::wasm_filter("fault", &build::module_path("fault"), &fault_plugin)?;
+    let ratelimit_filter = envoy::wasm_filter("ratelimit", &build::module_path("ratelimit"), &ratelimit_plugin)?;
+    let clusters = match &global {
+        Ok(g) => envoy::render(
+            &envoy::template("clusters/ratelimit-service.yaml")?,
+            &[("RLS_PORT", &g.rls_addr.port().to_string())],
+        )?,
+        Err(_) => String::new(),
+    };
     let config = envoy::render_bootstrap(
         "demo.yaml",
-        &[("HTTP_FILTERS", &filter), ("UPSTREAM_PORT", &upstream.1.port().to_string())],
+        &[
+            ("HTTP_FILTERS", &fault_filter),
+            ("RATELIMIT_FILTERS", &ratelimit_filter),
+            ("EXTRA_CLUSTERS", &clusters),
+            ("UPSTREAM_PORT", &upstream.1.port().to_string()),
+        ],
     )?;
     let envoy = Envoy::start(&envoy_bin, Launch { name: "demo-envoy", config: &config, concurrency: 2, cpus: None })?;
     let addr = envoy.listener("ingress")?;
-    println!("    upstream  http://{}  (pid {})", upstream.1, upstream.0.pid());
-    println!("    envoy     http://{addr}  admin http://{}  (pid {})", envoy.admin, envoy.proc.pid());
-    println!("    plugin configuration (envoy-configs/demo-fault.json):\n{}", envoy::indent(plugin.trim()));
+    let rl_addr = envoy.listener("ratelimit")?;
+    println!(
+        "    envoy     fault http://{addr}  ratelimit http://{rl_addr}  admin http://{}  (pid {})",
+        envoy.admin,
+        envoy.proc.pid()
+    );
+    println!("    fault plugin configuration (envoy-configs/demo-fault.json):\n{}", envoy::indent(fault_plugin.trim()));
+    println!(
+        "    ratelimit plugin configuration (envoy-configs/{ratelimit_file}):\n{}",
+        envoy::indent(ratelimit_plugin.trim())
+    );
+    if global.is_ok() {
+        let svc = envoy::template("demo-ratelimit-service.json")?;
+        println!(
+            "    rate-limit service configuration (envoy-configs/demo-ratelimit-service.json):\n{}",
+            envoy::indent(svc.trim())
+        );
+    }
 
-    let results = tour(addr)?;
+    let mut results = tour(addr)?;
+    results.extend(ratelimit_tour(rl_addr, global.as_ref().ok())?);
 
-    step("filter metrics: admin /stats?filter=meshwasm");
-    print!("{}", envoy::indent(envoy.admin_get("/stats?filter=meshwasm")?.trim_end()));
+    step("fault filter metrics: admin /stats?filter=meshwasm.fault");
+    print!("{}", envoy::indent(envoy.admin_get("/stats?filter=meshwasm.fault")?.trim_end()));
+    step("ratelimit filter metrics: admin /stats?filter=meshwasm.ratelimit");
+    print!("{}", envoy::indent(envoy.admin_get("/stats?filter=meshwasm.ratelimit")?.trim_end()));
+    if global.is_ok() {
+        step("Envoy's gRPC calls to the rate-limit service: admin /stats?filter=cluster.ratelimit_service.upstream_");
+        let stats = envoy.admin_get("/stats?filter=cluster.ratelimit_service.upstream_")?;
+        let shown = stats.lines().filter(|l| SERVICE_CLUSTER_STATS.iter().any(|s| l.starts_with(&format!("{s}: "))));
+        print!("{}", envoy::indent(&shown.collect::<Vec<_>>().join("\n")));
+    }
     step("the same in Prometheus format (admin /stats/prometheus, meshwasm lines)");
     let prom = envoy.admin_get("/stats/prometheus")?;
     for line in prom.lines().filter(|l| l.contains("meshwasm") && !l.starts_with("# TYPE")) {
         println!("      {line}");
     }
+    results.extend(ratelimit_counters(&envoy, global.as_ref().ok())?);
 
     step("report");
-    println!("    {:<50} {:<11} {:<10} {:>9}  ok", "scenario", "expected", "got", "latency");
+    println!("    {:<58} {:<14} {:<14} {:>9}  ok", "scenario", "expected", "got", "latency");
     let mut failed = 0;
     for r in &results {
-        println!(
-            "    {:<50} {:<11} {:<10} {:>7.1}ms  {}",
-            r.name,
-            r.expected,
-            r.got,
-            r.latency.as_secs_f64() * 1e3,
-            if r.ok { "✓" } else { "✗" }
-        );
+        let latency = r.latency.map(|l| format!("{:.1}ms", l.as_secs_f64() * 1e3)).unwrap_or_default();
+        println!("    {:<58} {:<14} {:<14} {latency:>9}  {}", r.name, r.expected, r.got, if r.ok { "✓" } else { "✗" });
         if !r.ok {
             failed += 1;
         }
+    }
+    if let Err(why) = &global {
+        println!("    (global rule via the rate-limit service and Redis: SKIPPED, {why})");
     }
     if failed > 0 {
         bail!("{failed} demo scenario(s) did not behave as expected; Envoy log: {}", rel(&envoy.proc.log));
     }
 
     if serve {
-        serve_forever(addr, &envoy, upstream.0)?;
+        serve_forever(addr, rl_addr, &envoy, global.is_ok())?;
     }
     Ok(())
 }
 
-/// `meshwasm-upstream` from the integration-test crate (dev profile: it shares the build with
-/// `cargo test`, and an echo server needs no optimizer).
-fn build_upstream() -> Result<PathBuf> {
-    step("building meshwasm-upstream");
-    run_cmd(cargo().args(["build", "--quiet", "-p", "meshwasm-tests", "--bin", "meshwasm-upstream"]))?;
-    Ok(root().join("target").join("debug").join("meshwasm-upstream"))
+/// A plugin configuration from `envoy-configs/`, checked to be JSON (the filter itself
+/// validates it when Envoy loads it: a rejected configuration fails Envoy's start).
+fn plugin_config(name: &str) -> Result<String> {
+    let text = envoy::template(name)?;
+    json::check(&text).context(format!("envoy-configs/{name}"))?;
+    Ok(text)
 }
 
-/// Start the upstream on a kernel-chosen port; it prints `listening on <addr>`.
-fn start_upstream(bin: &PathBuf) -> Result<(Proc, SocketAddr)> {
-    let mut cmd = Command::new(bin);
+struct Helpers {
+    upstream: PathBuf,
+    ratelimit_service: PathBuf,
+}
+
+/// `meshwasm-upstream` and `meshwasm-ratelimit-service` from the integration-test crate (dev
+/// profile: they share the build with `cargo test`, and neither needs an optimizer).
+fn build_helpers() -> Result<Helpers> {
+    step("building meshwasm-upstream and meshwasm-ratelimit-service");
+    run_cmd(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "meshwasm-tests",
+        "--bin",
+        "meshwasm-upstream",
+        "--bin",
+        "meshwasm-ratelimit-service",
+    ]))?;
+    let dir = root().join("target").join("debug");
+    Ok(Helpers { upstream: dir.join("meshwasm-upstream"), ratelimit_service: dir.join("meshwasm-ratelimit-service") })
+}
+
+/// Start a server on a kernel-chosen port (`--listen 127.0.0.1:0` is appended); it prints
+/// `listening on <addr>`.
+fn start_listening(name: &str, mut cmd: Command) -> Result<(Proc, SocketAddr)> {
     cmd.args(["--listen", "127.0.0.1:0"]);
-    let mut proc = Proc::spawn("demo-upstream", cmd)?;
+    let mut proc = Proc::spawn(name, cmd)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         proc.check_alive()?;
         let file = std::fs::File::open(&proc.log)?;
-        let addr = std::io::BufReader::new(file)
+        let addr = BufReader::new(file)
             .lines()
             .map_while(std::result::Result::ok)
             .find_map(|l| l.trim().strip_prefix("listening on ").and_then(|a| a.trim().parse().ok()));
@@ -101,17 +179,157 @@ fn start_upstream(bin: &PathBuf) -> Result<(Proc, SocketAddr)> {
             return Ok((proc, addr));
         }
         if Instant::now() > deadline {
-            bail!("meshwasm-upstream did not print `listening on <addr>` within 20s:\n{}", proc.log_tail(20));
+            bail!("{name} did not print `listening on <addr>` within 20s:\n{}", proc.log_tail(20));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
+// === the global part: Redis and the rate-limit service ===
+
+/// Redis and the rate-limit service counting in it (both killed on drop).
+struct Global {
+    redis: Proc,
+    redis_addr: SocketAddr,
+    rls: Proc,
+    rls_addr: SocketAddr,
+}
+
+/// Start Redis and the rate-limit service. The outer error is a failure; the inner one says
+/// why the global part is skipped (no `redis-server`).
+fn start_global(rls_bin: &Path) -> Result<std::result::Result<Global, String>> {
+    let redis_bin = match std::env::var_os("REDIS_SERVER").filter(|b| !b.is_empty()) {
+        Some(bin) if Path::new(&bin).is_file() => PathBuf::from(bin),
+        Some(bin) => return Ok(Err(format!("REDIS_SERVER={} is not a file", bin.to_string_lossy()))),
+        None => match on_path("redis-server") {
+            Some(bin) => bin,
+            None => {
+                return Ok(
+                    Err("redis-server is not on PATH (apt-get install redis-server, or set REDIS_SERVER)".into()),
+                )
+            }
+        },
+    };
+    let (redis, redis_addr) = start_redis(&redis_bin)?;
+    let mut cmd = Command::new(rls_bin);
+    cmd.arg("--redis").arg(redis_addr.to_string());
+    cmd.arg("--config").arg(root().join("envoy-configs").join("demo-ratelimit-service.json"));
+    let (rls, rls_addr) = start_listening("demo-ratelimit-service", cmd)?;
+    Ok(Ok(Global { redis, redis_addr, rls, rls_addr }))
+}
+
+/// `redis-server` on a free port, no persistence, answering PING. Redis cannot report a
+/// kernel-chosen port, so we pick a free one; if another process takes it first, Redis exits
+/// and we try another.
+fn start_redis(bin: &Path) -> Result<(Proc, SocketAddr)> {
+    let dir = envoy::scratch_dir()?.join("demo-redis");
+    std::fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
+    let mut last = String::new();
+    for _ in 0..3 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = Command::new(bin);
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"]);
+        cmd.arg("--dir").arg(&dir);
+        let mut proc = Proc::spawn("demo-redis", cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Err(e) = proc.check_alive() {
+                last = e.to_string();
+                break;
+            }
+            if redis_command(addr, &["PING"]).ok().and_then(|r| r.text()).as_deref() == Some("PONG") {
+                return Ok((proc, addr));
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer PING on {addr} within 10s:\n{}", proc.log_tail(20));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    bail!("redis-server did not start: {last}")
+}
+
+/// One RESP2 reply.
+#[derive(Debug)]
+enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<Resp>),
+}
+
+impl Resp {
+    /// A scalar reply as text (`None` for nil and arrays).
+    fn text(&self) -> Option<String> {
+        match self {
+            Resp::Simple(s) | Resp::Bulk(Some(s)) => Some(s.clone()),
+            Resp::Int(n) => Some(n.to_string()),
+            Resp::Error(_) | Resp::Bulk(None) | Resp::Array(_) => None,
+        }
+    }
+}
+
+/// One Redis command on a new connection (the demo sends a handful); an error reply is an
+/// error.
+fn redis_command(addr: SocketAddr, args: &[&str]) -> Result<Resp> {
+    let what = format!("redis {addr}: {}", args.join(" "));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context(&what)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(req.as_bytes()).context(&what)?;
+    match read_resp(&mut BufReader::new(stream), 0).context(&what)? {
+        Resp::Error(e) => bail!("{what}: {e}"),
+        reply => Ok(reply),
+    }
+}
+
+fn read_resp(r: &mut impl BufRead, depth: usize) -> Result<Resp> {
+    if depth > 8 {
+        bail!("reply nested too deep");
+    }
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        bail!("connection closed before the reply");
+    }
+    let line = line.trim_end_matches(['\r', '\n']);
+    let mut chars = line.chars();
+    let kind = chars.next().unwrap_or(' ');
+    let rest = chars.as_str();
+    let int = || rest.parse::<i64>().context(format!("bad RESP line `{line}`"));
+    Ok(match kind {
+        '+' => Resp::Simple(rest.to_string()),
+        '-' => Resp::Error(rest.to_string()),
+        ':' => Resp::Int(int()?),
+        '$' => match usize::try_from(int()?) {
+            Err(_) => Resp::Bulk(None),
+            Ok(n) => {
+                let mut buf = vec![0; n + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(n);
+                Resp::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
+            }
+        },
+        '*' => match usize::try_from(int()?) {
+            Err(_) => Resp::Array(Vec::new()),
+            Ok(n) => Resp::Array((0..n).map(|_| read_resp(r, depth + 1)).collect::<Result<_>>()?),
+        },
+        _ => bail!("bad RESP line `{line}`"),
+    })
+}
+
+// === the tour ===
+
 struct Outcome {
     name: String,
     expected: String,
     got: String,
-    latency: Duration,
+    /// The slowest response, for traffic scenarios.
+    latency: Option<Duration>,
     ok: bool,
 }
 
@@ -194,7 +412,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn tour(addr: SocketAddr) -> Result<Vec<Outcome>> {
-    step("traffic");
+    step("traffic: fault filter (listener ingress)");
     let mut results = Vec::new();
     for sc in SCENARIOS {
         let mut statuses = Vec::new();
@@ -230,20 +448,293 @@ fn tour(addr: SocketAddr) -> Result<Vec<Outcome>> {
         if !sc.min_delay.is_zero() {
             expected.push_str(&format!(" ≥{}ms", sc.min_delay.as_millis()));
         }
-        results.push(Outcome { name: sc.name.to_string(), expected, got, latency: worst, ok });
+        results.push(Outcome { name: sc.name.to_string(), expected, got, latency: Some(worst), ok });
     }
     Ok(results)
 }
 
-/// Keep Envoy and the upstream running until Enter (or Ctrl-C, which the terminal delivers to
-/// our whole process group, Envoy included). With no terminal on stdin, run until killed.
-fn serve_forever(addr: SocketAddr, envoy: &Envoy, _upstream: Proc) -> Result<()> {
+/// A burst of identical requests to the ratelimit listener and the statuses that must come
+/// back, in order.
+struct Burst {
+    name: &'static str,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    /// `(n, status)`: `n` responses with `status`, in this order.
+    expect: &'static [(usize, u16)],
+    /// The limit the `x-ratelimit-*` headers must report (the bucket, or the service's
+    /// requests per unit); `None` when no rule applies (no such headers).
+    limit: Option<u64>,
+}
+
+/// Local rule `per-api-key`: 5 tokens per key, refilled at 5 per hour (so no refill during
+/// the demo). Requests are new connections, spread over both workers: the count is exact
+/// across them because the buckets live in shared data.
+const LOCAL_BURSTS: &[Burst] = &[
+    Burst {
+        name: "local: x-api-key alice ×8 (bucket of 5 per key)",
+        path: "/api/orders",
+        headers: &[("x-api-key", "alice")],
+        expect: &[(5, 200), (3, 429)],
+        limit: Some(5),
+    },
+    Burst {
+        name: "local: x-api-key bob ×3 (his own bucket)",
+        path: "/api/orders",
+        headers: &[("x-api-key", "bob")],
+        expect: &[(3, 200)],
+        limit: Some(5),
+    },
+    Burst {
+        name: "local: no x-api-key ×2 (the rule does not apply)",
+        path: "/api/orders",
+        headers: &[],
+        expect: &[(2, 200)],
+        limit: None,
+    },
+];
+
+/// Global rule `search-per-key`: the rate-limit service allows 3 per hour per key, counted
+/// in Redis (a fixed window aligned on the hour: a burst straddling hh:00:00 would start a
+/// new window; it takes a fraction of a second).
+const GLOBAL_BURSTS: &[Burst] = &[
+    Burst {
+        name: "global: x-api-key carol ×5 on /search (3 per hour)",
+        path: "/search?q=envoy",
+        headers: &[("x-api-key", "carol")],
+        expect: &[(3, 200), (2, 429)],
+        limit: Some(3),
+    },
+    Burst {
+        name: "global: x-api-key dave on /search (his own counter)",
+        path: "/search?q=envoy",
+        headers: &[("x-api-key", "dave")],
+        expect: &[(1, 200)],
+        limit: Some(3),
+    },
+];
+
+fn ratelimit_tour(addr: SocketAddr, global: Option<&Global>) -> Result<Vec<Outcome>> {
+    step("traffic: rate-limit filter (listener ratelimit)");
+    let mut results = Vec::new();
+    let bursts = LOCAL_BURSTS.iter().chain(if global.is_some() { GLOBAL_BURSTS } else { &[] });
+    for b in bursts {
+        results.push(burst(addr, b)?);
+    }
+    if let Some(g) = global {
+        // The counter the service keeps for carol: every call counts, allowed or not.
+        let keys = match redis_command(g.redis_addr, &["KEYS", "meshwasm_rl:meshwasm-demo:*:api_key_carol:*"])? {
+            Resp::Array(keys) => keys,
+            other => bail!("redis KEYS: unexpected reply {other:?}"),
+        };
+        let got = match keys.as_slice() {
+            [Resp::Bulk(Some(key))] => {
+                let reply = redis_command(g.redis_addr, &["GET", key])?;
+                let value = reply.text().unwrap_or_else(|| format!("{reply:?}"));
+                println!("    redis-cli -p {} GET {key}  →  {value}", g.redis_addr.port());
+                value
+            }
+            other => format!("{} keys", other.len()),
+        };
+        results.push(Outcome {
+            name: "global: carol's counter in Redis".into(),
+            expected: "5".into(),
+            ok: got == "5",
+            got,
+            latency: None,
+        });
+    }
+    Ok(results)
+}
+
+/// Send one burst; check the statuses, the local reply, and the rate-limit headers.
+fn burst(addr: SocketAddr, b: &Burst) -> Result<Outcome> {
+    let want: Vec<u16> = b.expect.iter().flat_map(|&(n, s)| std::iter::repeat_n(s, n)).collect();
+    let mut statuses = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let mut worst = Duration::ZERO;
+    let mut allowed = 0u64;
+    let mut shown = Vec::new();
+    for (i, &status) in want.iter().enumerate() {
+        let rsp = http::get(addr, b.path, b.headers)?;
+        worst = worst.max(rsp.elapsed);
+        statuses.push(rsp.status);
+        let h = |name: &str| rsp.header(name).map(str::to_string);
+        let limit_headers = ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"]
+            .iter()
+            .filter_map(|n| h(n).map(|v| format!("{n}: {v}")))
+            .collect::<Vec<_>>();
+        let from_upstream = h("x-meshwasm-upstream").as_deref() == Some("1");
+        if rsp.status != status {
+            problems.push(format!("#{} got {}", i + 1, rsp.status));
+        } else if status == 200 {
+            allowed += 1;
+            if !from_upstream {
+                problems.push(format!("#{} 200 not from the upstream", i + 1));
+            }
+            match b.limit {
+                Some(limit) => {
+                    let want = (limit.to_string(), limit.saturating_sub(allowed).to_string());
+                    let got =
+                        (h("x-ratelimit-limit").unwrap_or_default(), h("x-ratelimit-remaining").unwrap_or_default());
+                    if got != want {
+                        problems.push(format!(
+                            "#{} limit/remaining {}/{} (want {}/{})",
+                            i + 1,
+                            got.0,
+                            got.1,
+                            want.0,
+                            want.1
+                        ));
+                    }
+                }
+                None if !limit_headers.is_empty() => problems.push(format!("#{} unexpected {limit_headers:?}", i + 1)),
+                None => {}
+            }
+        } else {
+            let retry_after = h("retry-after").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if from_upstream || rsp.text() != "local_rate_limited" || retry_after == 0 {
+                problems.push(format!(
+                    "#{} {} body {:?}, retry-after {:?}, from upstream: {from_upstream}",
+                    i + 1,
+                    rsp.status,
+                    rsp.text(),
+                    h("retry-after")
+                ));
+            }
+            if let Some(limit) = b.limit {
+                let want = (limit.to_string(), "0".to_string());
+                let got = (h("x-ratelimit-limit").unwrap_or_default(), h("x-ratelimit-remaining").unwrap_or_default());
+                if got != want {
+                    problems.push(format!("#{} limit/remaining {}/{} (want {limit}/0)", i + 1, got.0, got.1));
+                }
+            }
+        }
+        // Show the first response and each change of status in full.
+        if i == 0 || statuses.get(i - 1) != Some(&rsp.status) {
+            let mut extra = limit_headers;
+            if let Some(r) = h("retry-after") {
+                extra.push(format!("retry-after: {r}"));
+            }
+            if rsp.status != 200 {
+                extra.push(format!("body: {}", rsp.text().trim()));
+            }
+            if extra.is_empty() {
+                extra.push("(no rate-limit headers)".into());
+            }
+            shown.push(format!("#{} {} {}", i + 1, rsp.status, extra.join(", ")));
+        }
+    }
+    let curl_headers: String = b.headers.iter().map(|(k, v)| format!(" -H '{k}: {v}'")).collect();
+    println!(
+        "    {}× curl -si{curl_headers} 'http://{addr}{}'  →  {}  ({:.1} ms slowest)",
+        want.len(),
+        b.path,
+        statuses.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+        worst.as_secs_f64() * 1e3
+    );
+    for s in &shown {
+        println!("        {s}");
+    }
+    for p in &problems {
+        println!("        ✗ {p}");
+    }
+    Ok(Outcome {
+        name: b.name.to_string(),
+        expected: counts(&want),
+        got: counts(&statuses),
+        latency: Some(worst),
+        ok: problems.is_empty(),
+    })
+}
+
+/// `[200, 200, 429]` → `2×200 1×429` (runs, in order).
+fn counts(statuses: &[u16]) -> String {
+    let mut runs: Vec<(usize, u16)> = Vec::new();
+    for &s in statuses {
+        match runs.last_mut() {
+            Some((n, last)) if *last == s => *n += 1,
+            _ => runs.push((1, s)),
+        }
+    }
+    runs.iter().map(|(n, s)| format!("{n}×{s}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The rate-limit service cluster's stats the demo shows and checks.
+const SERVICE_CLUSTER_STATS: [&str; 4] = [
+    "cluster.ratelimit_service.upstream_cx_total",
+    "cluster.ratelimit_service.upstream_cx_http2_total",
+    "cluster.ratelimit_service.upstream_rq_total",
+    "cluster.ratelimit_service.upstream_rq_200",
+];
+
+/// The filter's counters after the tour: each rule's, the service's, and the service
+/// cluster's (one gRPC call per global-rule request, over HTTP/2).
+fn ratelimit_counters(envoy: &Envoy, global: Option<&Global>) -> Result<Vec<Outcome>> {
+    let stats = envoy.admin_get("/stats?filter=meshwasm.ratelimit")?;
+    let value = |name: &str| -> String {
+        let full = format!("wasmcustom.meshwasm.ratelimit.{name}");
+        stats
+            .lines()
+            .find_map(|l| l.split_once(": ").filter(|(k, _)| *k == full).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "-".into())
+    };
+    let row = |what: &str, names: &[&str], expected: &str| {
+        let got = names.iter().map(|n| value(n)).collect::<Vec<_>>().join("/");
+        Outcome { name: what.to_string(), expected: expected.to_string(), ok: got == expected, got, latency: None }
+    };
+    let r = "rule.per-api-key";
+    let mut out = vec![row(
+        "stats per-api-key: enabled/ok/rate_limited/enforced",
+        &[&format!("{r}.enabled"), &format!("{r}.ok"), &format!("{r}.rate_limited"), &format!("{r}.enforced")],
+        "11/8/3/3",
+    )];
+    if global.is_some() {
+        let r = "rule.search-per-key";
+        out.push(row(
+            "stats search-per-key: enabled/ok/rate_limited",
+            &[&format!("{r}.enabled"), &format!("{r}.ok"), &format!("{r}.rate_limited")],
+            "6/4/2",
+        ));
+        out.push(row(
+            "stats global: ok/over_limit/error",
+            &["global.ok", "global.over_limit", "global.error"],
+            "4/2/0",
+        ));
+        let cluster = envoy.admin_get("/stats?filter=cluster.ratelimit_service.upstream_")?;
+        let stat = |name: &str| -> u64 {
+            cluster
+                .lines()
+                .find_map(|l| l.split_once(": ").filter(|(k, _)| *k == name).and_then(|(_, v)| v.trim().parse().ok()))
+                .unwrap_or(0)
+        };
+        let [cx, h2, rq, rq200] = SERVICE_CLUSTER_STATS.map(stat);
+        let protocol = if cx > 0 && h2 == cx { "h2" } else { "not h2" };
+        let got = format!("{rq}/{rq200} {protocol}");
+        out.push(Outcome {
+            name: "service cluster: gRPC calls/200s, protocol".into(),
+            expected: "6/6 h2".into(),
+            ok: got == "6/6 h2",
+            got,
+            latency: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Keep Envoy, the upstream and the rate-limit service running until Enter (or Ctrl-C, which
+/// the terminal delivers to our whole process group, children included). With no terminal
+/// on stdin, run until killed.
+fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, envoy: &Envoy, global: bool) -> Result<()> {
     step("serving; try:");
     println!("    curl -i http://{addr}/productpage");
     println!("    curl -i -H 'end-user: jason' http://{addr}/ratings/1");
     println!("    curl -s -o /dev/null -w '%{{time_total}}s\\n' http://{addr}/slow");
     println!("    curl -i -H 'x-envoy-fault-abort-request: 418' http://{addr}/");
     println!("    curl -s -o /dev/null -w '%{{time_total}}s\\n' -H 'x-envoy-fault-delay-request: 300' http://{addr}/");
+    println!("    for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/api/orders; done");
+    if global {
+        println!("    for i in $(seq 4); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/search; done");
+    }
     println!("    curl -s 'http://{}/stats?filter=meshwasm'", envoy.admin);
     println!("    access log + Envoy log: {}", rel(&envoy.proc.log));
     println!("\npress Enter (or Ctrl-C) to stop");
@@ -257,4 +748,30 @@ fn serve_forever(addr: SocketAddr, envoy: &Envoy, _upstream: Proc) -> Result<()>
     }
     println!("stopping");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_runs_in_order() {
+        assert_eq!(counts(&[200, 200, 200, 429, 429]), "3×200 2×429");
+        assert_eq!(counts(&[200, 429, 200]), "1×200 1×429 1×200");
+        assert_eq!(counts(&[]), "");
+    }
+
+    #[test]
+    fn reads_resp_replies() {
+        let mut r = "*2\r\n$3\r\nabc\r\n:5\r\n".as_bytes();
+        match read_resp(&mut r, 0).unwrap() {
+            Resp::Array(v) => assert!(matches!(v.as_slice(), [Resp::Bulk(Some(s)), Resp::Int(5)] if s == "abc")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(read_resp(&mut "$-1\r\n".as_bytes(), 0).unwrap(), Resp::Bulk(None)));
+        assert!(matches!(read_resp(&mut "+PONG\r\n".as_bytes(), 0).unwrap(), Resp::Simple(s) if s == "PONG"));
+        assert!(matches!(read_resp(&mut "-ERR x\r\n".as_bytes(), 0).unwrap(), Resp::Error(s) if s == "ERR x"));
+        assert!(read_resp(&mut "?\r\n".as_bytes(), 0).is_err());
+    }
 }

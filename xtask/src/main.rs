@@ -22,15 +22,17 @@ usage: cargo xtask <command> [options]
 commands:
   build              build every filter for wasm32-wasip1, optimize with wasm-opt, copy to dist/
   test               run EVERY test: unit, real-Envoy integration, examples, clippy, fuzz smoke
-  demo [--serve]     run Envoy + the fault filter against a local upstream and show what it does;
-                     --serve keeps both running (Enter or Ctrl-C stops them)
-  bench [options]    bare Envoy vs no-op wasm vs meshwasm fault vs Envoy's native fault filter
+  demo [--serve]     run Envoy with the fault and ratelimit filters against a local upstream (and
+                     the rate-limit service on Redis) and show what they do;
+                     --serve keeps them running (Enter or Ctrl-C stops them)
+  bench [options]    bare Envoy vs no-op wasm vs meshwasm filters vs Envoy's native filters
       --duration <s>   measured seconds per configuration per round (default 10)
       --warmup <s>     warm-up seconds before each measurement (default 2)
       --rounds <n>     interleaved rounds, order rotated; best-of-rounds and medians reported (default 3)
       --connections <n> wrk connections (default 16)
       --only <keys>    subset, e.g. fault_rules,native_fault (bare and noop always run);
-                       keys: bare noop fault_rules fault_headers native_fault
+                       keys: bare noop noop_sdk fault_rules fault_rules_tuned fault_headers
+                             native_fault ratelimit ratelimit_tuned native_local_ratelimit
   help               this text
 
 environment:
