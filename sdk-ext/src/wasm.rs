@@ -746,22 +746,31 @@ impl<P: Plugin> Vm<P> {
     }
 }
 
-/// Export the Proxy-Wasm ABI for plugin `$plugin`, request phase only (`request`), or request
-/// and response phases (`request, response`). Use once, in the filter's cdylib, on wasm32.
+/// Export the Proxy-Wasm ABI for plugin `$plugin`: the request phase only (`request`), plus
+/// response headers (`request, response_headers`), or plus response headers and body
+/// (`request, response`). Envoy crosses into the VM only for exported callbacks, so export
+/// no more than the filter uses. Use once, in the filter's cdylib, on wasm32.
 #[macro_export]
 macro_rules! export_http_filter {
     ($plugin:ty, request) => {
         $crate::export_http_filter!(@common $plugin);
     };
+    ($plugin:ty, request, response_headers) => {
+        $crate::export_http_filter!(@common $plugin);
+        $crate::export_http_filter!(@response_headers $plugin);
+    };
     ($plugin:ty, request, response) => {
         $crate::export_http_filter!(@common $plugin);
-        #[no_mangle]
-        pub extern "C" fn proxy_on_response_headers(id: u32, _headers: usize, end_of_stream: u32) -> u32 {
-            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Response, |f, h| $crate::HttpFilter::on_response_headers(f, h, end_of_stream != 0)))
-        }
+        $crate::export_http_filter!(@response_headers $plugin);
         #[no_mangle]
         pub extern "C" fn proxy_on_response_body(id: u32, size: usize, end_of_stream: u32) -> u32 {
             __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Response, |f, h| $crate::HttpFilter::on_response_body(f, h, size, end_of_stream != 0)))
+        }
+    };
+    (@response_headers $plugin:ty) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_headers(id: u32, _headers: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_stream(id, $crate::wasm::Phase::Response, |f, h| $crate::HttpFilter::on_response_headers(f, h, end_of_stream != 0)))
         }
     };
     (@common $plugin:ty) => {

@@ -438,6 +438,7 @@ fn global_limit_through_the_rate_limit_service() {
     let r = send("acme");
     assert_limited(&r);
     assert_eq!(h(&r, "x-ratelimit-limit"), Some("3"));
+    assert_eq!(h(&r, "x-envoy-ratelimited"), Some("true"), "as Envoy's rate limit filter marks it");
     assert!(h(&r, "retry-after").is_some_and(|s| s.parse::<u64>().unwrap() <= 3600));
     assert_passed(&send("other"));
     // What the service received: our domain, the descriptor, hits_addend 1.

@@ -2,19 +2,18 @@
 //! workers), then one callout to the rate-limit service for the global rules, then the
 //! reply or the rate-limit headers on the response.
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 use meshwasm_sdk_ext::host::HostRequest;
-use meshwasm_sdk_ext::metrics::{rule_metric_name, sanitize_label, Metrics};
+use meshwasm_sdk_ext::metrics::{rule_metric_name, sanitize_label};
 use meshwasm_sdk_ext::route::RouteOverrides;
 use meshwasm_sdk_ext::{
     ConfigError, Flow, GrpcCall, GrpcReply, HeaderMap, Host, HttpFilter, LocalReply, LogLevel, MetricKind, Plugin,
 };
 
 use crate::config::{Config, FailureMode, Limit};
-use crate::policy::{self, Entries, Tightest, ERROR_BODY, REJECT_BODY, REJECT_DETAILS};
+use crate::policy::{self, Entries, Tightest, ERROR_BODY, GLOBAL_REJECT_DETAILS, REJECT_BODY, REJECT_DETAILS};
 use crate::rls;
 use crate::slots::SlotTable;
 
@@ -32,15 +31,40 @@ pub const GLOBAL_STATS: [&str; 4] = ["ok", "over_limit", "error", "failure_mode_
 
 // === impl Limiter ===
 
-/// A validated config bound to its buckets in shared data.
+/// Per-rule stats, in the order of [`RULE_STATS`].
+#[derive(Debug, Clone, Copy)]
+pub enum Stat {
+    Enabled,
+    Ok,
+    RateLimited,
+    Enforced,
+    KeysEvicted,
+}
+pub const RULE_STATS: [&str; 5] = [ENABLED, OK, RATE_LIMITED, ENFORCED, KEYS_EVICTED];
+
+/// A validated config bound to its buckets in shared data and its stats.
 pub struct Limiter {
     pub config: Config,
     /// One per rule; `None` for global rules.
     tables: Vec<Option<SlotTable>>,
+    /// Metric ids, defined once: per rule in [`RULE_STATS`] order, and [`GLOBAL_STATS`].
+    rule_stats: Vec<[Option<u32>; 5]>,
+    global_stats: [Option<u32>; 4],
+}
+
+fn define(host: &dyn Host, name: &str) -> Option<u32> {
+    match host.define_metric(MetricKind::Counter, name) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            host.log(LogLevel::Warn, &format!("meshwasm.ratelimit: cannot define metric {name}: {e}"));
+            None
+        }
+    }
 }
 
 impl Limiter {
-    /// Bind `config` to the shared-data keys under `prefix`, creating the bucket slots.
+    /// Bind `config` to the shared-data keys under `prefix` (creating the bucket slots) and
+    /// define its stats, so they show (at 0) before the first request, as Envoy's do.
     pub fn new(config: Config, prefix: &str, host: &dyn Host) -> Self {
         let tables = config
             .rules
@@ -54,39 +78,44 @@ impl Limiter {
                 Limit::Global => None,
             })
             .collect();
-        Self { config, tables }
+        let rule_stats = config
+            .rules
+            .iter()
+            .map(|r| RULE_STATS.map(|stat| define(host, &rule_metric_name(NAME, &r.name, stat))))
+            .collect();
+        let global_stats = if config.has_global() {
+            GLOBAL_STATS.map(|stat| define(host, &format!("meshwasm.{NAME}.global.{stat}")))
+        } else {
+            [None; 4]
+        };
+        Self { config, tables, rule_stats, global_stats }
+    }
+
+    fn count(&self, host: &dyn Host, rule: usize, stat: Stat) {
+        if let Some(id) = self.rule_stats.get(rule).and_then(|s| s.get(stat as usize).copied().flatten()) {
+            let _ = host.increment_metric(id, 1);
+        }
+    }
+
+    /// `stat` indexes [`GLOBAL_STATS`].
+    fn count_global(&self, host: &dyn Host, stat: usize) {
+        if let Some(Some(id)) = self.global_stats.get(stat) {
+            let _ = host.increment_metric(*id, 1);
+        }
     }
 }
+
+const G_OK: usize = 0;
+const G_OVER_LIMIT: usize = 1;
+const G_ERROR: usize = 2;
+const G_FAILURE_MODE_ALLOWED: usize = 3;
 
 // === impl RateLimitPlugin ===
 
 pub struct RateLimitPlugin {
     limiter: Rc<Limiter>,
     routes: RouteOverrides<Limiter>,
-    metrics: RefCell<Metrics>,
     prefix: String,
-}
-
-impl RateLimitPlugin {
-    fn count(&self, host: &dyn Host, rule: &str, stat: &str) {
-        self.metrics.borrow_mut().add(host, MetricKind::Counter, &rule_metric_name(NAME, rule, stat), 1);
-    }
-    fn count_global(&self, host: &dyn Host, stat: &str) {
-        self.metrics.borrow_mut().add(host, MetricKind::Counter, &format!("meshwasm.{NAME}.global.{stat}"), 1);
-    }
-    fn define(&self, host: &dyn Host, config: &Config) {
-        let mut m = self.metrics.borrow_mut();
-        for r in &config.rules {
-            for stat in [ENABLED, OK, RATE_LIMITED, ENFORCED, KEYS_EVICTED] {
-                m.add(host, MetricKind::Counter, &rule_metric_name(NAME, &r.name, stat), 0);
-            }
-        }
-        if config.has_global() {
-            for stat in GLOBAL_STATS {
-                m.add(host, MetricKind::Counter, &format!("meshwasm.{NAME}.global.{stat}"), 0);
-            }
-        }
-    }
 }
 
 impl Plugin for RateLimitPlugin {
@@ -97,14 +126,11 @@ impl Plugin for RateLimitPlugin {
         let config = Config::from_json(bytes)?;
         let name = host.property(&["plugin_name"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
         let prefix = format!("meshwasm.{NAME}.{name}");
-        let plugin = RateLimitPlugin {
+        Ok(RateLimitPlugin {
             limiter: Rc::new(Limiter::new(config, &prefix, host)),
             routes: RouteOverrides::new(NAME),
-            metrics: RefCell::default(),
             prefix,
-        };
-        plugin.define(host, &plugin.limiter.config);
-        Ok(plugin)
+        })
     }
 
     fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> RateLimitFilter {
@@ -134,6 +160,13 @@ pub struct RateLimitFilter {
 
 fn now_ns(host: &dyn Host) -> u64 {
     host.now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+/// Local headers overridden by the service's headers of the same name.
+fn merge(mut local: Vec<(String, String)>, service: Vec<(String, String)>) -> Vec<(String, String)> {
+    local.retain(|(k, _)| !service.iter().any(|(sk, _)| sk == k));
+    local.extend(service);
+    local
 }
 
 fn reject(config: &Config, mut headers: Vec<(String, String)>, retry_after: Option<u64>) -> LocalReply {
@@ -166,7 +199,6 @@ impl RateLimitFilter {
         limiter: &Limiter,
         req: &mut HostRequest<'_>,
     ) -> Result<Vec<(usize, Entries)>, Flow> {
-        let plugin = self.plugin.clone();
         let config = &limiter.config;
         let mut global = Vec::new();
         let mut taken: Vec<(usize, Vec<u8>)> = Vec::new();
@@ -181,7 +213,7 @@ impl RateLimitFilter {
                 global.push((i, entries));
                 continue;
             };
-            plugin.count(host, &rule.name, ENABLED);
+            limiter.count(host, i, Stat::Enabled);
             let key = policy::bucket_key(&entries);
             let now = *now.get_or_insert_with(|| now_ns(host));
             let taken_now = match table.take(host, &key, &spec, now) {
@@ -196,15 +228,15 @@ impl RateLimitFilter {
                 }
             };
             if taken_now.evicted {
-                plugin.count(host, &rule.name, KEYS_EVICTED);
+                limiter.count(host, i, Stat::KeysEvicted);
             }
             tightest = Tightest::update(tightest, spec.max_tokens, &taken_now.take);
             if taken_now.take.admitted {
-                plugin.count(host, &rule.name, OK);
+                limiter.count(host, i, Stat::Ok);
                 taken.push((i, key));
                 continue;
             }
-            plugin.count(host, &rule.name, RATE_LIMITED);
+            limiter.count(host, i, Stat::RateLimited);
             if !config.enforce {
                 host.log(
                     LogLevel::Info,
@@ -216,7 +248,7 @@ impl RateLimitFilter {
                 );
                 continue;
             }
-            plugin.count(host, &rule.name, ENFORCED);
+            limiter.count(host, i, Stat::Enforced);
             // The request is rejected: give back what earlier rules took for it.
             for (j, k) in &taken {
                 if let (Some(Limit::Local(s)), Some(Some(t))) =
@@ -251,9 +283,7 @@ impl RateLimitFilter {
             timeout: service.timeout,
         };
         for (i, _) in &global {
-            if let Some(r) = limiter.config.rules.get(*i) {
-                self.plugin.count(host, &r.name, ENABLED);
-            }
+            limiter.count(host, *i, Stat::Enabled);
         }
         match host.grpc_call(&call) {
             Ok(token) => {
@@ -266,7 +296,7 @@ impl RateLimitFilter {
 
     /// The service failed, timed out or answered garbage: apply the failure mode.
     fn service_failed(&mut self, host: &dyn Host, limiter: &Limiter, why: &str) -> Flow {
-        self.plugin.count_global(host, "error");
+        limiter.count_global(host, G_ERROR);
         let Some(service) = limiter.config.service.as_ref() else { return Flow::Continue };
         match service.failure_mode {
             FailureMode::Allow => {
@@ -274,7 +304,7 @@ impl RateLimitFilter {
                     LogLevel::Warn,
                     &format!("meshwasm.ratelimit: rate-limit service: {why}; allowing (failureMode allow)"),
                 );
-                self.plugin.count_global(host, "failure_mode_allowed");
+                limiter.count_global(host, G_FAILURE_MODE_ALLOWED);
                 self.state = State::Done;
                 Flow::Continue
             }
@@ -300,50 +330,49 @@ impl RateLimitFilter {
         match resp.overall {
             rls::Code::Unknown => self.service_failed(host, limiter, "overall_code UNKNOWN"),
             rls::Code::Ok => {
-                self.plugin.count_global(host, "ok");
+                limiter.count_global(host, G_OK);
                 for i in rules {
-                    if let Some(r) = config.rules.get(*i) {
-                        self.plugin.count(host, &r.name, OK);
-                    }
+                    limiter.count(host, *i, Stat::Ok);
                 }
                 for (k, v) in &resp.request_headers {
                     if let Err(e) = host.set_header(HeaderMap::RequestHeaders, k, Some(v)) {
                         host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: cannot set request header {k}: {e}"));
                     }
                 }
-                self.response_headers.extend(resp.response_headers);
+                self.response_headers = merge(std::mem::take(&mut self.response_headers), resp.response_headers);
                 self.state = State::Done;
                 Flow::Continue
             }
             rls::Code::OverLimit => {
-                self.plugin.count_global(host, "over_limit");
+                limiter.count_global(host, G_OVER_LIMIT);
                 let mut retry_after: Option<u64> = None;
-                for (n, i) in rules.iter().enumerate() {
-                    let Some(r) = config.rules.get(*i) else { continue };
+                for (n, &i) in rules.iter().enumerate() {
                     // Statuses come in descriptor order; without them, every rule is over.
                     let status = resp.statuses.get(n);
                     if status.is_some_and(|s| s.code != rls::Code::OverLimit) {
-                        self.plugin.count(host, &r.name, OK);
+                        limiter.count(host, i, Stat::Ok);
                         continue;
                     }
                     if let Some(s) = status.and_then(|s| s.reset_secs) {
                         retry_after = Some(retry_after.map_or(s, |r| r.min(s)));
                     }
-                    self.plugin.count(host, &r.name, RATE_LIMITED);
+                    limiter.count(host, i, Stat::RateLimited);
                     if config.enforce {
-                        self.plugin.count(host, &r.name, ENFORCED);
+                        limiter.count(host, i, Stat::Enforced);
                     }
                 }
                 if !config.enforce {
                     host.log(LogLevel::Info, "meshwasm.ratelimit: dry run: the rate-limit service answered OVER_LIMIT");
-                    self.response_headers.extend(resp.response_headers);
+                    self.response_headers = merge(std::mem::take(&mut self.response_headers), resp.response_headers);
                     self.state = State::Done;
                     return Flow::Continue;
                 }
-                let mut headers = std::mem::take(&mut self.response_headers);
-                headers.retain(|(k, _)| !resp.response_headers.iter().any(|(rk, _)| rk == k));
-                headers.extend(resp.response_headers);
-                self.send(host, &reject(config, headers, retry_after))
+                let mut headers = merge(std::mem::take(&mut self.response_headers), resp.response_headers);
+                // As Envoy's rate limit filter marks a rejection by the service.
+                headers.push(("x-envoy-ratelimited".into(), "true".into()));
+                let mut reply = reject(config, headers, retry_after);
+                reply.details = GLOBAL_REJECT_DETAILS.into();
+                self.send(host, &reply)
             }
         }
     }
@@ -356,9 +385,7 @@ impl HttpFilter for RateLimitFilter {
         let limiter = if plugin.limiter.config.route_overrides {
             let route = plugin.routes.lookup(host, |route, v| {
                 let config = Config::from_route_value(v)?;
-                let limiter = Limiter::new(config, &format!("{}.route.{}", plugin.prefix, sanitize_label(route)), host);
-                plugin.define(host, &limiter.config);
-                Ok(limiter)
+                Ok(Limiter::new(config, &format!("{}.route.{}", plugin.prefix, sanitize_label(route)), host))
             });
             if let Some(name) = route.route_name {
                 req = req.with_route(name);

@@ -14,9 +14,10 @@ pub mod slots;
 
 pub use filter::{RateLimitFilter, RateLimitPlugin};
 
-// Request phase (the decision) and response headers (the rate-limit headers).
+// Request phase (the decision) and response headers (the rate-limit headers); no response
+// body callback, so Envoy does not cross into the VM for body chunks.
 #[cfg(target_arch = "wasm32")]
 #[allow(unsafe_code)] // the ABI exports are #[no_mangle]
 mod entry {
-    meshwasm_sdk_ext::export_http_filter!(crate::RateLimitPlugin, request, response);
+    meshwasm_sdk_ext::export_http_filter!(crate::RateLimitPlugin, request, response_headers);
 }

@@ -10,6 +10,8 @@ use crate::slots::bounded_key;
 /// Body and response code details of a rejection, as Envoy's local rate limit filter.
 pub const REJECT_BODY: &str = "local_rate_limited";
 pub const REJECT_DETAILS: &str = "local_rate_limited";
+/// Response code details of a rejection by the rate-limit service (Envoy's rate limit filter's).
+pub const GLOBAL_REJECT_DETAILS: &str = "request_rate_limited";
 /// Body and details when the rate-limit service fails and the failure mode is `deny`.
 pub const ERROR_BODY: &str = "rate_limit_service_error";
 

@@ -30,6 +30,8 @@ const HEADER: usize = 1 + 16 + 8;
 pub struct SlotTable {
     prefix: String,
     size: u32,
+    /// The key of slot 0, kept for unkeyed rules (one slot): no formatting per request.
+    first: String,
 }
 
 /// What a take did to the table.
@@ -88,11 +90,16 @@ pub fn bounded_key(mut key: Vec<u8>) -> Vec<u8> {
 
 impl SlotTable {
     pub fn new(prefix: String, size: u32) -> Self {
-        Self { prefix, size: size.max(1) }
+        let first = format!("{prefix}.0");
+        Self { prefix, size: size.max(1), first }
     }
 
-    fn slot_key(&self, i: u32) -> String {
-        format!("{}.{i}", self.prefix)
+    fn slot_key(&self, i: u32) -> std::borrow::Cow<'_, str> {
+        if i == 0 {
+            std::borrow::Cow::Borrowed(&self.first)
+        } else {
+            std::borrow::Cow::Owned(format!("{}.{i}", self.prefix))
+        }
     }
 
     /// Create the empty slots that do not exist yet (every worker does this when it loads
