@@ -432,3 +432,94 @@ impl HttpFilter for RateLimitFilter {
         Flow::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwasm_sdk_ext::fake::FakeHost;
+
+    fn plugin(host: &FakeHost, json: &str) -> Rc<RateLimitPlugin> {
+        Rc::new(RateLimitPlugin::configure(json.as_bytes(), host).unwrap())
+    }
+
+    const GLOBAL: &str = r#"{"rateLimitService": {"cluster": "rls", "domain": "d", "timeout": "50ms"},
+        "rules": [{"name": "g", "descriptors": [{"genericKey": {"value": "v"}}], "global": true}]}"#;
+
+    #[test]
+    fn local_rejection_reply() {
+        let host = FakeHost::with_request(&[(":path", "/")]);
+        let p = plugin(
+            &host,
+            r#"{"rateLimitHeaders": true, "rules": [{"tokenBucket": {"maxTokens": 1, "fillInterval": "30s"}}]}"#,
+        );
+        let mut f = p.new_filter(1, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Continue);
+        assert_eq!(f.on_response_headers(&host, false), Flow::Continue);
+        assert_eq!(host.header(HeaderMap::ResponseHeaders, "x-ratelimit-reset").as_deref(), Some("30"));
+        let mut f = p.new_filter(2, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Pause);
+        let reply = host.replies.borrow()[0].clone();
+        assert_eq!((reply.status, reply.body.as_str(), reply.grpc_status), (429, "local_rate_limited", None));
+        assert!(reply.headers.contains(&("retry-after".to_string(), "30".to_string())));
+        assert!(reply.headers.contains(&("x-ratelimit-remaining".to_string(), "0".to_string())));
+        assert_eq!(host.metric_value("meshwasm.ratelimit.rule.rule-0.enforced"), 1);
+    }
+
+    #[test]
+    fn global_call_and_replies() {
+        let host = FakeHost::with_request(&[(":path", "/")]);
+        let p = plugin(&host, GLOBAL);
+        // OVER_LIMIT with a service header: the rejection carries it.
+        let mut f = p.new_filter(1, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Pause);
+        let call = host.grpc_calls.borrow()[0].clone();
+        assert_eq!((call.cluster.as_str(), call.method.as_str()), ("rls", "ShouldRateLimit"));
+        assert_eq!(call.message, rls::encode_request("d", &[vec![("generic_key".into(), "v".into())]], 1));
+        assert_eq!(
+            f.on_grpc_reply(&host, call.token + 7, GrpcReply::Failed(4)),
+            Flow::Pause,
+            "unknown token: still waiting"
+        );
+        let over = [0x08, 2, 0x1a, 7, 0x0a, 3, b'x', b'-', b'q', 0x12, 0];
+        assert_eq!(f.on_grpc_reply(&host, call.token, GrpcReply::Message(over.to_vec())), Flow::Pause);
+        let reply = host.replies.borrow()[0].clone();
+        assert_eq!((reply.status, reply.details.as_str()), (429, "request_rate_limited"));
+        assert!(reply.headers.contains(&("x-q".to_string(), String::new())));
+        // A timeout: failure mode allow.
+        let mut f = p.new_filter(2, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Pause);
+        assert_eq!(f.on_grpc_reply(&host, 2, GrpcReply::Failed(4)), Flow::Continue);
+        assert_eq!(host.metric_value("meshwasm.ratelimit.global.failure_mode_allowed"), 1);
+        // Garbage: the same.
+        let mut f = p.new_filter(3, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Pause);
+        assert_eq!(f.on_grpc_reply(&host, 3, GrpcReply::Message(vec![0xff; 4])), Flow::Continue);
+        assert_eq!(host.metric_value("meshwasm.ratelimit.global.error"), 2);
+        // The call cannot even start (unknown cluster): failure mode applies at once.
+        host.grpc_call_error.set(Some(meshwasm_sdk_ext::HostError::BadArgument));
+        let mut f = p.new_filter(4, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Continue);
+    }
+
+    #[test]
+    fn failure_mode_deny_replies_with_status_on_error() {
+        let host = FakeHost::with_request(&[(":path", "/")]);
+        let p =
+            plugin(&host, &GLOBAL.replace(r#""timeout": "50ms""#, r#""failureMode": "deny", "statusOnError": 503"#));
+        let mut f = p.new_filter(1, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Pause);
+        assert_eq!(f.on_grpc_reply(&host, 1, GrpcReply::Failed(14)), Flow::Pause);
+        let reply = host.replies.borrow()[0].clone();
+        assert_eq!((reply.status, reply.body.as_str()), (503, "rate_limit_service_error"));
+    }
+
+    #[test]
+    fn shared_data_failure_lets_the_request_through() {
+        let host = FakeHost::with_request(&[(":path", "/")]);
+        let p = plugin(&host, r#"{"rules": [{"tokenBucket": {"maxTokens": 1, "fillInterval": "1h"}}]}"#);
+        host.cas_conflicts.set(u32::MAX);
+        let mut f = p.new_filter(1, 0);
+        assert_eq!(f.on_request_headers(&host, true), Flow::Continue);
+        assert!(host.logs.borrow().iter().any(|(_, l)| l.contains("bucket unavailable")));
+    }
+}
