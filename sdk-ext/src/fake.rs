@@ -106,6 +106,9 @@ impl Host for FakeHost {
     fn now(&self) -> SystemTime {
         UNIX_EPOCH + self.clock.get()
     }
+    fn monotonic_ns(&self) -> u64 {
+        u64::try_from(self.clock.get().as_nanos()).unwrap_or(u64::MAX)
+    }
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
         if self.stream_gone.get() {
             return Err(HostError::NotFound);

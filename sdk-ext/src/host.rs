@@ -93,6 +93,9 @@ pub trait Host {
 
     // --- time ---
     fn now(&self) -> SystemTime;
+    /// Monotonic nanoseconds: one clock for the whole process (comparable across workers),
+    /// immune to wall-clock steps. For elapsed time, like token-bucket refill.
+    fn monotonic_ns(&self) -> u64;
 
     // --- stream control ---
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError>;

@@ -28,6 +28,12 @@ use crate::scheduler::Scheduler;
 // === raw hostcalls (ABI v0.2.1) ===
 
 mod raw {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    extern "C" {
+        /// WASI `clock_time_get`; Envoy serves clock 1 (monotonic) from its monotonic clock.
+        pub fn clock_time_get(clock_id: u32, precision: u64, time: *mut u64) -> u32;
+    }
+
     #[link(wasm_import_module = "env")]
     extern "C" {
         pub fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
@@ -339,6 +345,15 @@ impl Host for ProxyHost {
         match status(s) {
             Ok(()) => UNIX_EPOCH + Duration::from_nanos(t),
             Err(_) => SystemTime::now(),
+        }
+    }
+
+    fn monotonic_ns(&self) -> u64 {
+        let mut t = 0u64;
+        // SAFETY: out-pointer to a local. Clock 1 is CLOCK_MONOTONIC.
+        match unsafe { raw::clock_time_get(1, 1, &mut t) } {
+            0 => t,
+            _ => u64::try_from(since_epoch(self.now()).as_nanos()).unwrap_or(u64::MAX),
         }
     }
 

@@ -502,6 +502,21 @@ fn global_dry_run_lets_over_limit_through() {
     assert_eq!((stat(&envoy, "fleet", "rate_limited"), stat(&envoy, "fleet", "enforced")), (2, 0));
 }
 
+/// Dry run never blocks, not even when the service fails under `failureMode: deny`.
+#[test]
+fn dry_run_does_not_deny_on_service_failure() {
+    let up = Upstream::start();
+    let config = global_config(json!({"mode": "dryRun", "rateLimitService": {"failureMode": "deny"}}));
+    let envoy = global_envoy(&up, envoy_free_port(), &[config]);
+    assert_passed(&envoy.send(get_with("/", &[("x-client", "c")])));
+    assert_eq!(gstat(&envoy, "error"), 1);
+    assert!(envoy.log().contains("would deny"), "{}", envoy.log());
+}
+
+fn envoy_free_port() -> u16 {
+    meshwasm_tests::envoy::free_port()
+}
+
 /// Each way the service can fail, on two listeners: failureMode allow and deny.
 #[test]
 fn service_failures_follow_the_failure_mode() {

@@ -30,10 +30,14 @@ pub struct Take {
 }
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
+/// Scaled time starts here, above any bucket's capacity (at most `u32::MAX` tokens of 10
+/// years, about 2^90 units), so `now − capacity` never goes below zero however small the
+/// clock reads (a monotonic clock starts near zero at boot). `now` stays below 2^101.
+const ORIGIN: u128 = 1 << 100;
 
 impl BucketSpec {
     fn now(&self, now_ns: u64) -> u128 {
-        u128::from(now_ns) * u128::from(self.tokens_per_fill)
+        ORIGIN + u128::from(now_ns) * u128::from(self.tokens_per_fill)
     }
     fn token(&self) -> u128 {
         u128::from(self.fill_interval_ns)
@@ -76,6 +80,15 @@ impl BucketSpec {
             remaining,
             reset_secs: if remaining >= 1 { 0 } else { self.ceil_secs(token - left) },
         }
+    }
+
+    /// State stored under another spec (the configuration changed while the bucket lived),
+    /// converted to this spec: the whole tokens it held carry over, capped at `max_tokens`;
+    /// a fraction of a token is dropped (the stricter side).
+    pub fn rebase(&self, old: &BucketSpec, base: u128, now_ns: u64) -> u128 {
+        let tokens = old.available(Some(base), now_ns) / old.token();
+        let avail = tokens.min(u128::from(self.max_tokens)) * self.token();
+        self.now(now_ns).saturating_sub(avail)
     }
 
     /// Give a token back (a later rule of the same request rejected it).
@@ -141,6 +154,14 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_near_zero_still_starts_full() {
+        let spec = BucketSpec { max_tokens: 1000, tokens_per_fill: 1, fill_interval_ns: 3600 * S };
+        let a = spec.take(None, 5 * S);
+        assert_eq!(a.remaining, 999);
+        assert_eq!(spec.take(Some(a.base), 6 * S).remaining, 998);
+    }
+
+    #[test]
     fn refill_caps_at_max_and_refund_returns_a_token() {
         let spec = BucketSpec { max_tokens: 2, tokens_per_fill: 1, fill_interval_ns: S };
         let a = spec.take(None, 10 * S);
@@ -150,6 +171,24 @@ mod tests {
         assert_eq!(b.remaining, 1, "refill is capped at maxTokens");
         let c = spec.take(Some(spec.refund(b.base)), 100 * S);
         assert_eq!(c.remaining, 1, "the refunded token is available again");
+    }
+
+    #[test]
+    fn rebase_keeps_whole_tokens_across_a_config_change() {
+        let old = BucketSpec { max_tokens: 10, tokens_per_fill: 10, fill_interval_ns: S };
+        let new = BucketSpec { max_tokens: 10, tokens_per_fill: 1, fill_interval_ns: 60 * S };
+        let now = 1_000 * S;
+        let mut base = None;
+        for _ in 0..7 {
+            base = Some(old.take(base, now).base);
+        }
+        let b = new.rebase(&old, base.unwrap(), now);
+        let t = new.take(Some(b), now);
+        assert_eq!((t.admitted, t.remaining), (true, 2), "3 tokens carried over, one taken");
+        // Never more than the new maximum.
+        let fresh = old.take(None, now).base;
+        let small = BucketSpec { max_tokens: 2, tokens_per_fill: 1, fill_interval_ns: S };
+        assert_eq!(small.take(Some(small.rebase(&old, fresh, now)), now).remaining, 1);
     }
 
     proptest! {

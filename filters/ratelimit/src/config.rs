@@ -323,6 +323,9 @@ impl Rule {
             (None, _) => return Err(path.err("needs tokenBucket (a local limit) or global: true")),
         };
         let keyed = descriptors.iter().any(Descriptor::varies);
+        if raw.max_keys.is_some() && limit == Limit::Global {
+            return Err(path.field("maxKeys").err("only applies to local rules (the service keeps global counts)"));
+        }
         let max_keys = match raw.max_keys {
             Some(_) if !keyed => return Err(path.field("maxKeys").err("only applies to a rule with per-request keys")),
             Some(n) => max_keys(Some(n), 0, &path.field("maxKeys"))?,

@@ -3,7 +3,6 @@
 //! reply or the rate-limit headers on the response.
 
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
 
 use meshwasm_sdk_ext::host::HostRequest;
 use meshwasm_sdk_ext::metrics::{rule_metric_name, sanitize_label};
@@ -158,10 +157,6 @@ pub struct RateLimitFilter {
     response_headers: Vec<(String, String)>,
 }
 
-fn now_ns(host: &dyn Host) -> u64 {
-    host.now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
-}
-
 /// Local headers overridden by the service's headers of the same name.
 fn merge(mut local: Vec<(String, String)>, service: Vec<(String, String)>) -> Vec<(String, String)> {
     local.retain(|(k, _)| !service.iter().any(|(sk, _)| sk == k));
@@ -215,7 +210,7 @@ impl RateLimitFilter {
             };
             limiter.count(host, i, Stat::Enabled);
             let key = policy::bucket_key(&entries);
-            let now = *now.get_or_insert_with(|| now_ns(host));
+            let now = *now.get_or_insert_with(|| host.monotonic_ns());
             let taken_now = match table.take(host, &key, &spec, now) {
                 Ok(t) => t,
                 Err(e) => {
@@ -254,7 +249,7 @@ impl RateLimitFilter {
                 if let (Some(Limit::Local(s)), Some(Some(t))) =
                     (config.rules.get(*j).map(|r| r.limit), limiter.tables.get(*j))
                 {
-                    if let Err(e) = t.refund(host, k, &s) {
+                    if let Err(e) = t.refund(host, k, &s, now) {
                         host.log(LogLevel::Debug, &format!("meshwasm.ratelimit: refund failed: {e}"));
                     }
                 }
@@ -298,6 +293,12 @@ impl RateLimitFilter {
     fn service_failed(&mut self, host: &dyn Host, limiter: &Limiter, why: &str) -> Flow {
         limiter.count_global(host, G_ERROR);
         let Some(service) = limiter.config.service.as_ref() else { return Flow::Continue };
+        let deny = service.failure_mode == FailureMode::Deny;
+        if deny && !limiter.config.enforce {
+            host.log(LogLevel::Info, &format!("meshwasm.ratelimit: dry run: rate-limit service: {why}; would deny"));
+            self.state = State::Done;
+            return Flow::Continue;
+        }
         match service.failure_mode {
             FailureMode::Allow => {
                 host.log(

@@ -50,6 +50,10 @@ pub fn entries(rule: &Rule, req: &mut dyn RequestView) -> Option<Entries> {
             }
         }
     }
+    // Every entry skipped: no descriptor (a service would refuse an empty one).
+    if out.is_empty() && !rule.descriptors.is_empty() {
+        return None;
+    }
     Some(out)
 }
 

@@ -7,7 +7,9 @@
 //! keys reuses slots instead of adding keys.
 //!
 //! A key hashes to a slot and probes up to [`PROBES`] slots. A slot holds
-//! `[1][base: u128][last_used_ns: u64][key bytes]`, or `[0]` when empty. When every probed slot
+//! `[2][base: u128][last_used_ns: u64][tokens_per_fill: u64][fill_interval_ns: u64][key bytes]`,
+//! or `[0]` when empty. The spec is stored with the state so that a configuration change
+//! (same plugin and rule names, another bucket) converts the state instead of misreading it. When every probed slot
 //! holds another key, the new key takes a slot whose bucket has refilled (a full bucket is
 //! the same as no bucket, so nothing changes), else the least recently used one: that key's
 //! bucket is forgotten (counted as `keys_evicted`) and starts full when it comes back.
@@ -24,7 +26,8 @@ pub const PROBES: u32 = 8;
 pub const MAX_KEY_BYTES: usize = 256;
 
 const EMPTY: [u8; 1] = [0];
-const HEADER: usize = 1 + 16 + 8;
+const VERSION: u8 = 2;
+const HEADER: usize = 1 + 16 + 8 + 8 + 8;
 
 #[derive(Debug, Clone)]
 pub struct SlotTable {
@@ -45,28 +48,51 @@ pub struct Taken {
 struct Slot<'a> {
     base: u128,
     last_used: u64,
+    tokens_per_fill: u64,
+    fill_interval_ns: u64,
     key: &'a [u8],
 }
 
+impl Slot<'_> {
+    /// The state in terms of `spec` (converted if it was stored under another spec).
+    fn base(&self, spec: &BucketSpec, now_ns: u64) -> u128 {
+        if (self.tokens_per_fill, self.fill_interval_ns) == (spec.tokens_per_fill, spec.fill_interval_ns) {
+            return self.base;
+        }
+        let old = BucketSpec {
+            max_tokens: u64::from(u32::MAX),
+            tokens_per_fill: self.tokens_per_fill.max(1),
+            fill_interval_ns: self.fill_interval_ns.max(1),
+        };
+        spec.rebase(&old, self.base, now_ns)
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Anything else (an empty slot, a slot written by another version) reads as empty.
 fn parse(v: &[u8]) -> Option<Slot<'_>> {
-    let (&kind, rest) = v.split_first()?;
-    if kind != 1 || rest.len() < HEADER - 1 {
+    if v.first() != Some(&VERSION) || v.len() < HEADER {
         return None;
     }
-    let (base, rest) = rest.split_at(16);
-    let (last, key) = rest.split_at(8);
     Some(Slot {
-        base: u128::from_le_bytes(base.try_into().ok()?),
-        last_used: u64::from_le_bytes(last.try_into().ok()?),
-        key,
+        base: u128::from_le_bytes(v.get(1..17)?.try_into().ok()?),
+        last_used: u64_at(v, 17)?,
+        tokens_per_fill: u64_at(v, 25)?,
+        fill_interval_ns: u64_at(v, 33)?,
+        key: v.get(HEADER..)?,
     })
 }
 
-fn encode(base: u128, last_used: u64, key: &[u8]) -> Vec<u8> {
+fn encode(base: u128, last_used: u64, spec: &BucketSpec, key: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER + key.len());
-    v.push(1);
+    v.push(VERSION);
     v.extend_from_slice(&base.to_le_bytes());
     v.extend_from_slice(&last_used.to_le_bytes());
+    v.extend_from_slice(&spec.tokens_per_fill.to_le_bytes());
+    v.extend_from_slice(&spec.fill_interval_ns.to_le_bytes());
     v.extend_from_slice(key);
     v
 }
@@ -134,10 +160,10 @@ impl SlotTable {
                         break;
                     }
                     Some(s) if s.key == key => {
-                        found = Some((i, cas, Some(s.base), false));
+                        found = Some((i, cas, Some(s.base(spec, now_ns)), false));
                         break;
                     }
-                    Some(s) if spec.is_full(s.base, now_ns) => {
+                    Some(s) if spec.is_full(s.base(spec, now_ns), now_ns) => {
                         refilled = refilled.or(Some((i, cas)));
                     }
                     Some(s) => {
@@ -155,7 +181,7 @@ impl SlotTable {
             if !take.admitted {
                 return Ok(Taken { take, evicted: false });
             }
-            match host.set_shared_data(&self.slot_key(slot), &encode(take.base, now_ns, key), cas) {
+            match host.set_shared_data(&self.slot_key(slot), &encode(take.base, now_ns, spec, key), cas) {
                 Ok(()) => return Ok(Taken { take, evicted }),
                 Err(HostError::CasMismatch) => continue,
                 Err(e) => return Err(e),
@@ -169,7 +195,7 @@ impl SlotTable {
     }
 
     /// Give back the token `take` took for `key` (if the key still holds its slot).
-    pub fn refund(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec) -> Result<(), HostError> {
+    pub fn refund(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec, now_ns: u64) -> Result<(), HostError> {
         let start = (fnv1a(key) % u64::from(self.size)) as u32;
         for _ in 0..MAX_CAS_RETRIES {
             let mut hit = None;
@@ -179,14 +205,14 @@ impl SlotTable {
                 match value.as_deref().and_then(parse) {
                     None => break,
                     Some(s) if s.key == key => {
-                        hit = Some((i, cas, spec.refund(s.base), s.last_used));
+                        hit = Some((i, cas, spec.refund(s.base(spec, now_ns)), s.last_used));
                         break;
                     }
                     Some(_) => {}
                 }
             }
             let Some((slot, cas, base, last)) = hit else { return Ok(()) };
-            match host.set_shared_data(&self.slot_key(slot), &encode(base, last, key), cas) {
+            match host.set_shared_data(&self.slot_key(slot), &encode(base, last, spec, key), cas) {
                 Ok(()) => return Ok(()),
                 Err(HostError::CasMismatch) => continue,
                 Err(e) => return Err(e),
@@ -247,10 +273,27 @@ mod tests {
         host.cas_conflicts.set(5);
         assert_eq!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.remaining, 1);
         assert_eq!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.remaining, 0);
-        t.refund(&host, b"a", &SPEC).unwrap();
+        t.refund(&host, b"a", &SPEC, 100 * S).unwrap();
         assert!(t.take(&host, b"a", &SPEC, 100 * S).unwrap().take.admitted);
         host.cas_conflicts.set(10_000);
         assert_eq!(t.take(&host, b"a", &SPEC, 200 * S), Err(HostError::CasMismatch));
+    }
+
+    #[test]
+    fn state_survives_a_spec_change() {
+        let host = FakeHost::new();
+        let t = SlotTable::new("rl.r".into(), 1);
+        t.init(&host);
+        let now = 100 * S;
+        let old = BucketSpec { max_tokens: 10, tokens_per_fill: 10, fill_interval_ns: S };
+        for _ in 0..8 {
+            assert!(t.take(&host, b"", &old, now).unwrap().take.admitted);
+        }
+        // Fewer tokens per fill: the 2 tokens left carry over (they used to read as none, forever).
+        let new = BucketSpec { max_tokens: 10, tokens_per_fill: 1, fill_interval_ns: 60 * S };
+        assert_eq!(t.take(&host, b"", &new, now).unwrap().take.remaining, 1);
+        assert_eq!(t.take(&host, b"", &new, now).unwrap().take.remaining, 0);
+        assert!(!t.take(&host, b"", &new, now).unwrap().take.admitted);
     }
 
     #[test]
