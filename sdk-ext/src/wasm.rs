@@ -248,27 +248,25 @@ impl ProxyHost {
         status(unsafe { raw::proxy_set_effective_context(id) })
     }
 
-    pub fn plugin_configuration(&self, size: usize) -> Vec<u8> {
+    /// The first `size` bytes of a host buffer (empty if the host has none).
+    fn buffer(&self, buffer_type: u32, size: usize) -> Vec<u8> {
         let mut ptr = null_mut();
         let mut len = 0;
-        // SAFETY: out-pointers to locals; buffer type 7 is PluginConfiguration.
-        let s = unsafe { raw::proxy_get_buffer_bytes(7, 0, size, &mut ptr, &mut len) };
+        // SAFETY: out-pointers to locals.
+        let s = unsafe { raw::proxy_get_buffer_bytes(buffer_type, 0, size, &mut ptr, &mut len) };
         match status(s) {
             Ok(()) => owned(ptr, len),
             Err(_) => Vec::new(),
         }
     }
 
+    pub fn plugin_configuration(&self, size: usize) -> Vec<u8> {
+        self.buffer(7, size) // PluginConfiguration
+    }
+
     /// The message of the gRPC reply being delivered (`proxy_on_grpc_receive`).
     pub fn grpc_receive_buffer(&self, size: usize) -> Vec<u8> {
-        let mut ptr = null_mut();
-        let mut len = 0;
-        // SAFETY: out-pointers to locals; buffer type 5 is GrpcReceiveBuffer.
-        let s = unsafe { raw::proxy_get_buffer_bytes(5, 0, size, &mut ptr, &mut len) };
-        match status(s) {
-            Ok(()) => owned(ptr, len),
-            Err(_) => Vec::new(),
-        }
+        self.buffer(5, size) // GrpcReceiveBuffer
     }
 
     pub fn cancel_grpc_call(&self, token: u32) {
@@ -530,6 +528,17 @@ struct Contexts<P: Plugin> {
     callouts: IdMap<(u32, Phase)>,
 }
 
+/// Resume a paused stream (it may have gone away: that is logged, not an error).
+fn resume<P: Plugin>(host: &ProxyHost, id: u32, phase: Phase) {
+    let resumed = match phase {
+        Phase::Request => host.resume_request(),
+        Phase::Response => host.resume_response(),
+    };
+    if let Err(e) = resumed {
+        host.log(LogLevel::Debug, &format!("meshwasm.{}: resume stream {id}: {e}", P::NAME));
+    }
+}
+
 impl<P: Plugin> Contexts<P> {
     /// Remember the calls stream `id` started in the callback that just returned.
     fn adopt_callouts(&mut self, id: u32, phase: Phase) {
@@ -644,36 +653,19 @@ impl<P: Plugin> Vm<P> {
             let now = since_epoch(host.now());
             let Some(root) = c.roots.get_mut(&root_id) else { return };
             let due = root.scheduler.pop_due(now);
-            let mut again = Vec::new();
             for (id, phase) in due {
                 let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { continue };
                 if host.set_effective_context(id).is_err() {
                     continue; // the stream went away
                 }
                 let flow = filter.on_timer(&host);
-                for token in take_new_callouts() {
-                    c.callouts.insert(token, (id, phase));
-                }
-                let resumed = match flow {
-                    Flow::Continue => match phase {
-                        Phase::Request => host.resume_request(),
-                        Phase::Response => host.resume_response(),
-                    },
-                    Flow::Pause => Ok(()),
-                    Flow::Delay(d) => {
-                        again.push((id, now + d, phase));
-                        Ok(())
-                    }
-                };
-                if let Err(e) = resumed {
-                    host.log(LogLevel::Debug, &format!("meshwasm.{}: resume stream {id}: {e}", P::NAME));
+                c.adopt_callouts(id, phase);
+                if c.flow(id, phase, flow, &host) == 0 {
+                    resume::<P>(&host, id, phase);
                 }
             }
             let _ = host.set_effective_context(root_id);
             if let Some(root) = c.roots.get_mut(&root_id) {
-                for (id, deadline, phase) in again {
-                    root.scheduler.schedule(id, deadline, phase);
-                }
                 host.set_tick_period_ms(root.scheduler.tick_period_ms(since_epoch(host.now())));
             }
         });
@@ -712,13 +704,7 @@ impl<P: Plugin> Vm<P> {
             let flow = filter.on_grpc_reply(&host, token, reply);
             c.adopt_callouts(id, phase);
             if c.flow(id, phase, flow, &host) == 0 {
-                let resumed = match phase {
-                    Phase::Request => host.resume_request(),
-                    Phase::Response => host.resume_response(),
-                };
-                if let Err(e) = resumed {
-                    host.log(LogLevel::Debug, &format!("meshwasm.{}: resume stream {id}: {e}", P::NAME));
-                }
+                resume::<P>(&host, id, phase);
             }
         });
     }
