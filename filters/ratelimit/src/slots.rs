@@ -142,47 +142,44 @@ impl SlotTable {
         }
     }
 
-    /// Take a token for `key` at `now_ns`.
-    pub fn take(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec, now_ns: u64) -> Result<Taken, HostError> {
+    /// Where `key` lives: its slot with its state, or else the slot it would take (the first
+    /// empty one, else a refilled bucket, else the least recently used, which is an eviction).
+    fn probe(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec, now_ns: u64) -> Option<Probe> {
         let start = (fnv1a(key) % u64::from(self.size)) as u32;
-        let probes = PROBES.min(self.size);
+        let mut refilled: Option<Probe> = None;
+        let mut oldest: Option<(Probe, u64)> = None;
+        for p in 0..PROBES.min(self.size) {
+            let slot = (start + p) % self.size;
+            let (value, cas) = host.shared_data(&self.slot_key(slot));
+            let Some(s) = value.as_deref().and_then(parse) else {
+                return Some(Probe { slot, cas, state: None, evicts: false });
+            };
+            if s.key == key {
+                return Some(Probe { slot, cas, state: Some((s.base(spec, now_ns), s.last_used)), evicts: false });
+            }
+            if spec.is_full(s.base(spec, now_ns), now_ns) {
+                refilled = refilled.or(Some(Probe { slot, cas, state: None, evicts: false }));
+            } else if oldest.as_ref().is_none_or(|(_, t)| s.last_used < *t) {
+                oldest = Some((Probe { slot, cas, state: None, evicts: true }, s.last_used));
+            }
+        }
+        refilled.or(oldest.map(|(p, _)| p))
+    }
+
+    /// Run `attempt` until its write (a CAS on the slot it probed) goes through, or it needs
+    /// no write; a CAS conflict means another worker wrote in between: probe again.
+    fn with_retries<T>(
+        &self,
+        host: &dyn Host,
+        mut attempt: impl FnMut() -> Result<Attempt<T>, HostError>,
+    ) -> Result<T, HostError> {
         for _ in 0..MAX_CAS_RETRIES {
-            // (slot, cas, this key's state, evicts another key's live bucket)
-            let mut found: Option<(u32, Option<u32>, Option<u128>, bool)> = None;
-            let mut refilled: Option<(u32, Option<u32>)> = None;
-            let mut oldest: Option<(u32, Option<u32>, u64)> = None;
-            for p in 0..probes {
-                let i = (start + p) % self.size;
-                let (value, cas) = host.shared_data(&self.slot_key(i));
-                match value.as_deref().and_then(parse) {
-                    None => {
-                        found = Some((i, cas, None, false));
-                        break;
-                    }
-                    Some(s) if s.key == key => {
-                        found = Some((i, cas, Some(s.base(spec, now_ns)), false));
-                        break;
-                    }
-                    Some(s) if spec.is_full(s.base(spec, now_ns), now_ns) => {
-                        refilled = refilled.or(Some((i, cas)));
-                    }
-                    Some(s) => {
-                        if oldest.is_none_or(|(_, _, t)| s.last_used < t) {
-                            oldest = Some((i, cas, s.last_used));
-                        }
-                    }
-                }
-            }
-            let target = found
-                .or_else(|| refilled.map(|(i, cas)| (i, cas, None, false)))
-                .or_else(|| oldest.map(|(i, cas, _)| (i, cas, None, true)));
-            let Some((slot, cas, base, evicted)) = target else { return Err(HostError::NotFound) };
-            let take = spec.take(base, now_ns);
-            if !take.admitted {
-                return Ok(Taken { take, evicted: false });
-            }
-            match host.set_shared_data(&self.slot_key(slot), &encode(take.base, now_ns, spec, key), cas) {
-                Ok(()) => return Ok(Taken { take, evicted }),
+            let (slot, cas, value, result) = match attempt()? {
+                Attempt::Done(r) => return Ok(r),
+                Attempt::Write { slot, cas, value, result } => (slot, cas, value, result),
+            };
+            match host.set_shared_data(&self.slot_key(slot), &value, cas) {
+                Ok(()) => return Ok(result),
                 Err(HostError::CasMismatch) => continue,
                 Err(e) => return Err(e),
             }
@@ -194,32 +191,46 @@ impl SlotTable {
         Err(HostError::CasMismatch)
     }
 
+    /// Take a token for `key` at `now_ns`.
+    pub fn take(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec, now_ns: u64) -> Result<Taken, HostError> {
+        self.with_retries(host, || {
+            let p = self.probe(host, key, spec, now_ns).ok_or(HostError::NotFound)?;
+            let take = spec.take(p.state.map(|(base, _)| base), now_ns);
+            if !take.admitted {
+                return Ok(Attempt::Done(Taken { take, evicted: false }));
+            }
+            Ok(Attempt::Write {
+                slot: p.slot,
+                cas: p.cas,
+                value: encode(take.base, now_ns, spec, key),
+                result: Taken { take, evicted: p.evicts },
+            })
+        })
+    }
+
     /// Give back the token `take` took for `key` (if the key still holds its slot).
     pub fn refund(&self, host: &dyn Host, key: &[u8], spec: &BucketSpec, now_ns: u64) -> Result<(), HostError> {
-        let start = (fnv1a(key) % u64::from(self.size)) as u32;
-        for _ in 0..MAX_CAS_RETRIES {
-            let mut hit = None;
-            for p in 0..PROBES.min(self.size) {
-                let i = (start + p) % self.size;
-                let (value, cas) = host.shared_data(&self.slot_key(i));
-                match value.as_deref().and_then(parse) {
-                    None => break,
-                    Some(s) if s.key == key => {
-                        hit = Some((i, cas, spec.refund(s.base(spec, now_ns)), s.last_used));
-                        break;
-                    }
-                    Some(_) => {}
-                }
+        self.with_retries(host, || match self.probe(host, key, spec, now_ns) {
+            Some(Probe { slot, cas, state: Some((base, last_used)), .. }) => {
+                Ok(Attempt::Write { slot, cas, value: encode(spec.refund(base), last_used, spec, key), result: () })
             }
-            let Some((slot, cas, base, last)) = hit else { return Ok(()) };
-            match host.set_shared_data(&self.slot_key(slot), &encode(base, last, spec, key), cas) {
-                Ok(()) => return Ok(()),
-                Err(HostError::CasMismatch) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(HostError::CasMismatch)
+            _ => Ok(Attempt::Done(())),
+        })
     }
+}
+
+/// A probed slot: its CAS, this key's `(base, last_used)` if the slot holds the key, and
+/// whether taking it forgets another key's live bucket.
+struct Probe {
+    slot: u32,
+    cas: Option<u32>,
+    state: Option<(u128, u64)>,
+    evicts: bool,
+}
+
+enum Attempt<T> {
+    Done(T),
+    Write { slot: u32, cas: Option<u32>, value: Vec<u8>, result: T },
 }
 
 #[cfg(test)]
