@@ -152,6 +152,38 @@ pub fn grpc_code(v: &Value, path: &Path) -> Result<u32, ConfigError> {
     }
 }
 
+/// A rule's label for stats, logs and state keys: its `name` (non-empty), or `rule-<index>`.
+pub fn rule_name(name: Option<&str>, index: usize, path: &Path) -> Result<String, ConfigError> {
+    match name {
+        Some("") => Err(path.field("name").err("must not be empty")),
+        Some(n) => Ok(n.to_string()),
+        None => Ok(format!("rule-{index}")),
+    }
+}
+
+/// Rule names label stats, so they must stay distinct once sanitized for stat names, and
+/// must not take a label the filter reserves for itself.
+pub struct RuleLabels {
+    seen: std::collections::HashSet<String>,
+    reserved: &'static [&'static str],
+}
+
+impl RuleLabels {
+    pub fn new(reserved: &'static [&'static str]) -> Self {
+        Self { seen: std::collections::HashSet::new(), reserved }
+    }
+
+    /// Claim the label of rule `name` (at `path`, the rule's path).
+    pub fn claim(&mut self, name: &str, path: &Path) -> Result<(), ConfigError> {
+        let label = crate::metrics::sanitize_label(name);
+        if self.reserved.contains(&label.as_str()) || !self.seen.insert(label.clone()) {
+            let what = if self.reserved.is_empty() { "duplicate" } else { "duplicate or reserved" };
+            return Err(path.field("name").err(format!("{what} rule name {name:?} (stats label {label:?})")));
+        }
+        Ok(())
+    }
+}
+
 fn strip_position(msg: &str) -> String {
     // serde_json appends " at line L column C"; keep it, it helps humans with big files,
     // but drop it for the common one-line config case where it adds nothing.

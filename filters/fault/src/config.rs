@@ -2,10 +2,9 @@
 //! header-controlled faults. JSON → `FaultConfigJson` (serde, unknown fields rejected) →
 //! `Config` (validated, immutable, shared by every stream).
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use meshwasm_sdk_ext::config::{ConfigError, Path};
+use meshwasm_sdk_ext::config::{rule_name, ConfigError, Path, RuleLabels};
 use meshwasm_sdk_ext::duration::parse_duration;
 use meshwasm_sdk_ext::matcher::{MatchJson, MatchList};
 use meshwasm_sdk_ext::percent::{Fraction, Percentage};
@@ -150,18 +149,12 @@ impl TryFrom<FaultConfigJson> for Config {
 
     fn try_from(raw: FaultConfigJson) -> Result<Self, ConfigError> {
         let root = Path::root();
-        let mut names = HashSet::new();
+        let mut labels = RuleLabels::new(&[HEADER_CONTROL_RULE]);
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.iter().enumerate() {
             let path = root.field("rules").index(i);
             let rule = Rule::compile(r, i, &path)?;
-            // Names label the stats, so they must stay distinct once sanitized for stat names.
-            let label = meshwasm_sdk_ext::metrics::sanitize_label(&rule.name);
-            if label == HEADER_CONTROL_RULE || !names.insert(label.clone()) {
-                return Err(path
-                    .field("name")
-                    .err(format!("duplicate or reserved rule name {:?} (stats label {label:?})", rule.name)));
-            }
+            labels.claim(&rule.name, &path)?;
             rules.push(rule);
         }
         let header_control = header_control(raw.header_control.as_ref(), &root.field("headerControl"))?;
@@ -177,11 +170,7 @@ impl TryFrom<FaultConfigJson> for Config {
 
 impl Rule {
     fn compile(raw: &RuleJson, index: usize, path: &Path) -> Result<Self, ConfigError> {
-        let name = match &raw.name {
-            Some(n) if n.is_empty() => return Err(path.field("name").err("must not be empty")),
-            Some(n) => n.clone(),
-            None => format!("rule-{index}"),
-        };
+        let name = rule_name(raw.name.as_deref(), index, path)?;
         let matches = MatchList::compile(raw.matches.as_deref(), &path.field("match"))?;
         let fpath = path.field("fault");
         let delay = raw.fault.delay.as_ref().map(|d| Delay::compile(d, &fpath.field("delay"))).transpose()?;

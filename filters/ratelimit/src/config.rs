@@ -14,10 +14,9 @@
 //! }
 //! ```
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use meshwasm_sdk_ext::config::{grpc_code, ConfigError, Path};
+use meshwasm_sdk_ext::config::{grpc_code, rule_name, ConfigError, Path, RuleLabels};
 use meshwasm_sdk_ext::duration::parse_duration;
 use meshwasm_sdk_ext::matcher::{MatchJson, MatchList};
 use serde::Deserialize;
@@ -245,7 +244,7 @@ impl TryFrom<RateLimitConfigJson> for Config {
         let service = raw.rate_limit_service.as_ref().map(|s| Service::compile(s, &root.field("rateLimitService")));
         let service = service.transpose()?;
 
-        let mut names = HashSet::new();
+        let mut labels = RuleLabels::new(&[]);
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.iter().enumerate() {
             let path = root.field("rules").index(i);
@@ -253,12 +252,7 @@ impl TryFrom<RateLimitConfigJson> for Config {
             if rule.limit == Limit::Global && service.is_none() {
                 return Err(path.field("global").err("needs rateLimitService (cluster and domain) to be configured"));
             }
-            let label = meshwasm_sdk_ext::metrics::sanitize_label(&rule.name);
-            if !names.insert(label.clone()) {
-                return Err(path
-                    .field("name")
-                    .err(format!("duplicate rule name {:?} (stats label {label:?})", rule.name)));
-            }
+            labels.claim(&rule.name, &path)?;
             rules.push(rule);
         }
         // Local rules first: a local rejection then costs no callout.
@@ -301,11 +295,7 @@ fn key_or(key: &Option<String>, default: &str, path: &Path) -> Result<String, Co
 
 impl Rule {
     fn compile(raw: &RuleJson, index: usize, plugin_max_keys: u32, path: &Path) -> Result<Self, ConfigError> {
-        let name = match &raw.name {
-            Some(n) if n.is_empty() => return Err(path.field("name").err("must not be empty")),
-            Some(n) => n.clone(),
-            None => format!("rule-{index}"),
-        };
+        let name = rule_name(raw.name.as_deref(), index, path)?;
         let matches = MatchList::compile(raw.matches.as_deref(), &path.field("match"))?;
         let mut descriptors = Vec::with_capacity(raw.descriptors.len());
         for (i, d) in raw.descriptors.iter().enumerate() {
