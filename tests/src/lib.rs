@@ -21,6 +21,7 @@ pub mod client;
 pub mod envoy;
 pub mod ratelimit_service;
 pub mod redis;
+pub mod server;
 pub mod stats;
 pub mod upstream;
 

@@ -77,6 +77,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::redis::{Connection, Reply};
+use crate::server::ServerThread;
 use proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 
 /// The gRPC method path.
@@ -727,10 +728,8 @@ pub struct RateLimitServiceBuilder {
 
 /// A running rate-limit service on its own runtime thread; stopped on drop.
 pub struct RateLimitService {
-    addr: SocketAddr,
+    server: ServerThread,
     state: Arc<State>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A failed [`call`]: the `grpc-status` (`None` for a transport or HTTP error) and what
@@ -810,41 +809,10 @@ impl RateLimitServiceBuilder {
             calls: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
         });
-        let listen = self.listen;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let shared = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("meshwasm-ratelimit".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("rate-limit service runtime");
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::bind(listen).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = addr_tx.send(Err(format!("bind {listen}: {e}")));
-                            return;
-                        }
-                    };
-                    let _ = addr_tx.send(Ok(listener.local_addr().expect("local addr")));
-                    tokio::select! {
-                        () = serve_state(listener, shared) => {}
-                        _ = stop_rx => {}
-                    }
-                });
-                // Drops every connection task (closing its socket) before the thread ends.
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn rate-limit service thread");
-        let addr = addr_rx
-            .recv()
-            .expect("rate-limit service thread died")
-            .unwrap_or_else(|e| panic!("rate-limit service: {e}"));
-        RateLimitService { addr, state, stop: Some(stop_tx), thread: Some(thread) }
+        let server =
+            ServerThread::spawn("meshwasm-ratelimit", self.listen, move |listener| serve_state(listener, shared));
+        RateLimitService { server, state }
     }
 }
 
@@ -862,7 +830,7 @@ impl RateLimitService {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// How many `ShouldRateLimit` calls arrived (malformed ones included).
@@ -891,24 +859,13 @@ impl RateLimitService {
 
     /// Calls `ShouldRateLimit` on this service (see [`call`]).
     pub fn call(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, CallError> {
-        call(self.addr, req)
+        call(self.addr(), req)
     }
 
     /// Stops listening and closes every connection (the port refuses afterwards);
     /// idempotent. The counters ([`RateLimitService::calls`], recorded requests) remain.
     pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for RateLimitService {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.stop();
     }
 }
 

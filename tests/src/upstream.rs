@@ -27,14 +27,14 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::server::ServerThread;
+
 type RspBody = BoxBody<Bytes, Infallible>;
 
 /// A running upstream on its own runtime thread; stopped on drop.
 pub struct Upstream {
-    addr: SocketAddr,
+    server: ServerThread,
     requests: Arc<AtomicU64>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 // === impl Upstream ===
@@ -48,40 +48,13 @@ impl Upstream {
     /// Starts an upstream on `addr` (port 0 picks a free port).
     pub fn start_on(addr: SocketAddr) -> Self {
         let requests = Arc::new(AtomicU64::new(0));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let counter = requests.clone();
-        let thread = std::thread::Builder::new()
-            .name("meshwasm-upstream".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("upstream runtime");
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::bind(addr).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = addr_tx.send(Err(format!("bind {addr}: {e}")));
-                            return;
-                        }
-                    };
-                    let _ = addr_tx.send(Ok(listener.local_addr().expect("local addr")));
-                    tokio::select! {
-                        _ = serve(listener, counter) => {}
-                        _ = stop_rx => {}
-                    }
-                });
-                rt.shutdown_background();
-            })
-            .expect("spawn upstream thread");
-        let addr = addr_rx.recv().expect("upstream thread died").unwrap_or_else(|e| panic!("upstream: {e}"));
-        Self { addr, requests, stop: Some(stop_tx), thread: Some(thread) }
+        let server = ServerThread::spawn("meshwasm-upstream", addr, move |listener| serve(listener, counter));
+        Self { server, requests }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// How many requests reached this upstream so far.
@@ -92,17 +65,6 @@ impl Upstream {
     /// The shared counter itself (to hand to other threads).
     pub fn request_counter(&self) -> Arc<AtomicU64> {
         self.requests.clone()
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -8,7 +8,6 @@
 //! "unit": "minute"}], "rateLimitHeaders": true}`. See `meshwasm_tests::ratelimit_service`
 //! for the semantics.
 
-use std::io::Write;
 use std::net::SocketAddr;
 
 use meshwasm_tests::ServiceConfig;
@@ -37,14 +36,8 @@ fn main() {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| fail(&format!("read {path}: {e}")));
     let configs = ServiceConfig::from_json(&text).unwrap_or_else(|e| fail(&format!("{path}: {e}")));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
-    rt.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(listen).await.unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
-        let addr = listener.local_addr().expect("local addr");
-        println!("listening on {addr}");
-        let _ = std::io::stdout().flush();
-        meshwasm_tests::ratelimit_service::serve(listener, redis, configs).await;
+    meshwasm_tests::server::serve_main("meshwasm-ratelimit-service", listen, 1, |listener| {
+        meshwasm_tests::ratelimit_service::serve(listener, redis, configs)
     });
 }
 

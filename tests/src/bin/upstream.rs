@@ -2,7 +2,6 @@
 //! (for the demo and the benchmarks). Prints `listening on <addr>` once it accepts.
 //! See `meshwasm_tests::upstream` for its behaviour.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -25,20 +24,8 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await.unwrap_or_else(|e| {
-            eprintln!("meshwasm-upstream: bind {listen}: {e}");
-            std::process::exit(1)
-        });
-        let addr = listener.local_addr().expect("local addr");
-        println!("listening on {addr}");
-        let _ = std::io::stdout().flush();
-        meshwasm_tests::upstream::serve(listener, Arc::new(AtomicU64::new(0))).await;
+    meshwasm_tests::server::serve_main("meshwasm-upstream", listen, threads, |listener| {
+        meshwasm_tests::upstream::serve(listener, Arc::new(AtomicU64::new(0)))
     });
 }
 
