@@ -77,7 +77,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::redis::{Connection, Reply};
-use crate::server::ServerThread;
+use crate::server::{accept_loop, ServerThread};
 use proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 
 /// The gRPC method path.
@@ -884,17 +884,9 @@ pub async fn serve(listener: tokio::net::TcpListener, redis: SocketAddr, configs
 
 /// Accepts connections forever, serving each with HTTP/2 (prior knowledge).
 async fn serve_state(listener: tokio::net::TcpListener, state: Arc<State>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    accept_loop(listener, move |stream| {
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(req, &state).await) }
@@ -902,8 +894,9 @@ async fn serve_state(listener: tokio::net::TcpListener, state: Arc<State>) {
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(req: hyper::Request<Incoming>, state: &State) -> hyper::Response<RspBody> {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 pub struct ServerThread {
     addr: SocketAddr,
@@ -74,6 +74,26 @@ impl ServerThread {
 impl Drop for ServerThread {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Accepts connections forever (a failed accept is retried after 10 ms), sets TCP_NODELAY,
+/// and serves each connection with `conn(stream)` on its own task.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, conn: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(conn(stream));
     }
 }
 

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::server::ServerThread;
+use crate::server::{accept_loop, ServerThread};
 
 type RspBody = BoxBody<Bytes, Infallible>;
 
@@ -70,25 +70,18 @@ impl Upstream {
 
 /// Accepts connections forever, serving each with HTTP/1.1 or HTTP/2 (auto-detected).
 pub async fn serve(listener: tokio::net::TcpListener, requests: Arc<AtomicU64>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    accept_loop(listener, move |stream| {
         let requests = requests.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = hyper::service::service_fn(move |req| {
                 let requests = requests.clone();
                 async move { Ok::<_, Infallible>(handle(req, requests).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(req: hyper::Request<Incoming>, requests: Arc<AtomicU64>) -> hyper::Response<RspBody> {
