@@ -122,6 +122,12 @@ pub trait Host {
     fn log(&self, level: LogLevel, message: &str);
 }
 
+/// The wasm plugin's `config.name` (empty if the host does not say): filters key state
+/// shared across workers by it.
+pub fn plugin_name(host: &dyn Host) -> String {
+    host.property(&["plugin_name"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default()
+}
+
 /// Read-through request view over a host, caching what matching asks for.
 pub struct HostRequest<'h> {
     host: &'h dyn Host,

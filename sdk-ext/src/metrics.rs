@@ -35,6 +35,17 @@ pub fn rule_metric_name(filter: &str, rule: &str, stat: &str) -> String {
     format!("meshwasm.{filter}.rule.{}.{stat}", sanitize_label(rule))
 }
 
+/// Define a metric and return its id; a failure is logged and gives `None` (never fatal).
+pub fn define(host: &dyn Host, kind: MetricKind, name: &str) -> Option<u32> {
+    match host.define_metric(kind, name) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            host.log(LogLevel::Warn, &format!("cannot define metric {name}: {e}"));
+            None
+        }
+    }
+}
+
 /// Cached metric ids, keyed by kind and full name.
 #[derive(Default)]
 pub struct Metrics {
@@ -46,16 +57,9 @@ impl Metrics {
         if let Some(id) = self.ids.get(&(kind, name.to_string())) {
             return Some(*id);
         }
-        match host.define_metric(kind, name) {
-            Ok(id) => {
-                self.ids.insert((kind, name.to_string()), id);
-                Some(id)
-            }
-            Err(e) => {
-                host.log(LogLevel::Warn, &format!("cannot define metric {name}: {e}"));
-                None
-            }
-        }
+        let id = define(host, kind, name)?;
+        self.ids.insert((kind, name.to_string()), id);
+        Some(id)
     }
 
     /// Add `delta` to a counter or gauge; failures are logged, never fatal.

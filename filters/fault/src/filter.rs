@@ -54,7 +54,7 @@ impl Plugin for FaultPlugin {
 
     fn configure(bytes: &[u8], host: &dyn Host) -> Result<Self, ConfigError> {
         let config = Config::from_json(bytes)?;
-        let name = host.property(&["plugin_name"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+        let name = meshwasm_sdk_ext::host::plugin_name(host);
         let plugin = FaultPlugin::new(config, &name);
         if plugin.config.max_active_faults.is_some() {
             shared::init_u64(host, &plugin.active_key);

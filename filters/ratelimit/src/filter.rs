@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use meshwasm_sdk_ext::host::HostRequest;
-use meshwasm_sdk_ext::metrics::{rule_metric_name, sanitize_label};
+use meshwasm_sdk_ext::metrics::{define, rule_metric_name, sanitize_label};
 use meshwasm_sdk_ext::route::RouteOverrides;
 use meshwasm_sdk_ext::{
     ConfigError, Flow, GrpcCall, GrpcReply, HeaderMap, Host, HttpFilter, LocalReply, LogLevel, MetricKind, Plugin,
@@ -51,16 +51,6 @@ pub struct Limiter {
     global_stats: [Option<u32>; 4],
 }
 
-fn define(host: &dyn Host, name: &str) -> Option<u32> {
-    match host.define_metric(MetricKind::Counter, name) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            host.log(LogLevel::Warn, &format!("meshwasm.ratelimit: cannot define metric {name}: {e}"));
-            None
-        }
-    }
-}
-
 impl Limiter {
     /// Bind `config` to the shared-data keys under `prefix` (creating the bucket slots) and
     /// define its stats, so they show (at 0) before the first request, as Envoy's do.
@@ -80,10 +70,10 @@ impl Limiter {
         let rule_stats = config
             .rules
             .iter()
-            .map(|r| RULE_STATS.map(|stat| define(host, &rule_metric_name(NAME, &r.name, stat))))
+            .map(|r| RULE_STATS.map(|stat| define(host, MetricKind::Counter, &rule_metric_name(NAME, &r.name, stat))))
             .collect();
         let global_stats = if config.has_global() {
-            GLOBAL_STATS.map(|stat| define(host, &format!("meshwasm.{NAME}.global.{stat}")))
+            GLOBAL_STATS.map(|stat| define(host, MetricKind::Counter, &format!("meshwasm.{NAME}.global.{stat}")))
         } else {
             [None; 4]
         };
@@ -123,7 +113,7 @@ impl Plugin for RateLimitPlugin {
 
     fn configure(bytes: &[u8], host: &dyn Host) -> Result<Self, ConfigError> {
         let config = Config::from_json(bytes)?;
-        let name = host.property(&["plugin_name"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+        let name = meshwasm_sdk_ext::host::plugin_name(host);
         let prefix = format!("meshwasm.{NAME}.{name}");
         Ok(RateLimitPlugin {
             limiter: Rc::new(Limiter::new(config, &prefix, host)),
