@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use meshwasm_tests::envoy::free_port;
 use meshwasm_tests::{
     fire, Behaviour, Envoy, EnvoyBuilder, Filter, Limit, Listener, RateLimitService, Redis, Request, Response, Route,
     ServiceConfig, Unit, Upstream,
@@ -507,14 +508,10 @@ fn global_dry_run_lets_over_limit_through() {
 fn dry_run_does_not_deny_on_service_failure() {
     let up = Upstream::start();
     let config = global_config(json!({"mode": "dryRun", "rateLimitService": {"failureMode": "deny"}}));
-    let envoy = global_envoy(&up, envoy_free_port(), &[config]);
+    let envoy = global_envoy(&up, free_port(), &[config]);
     assert_passed(&envoy.send(get_with("/", &[("x-client", "c")])));
     assert_eq!(gstat(&envoy, "error"), 1);
     assert!(envoy.log().contains("would deny"), "{}", envoy.log());
-}
-
-fn envoy_free_port() -> u16 {
-    meshwasm_tests::envoy::free_port()
 }
 
 /// Each way the service can fail, on two listeners: failureMode allow and deny.
