@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::host::{GrpcCall, HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+use crate::host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};
 
 /// A gRPC call the filter started, as recorded by the fake host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,22 @@ pub struct RecordedGrpcCall {
     pub method: String,
     pub message: Vec<u8>,
     pub timeout: Duration,
+}
+
+/// An HTTP call the filter started, as recorded by the fake host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedHttpCall {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+impl RecordedHttpCall {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
 }
 
 #[derive(Default)]
@@ -39,6 +55,9 @@ pub struct FakeHost {
     pub grpc_calls: RefCell<Vec<RecordedGrpcCall>>,
     /// When set, `grpc_call` fails with this error (an unknown cluster, for example).
     pub grpc_call_error: Cell<Option<HostError>>,
+    pub http_calls: RefCell<Vec<RecordedHttpCall>>,
+    /// When set, `http_call` fails with this error.
+    pub http_call_error: Cell<Option<HostError>>,
 }
 
 impl FakeHost {
@@ -193,6 +212,22 @@ impl Host for FakeHost {
             service: call.service.to_string(),
             method: call.method.to_string(),
             message: call.message.to_vec(),
+            timeout: call.timeout,
+        });
+        Ok(token)
+    }
+    fn http_call(&self, call: &HttpCall<'_>) -> Result<u32, HostError> {
+        if let Some(e) = self.http_call_error.get() {
+            return Err(e);
+        }
+        let mut calls = self.http_calls.borrow_mut();
+        // Odd tokens, so they never equal a recorded gRPC call's token in tests.
+        let token = u32::try_from(2 * calls.len() + 1).map_err(|_| HostError::BadArgument)?;
+        calls.push(RecordedHttpCall {
+            token,
+            cluster: call.cluster.to_string(),
+            headers: call.headers.to_vec(),
+            body: call.body.to_vec(),
             timeout: call.timeout,
         });
         Ok(token)

@@ -30,6 +30,40 @@ pub enum GrpcReply {
     Failed(u32),
 }
 
+/// The answer to an HTTP callout (`Host::http_call`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpReply {
+    Response(HttpResponse),
+    /// No response: the call timed out, the connection failed or was reset (Envoy reports
+    /// all of these as a reply without headers).
+    Failed,
+}
+
+/// A response to an HTTP callout. `body` holds at most [`MAX_CALLOUT_BODY`] bytes;
+/// `body_size` is the size Envoy received, so a filter can refuse oversized answers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpResponse {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub body_size: usize,
+    pub trailers: Vec<(String, String)>,
+}
+
+/// The most of a callout's response body copied into the VM.
+pub const MAX_CALLOUT_BODY: usize = 1 << 20;
+
+impl HttpResponse {
+    /// The `:status` pseudo-header, if it is a number.
+    pub fn status(&self) -> Option<u32> {
+        self.header(":status").and_then(|s| s.parse().ok())
+    }
+
+    /// The first value of header `name` (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
 pub trait HttpFilter {
     fn on_request_headers(&mut self, _host: &dyn Host, _end_of_stream: bool) -> Flow {
         Flow::Continue
@@ -56,6 +90,16 @@ pub trait HttpFilter {
     fn on_grpc_reply(&mut self, _host: &dyn Host, _token: u32, _reply: GrpcReply) -> Flow {
         Flow::Continue
     }
+    /// An HTTP call this stream started (`Host::http_call`) has ended; `Continue` resumes
+    /// the stream, `Pause` leaves it paused (a local reply was sent).
+    fn on_http_reply(&mut self, _host: &dyn Host, _token: u32, _reply: HttpReply) -> Flow {
+        Flow::Continue
+    }
+    /// The access-log phase (`proxy_on_log`): the stream's final attributes (`response.code`,
+    /// `response.flags`, `upstream.request_attempt_count`, sizes, durations) are readable.
+    /// Called at most once, for streams that reached Envoy's access logging; Envoy may call
+    /// it before or after `on_done`.
+    fn on_log(&mut self, _host: &dyn Host) {}
     /// The stream is finished (completed, reset or destroyed). Called exactly once.
     fn on_done(&mut self, _host: &dyn Host) {}
 }
@@ -73,4 +117,25 @@ pub trait Plugin: Sized + 'static {
 
     /// A new stream; `seed` seeds the stream's random generator.
     fn new_filter(self: &Rc<Self>, context_id: u32, seed: u64) -> Self::Filter;
+
+    /// Root-context work that belongs to no stream (refreshing a key set, flushing a batch).
+    /// Called once right after a successful `configure`, then again when the returned delay
+    /// has elapsed; `None` means no further call until a callout reply asks for one. Callouts
+    /// started here reply to `on_http_reply` / `on_grpc_reply` below. State the plugin
+    /// changes here lives behind interior mutability (the plugin is shared by the streams).
+    fn tick(&self, _host: &dyn Host) -> Option<Duration> {
+        None
+    }
+
+    /// An HTTP call started from `tick` (or from these callbacks) has ended. A returned delay
+    /// (re)schedules `tick`.
+    fn on_http_reply(&self, _host: &dyn Host, _token: u32, _reply: HttpReply) -> Option<Duration> {
+        None
+    }
+
+    /// A gRPC call started from `tick` (or from these callbacks) has ended. A returned delay
+    /// (re)schedules `tick`.
+    fn on_grpc_reply(&self, _host: &dyn Host, _token: u32, _reply: GrpcReply) -> Option<Duration> {
+        None
+    }
 }

@@ -80,6 +80,19 @@ pub struct GrpcCall<'a> {
     pub timeout: Duration,
 }
 
+/// An outgoing HTTP call through Envoy's async HTTP client to `cluster` (a cluster of the
+/// bootstrap). `headers` carry the pseudo-headers (`:method`, `:path`, `:authority`; Envoy
+/// requires all three). The reply comes back as `HttpFilter::on_http_reply` (or
+/// `Plugin::on_http_reply` for calls made from the root context).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpCall<'a> {
+    pub cluster: &'a str,
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+    /// Envoy ends the call (and reports it failed) after this long.
+    pub timeout: Duration,
+}
+
 pub trait Host {
     // --- headers ---
     fn header(&self, map: HeaderMap, name: &str) -> Option<String>;
@@ -117,6 +130,8 @@ pub trait Host {
     // --- callouts ---
     /// Start a gRPC call; returns its token. The stream should pause until the reply.
     fn grpc_call(&self, call: &GrpcCall<'_>) -> Result<u32, HostError>;
+    /// Start an HTTP call; returns its token. A stream should pause until the reply.
+    fn http_call(&self, call: &HttpCall<'_>) -> Result<u32, HostError>;
 
     // --- logging ---
     fn log(&self, level: LogLevel, message: &str);

@@ -26,5 +26,5 @@ pub mod shared;
 pub mod wasm;
 
 pub use config::{ConfigError, Path};
-pub use filter::{Flow, GrpcReply, HttpFilter, Plugin};
-pub use host::{GrpcCall, HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+pub use filter::{Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, Plugin};
+pub use host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};

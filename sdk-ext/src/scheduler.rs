@@ -81,13 +81,18 @@ impl<T> Scheduler<T> {
     /// The tick period to arm now: time to the next deadline in whole milliseconds, at least
     /// 1 ms (rounded up so we never wake early), or 0 to disable the tick when idle.
     pub fn tick_period_ms(&mut self, now: Duration) -> u32 {
-        match self.next_deadline() {
-            None => 0,
-            Some(d) => {
-                let wait = d.saturating_sub(now);
-                let ms = wait.as_nanos().div_ceil(1_000_000);
-                u32::try_from(ms.max(1)).unwrap_or(u32::MAX)
-            }
+        period_ms(self.next_deadline(), now)
+    }
+}
+
+/// The tick period that wakes at `next` (time since the Unix epoch): whole milliseconds,
+/// rounded up, at least 1; 0 (tick disabled) when there is nothing to wake for.
+pub fn period_ms(next: Option<Duration>, now: Duration) -> u32 {
+    match next {
+        None => 0,
+        Some(d) => {
+            let ms = d.saturating_sub(now).as_nanos().div_ceil(1_000_000);
+            u32::try_from(ms.max(1)).unwrap_or(u32::MAX)
         }
     }
 }

@@ -20,8 +20,8 @@ use std::ptr::{null, null_mut, NonNull};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::filter::{Flow, GrpcReply, HttpFilter, Plugin};
-use crate::host::{GrpcCall, HeaderMap, Host, HostError, LocalReply, LogLevel, MetricKind};
+use crate::filter::{Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, Plugin, MAX_CALLOUT_BODY};
+use crate::host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};
 use crate::rng::{Rng, WyRand};
 use crate::scheduler::Scheduler;
 
@@ -129,6 +129,18 @@ mod raw {
             return_callout_id: *mut u32,
         ) -> u32;
         pub fn proxy_grpc_cancel(callout_id: u32) -> u32;
+        pub fn proxy_http_call(
+            upstream_data: *const u8,
+            upstream_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            trailers_data: *const u8,
+            trailers_size: usize,
+            timeout_milliseconds: u32,
+            return_callout_id: *mut u32,
+        ) -> u32;
     }
 }
 
@@ -220,13 +232,21 @@ fn deserialize_pairs(b: &[u8]) -> Vec<(String, String)> {
 
 // === impl ProxyHost ===
 
-thread_local! {
-    /// Tokens of gRPC calls started during the current callback; the dispatcher maps them to
-    /// the calling stream when the callback returns.
-    static NEW_CALLOUTS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+/// A callout's kind: Envoy numbers gRPC and HTTP calls independently, so tokens are kept
+/// per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CalloutKind {
+    Grpc,
+    Http,
 }
 
-fn take_new_callouts() -> Vec<u32> {
+thread_local! {
+    /// Calls started during the current callback; the dispatcher maps them to the calling
+    /// stream (or root) when the callback returns.
+    static NEW_CALLOUTS: RefCell<Vec<(CalloutKind, u32)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_new_callouts() -> Vec<(CalloutKind, u32)> {
     NEW_CALLOUTS.with(|c| std::mem::take(&mut *c.borrow_mut()))
 }
 
@@ -269,6 +289,32 @@ impl ProxyHost {
         self.buffer(5, size) // GrpcReceiveBuffer
     }
 
+    /// The reply of the HTTP call being delivered (`proxy_on_http_call_response`). Envoy
+    /// reports a failed call (timeout, reset, no connection) with no headers.
+    pub fn http_call_response(&self, num_headers: usize, body_size: usize, num_trailers: usize) -> HttpReply {
+        if num_headers == 0 {
+            return HttpReply::Failed;
+        }
+        let headers = self.pairs(6); // HttpCallResponseHeaders
+        if headers.is_empty() {
+            return HttpReply::Failed;
+        }
+        let body = if body_size == 0 { Vec::new() } else { self.buffer(4, body_size.min(MAX_CALLOUT_BODY)) };
+        let trailers = if num_trailers == 0 { Vec::new() } else { self.pairs(7) };
+        HttpReply::Response(HttpResponse { headers, body, body_size, trailers })
+    }
+
+    fn pairs(&self, map_type: u32) -> Vec<(String, String)> {
+        let mut ptr = null_mut();
+        let mut len = 0;
+        // SAFETY: out-pointers to locals.
+        let s = unsafe { raw::proxy_get_header_map_pairs(map_type, &mut ptr, &mut len) };
+        match status(s) {
+            Ok(()) => deserialize_pairs(&owned(ptr, len)),
+            Err(_) => Vec::new(),
+        }
+    }
+
     pub fn cancel_grpc_call(&self, token: u32) {
         // SAFETY: plain value argument. A call that already ended is not an error worth reporting.
         let _ = unsafe { raw::proxy_grpc_cancel(token) };
@@ -295,14 +341,7 @@ impl Host for ProxyHost {
     }
 
     fn headers(&self, map: HeaderMap) -> Vec<(String, String)> {
-        let mut ptr = null_mut();
-        let mut len = 0;
-        // SAFETY: out-pointers to locals.
-        let s = unsafe { raw::proxy_get_header_map_pairs(header_map(map), &mut ptr, &mut len) };
-        match status(s) {
-            Ok(()) => deserialize_pairs(&owned(ptr, len)),
-            Err(_) => Vec::new(),
-        }
+        self.pairs(header_map(map))
     }
 
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> Result<(), HostError> {
@@ -456,7 +495,31 @@ impl Host for ProxyHost {
                 &mut token,
             )
         })?;
-        NEW_CALLOUTS.with(|c| c.borrow_mut().push(token));
+        NEW_CALLOUTS.with(|c| c.borrow_mut().push((CalloutKind::Grpc, token)));
+        Ok(token)
+    }
+
+    fn http_call(&self, call: &HttpCall<'_>) -> Result<u32, HostError> {
+        let headers = serialize_pairs(call.headers);
+        let trailers = serialize_pairs(&[]);
+        let timeout = u32::try_from(call.timeout.as_millis()).unwrap_or(u32::MAX);
+        let mut token = 0;
+        // SAFETY: all slices are valid for the call; out-pointer to a local.
+        status(unsafe {
+            raw::proxy_http_call(
+                call.cluster.as_ptr(),
+                call.cluster.len(),
+                headers.as_ptr(),
+                headers.len(),
+                if call.body.is_empty() { null() } else { call.body.as_ptr() },
+                call.body.len(),
+                trailers.as_ptr(),
+                trailers.len(),
+                timeout,
+                &mut token,
+            )
+        })?;
+        NEW_CALLOUTS.with(|c| c.borrow_mut().push((CalloutKind::Http, token)));
         Ok(token)
     }
 
@@ -511,7 +574,24 @@ struct RootState<P: Plugin> {
     plugin: Option<Rc<P>>,
     /// Streams of this root paused for a delay, with the phase to resume.
     scheduler: Scheduler<Phase>,
+    /// When `Plugin::tick` is due next.
+    plugin_wake: Option<Duration>,
     rng: WyRand,
+}
+
+impl<P: Plugin> RootState<P> {
+    /// The earliest of the next stream deadline and the plugin's next tick.
+    fn next_wake(&mut self) -> Option<Duration> {
+        match (self.scheduler.next_deadline(), self.plugin_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn arm(&mut self, host: &ProxyHost) {
+        let now = since_epoch(host.now());
+        host.set_tick_period_ms(crate::scheduler::period_ms(self.next_wake(), now));
+    }
 }
 
 struct StreamState<P: Plugin> {
@@ -519,13 +599,56 @@ struct StreamState<P: Plugin> {
     /// `None` when the plugin had no valid configuration: the stream passes through.
     filter: Option<P::Filter>,
     done: bool,
+    logged: bool,
+}
+
+/// Who gets a callout's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// A stream, resumed in this phase if its callback says so.
+    Stream(u32, Phase),
+    /// A root context's plugin.
+    Root(u32),
+}
+
+/// Callouts in flight, per kind: token → owner.
+#[derive(Default)]
+struct Callouts {
+    grpc: IdMap<Owner>,
+    http: IdMap<Owner>,
+}
+
+impl Callouts {
+    fn of(&mut self, kind: CalloutKind) -> &mut IdMap<Owner> {
+        match kind {
+            CalloutKind::Grpc => &mut self.grpc,
+            CalloutKind::Http => &mut self.http,
+        }
+    }
+
+    /// Forget (and cancel the gRPC calls of) every callout stream `id` started. Envoy has no
+    /// cancel for HTTP calls in ABI 0.2.1: their replies arrive for a stream that is done and
+    /// are dropped.
+    fn drop_stream(&mut self, id: u32) {
+        let mine = |o: &Owner| matches!(o, Owner::Stream(s, _) if *s == id);
+        if !self.grpc.is_empty() {
+            self.grpc.retain(|token, owner| {
+                if mine(owner) {
+                    ProxyHost.cancel_grpc_call(*token);
+                }
+                !mine(owner)
+            });
+        }
+        if !self.http.is_empty() {
+            self.http.retain(|_, owner| !mine(owner));
+        }
+    }
 }
 
 struct Contexts<P: Plugin> {
     roots: IdMap<RootState<P>>,
     streams: IdMap<StreamState<P>>,
-    /// gRPC calls in flight: token → (stream, phase to resume).
-    callouts: IdMap<(u32, Phase)>,
+    callouts: Callouts,
 }
 
 /// Resume a paused stream (it may have gone away: that is logged, not an error).
@@ -540,10 +663,10 @@ fn resume<P: Plugin>(host: &ProxyHost, id: u32, phase: Phase) {
 }
 
 impl<P: Plugin> Contexts<P> {
-    /// Remember the calls stream `id` started in the callback that just returned.
-    fn adopt_callouts(&mut self, id: u32, phase: Phase) {
-        for token in take_new_callouts() {
-            self.callouts.insert(token, (id, phase));
+    /// Remember the calls started in the callback that just returned, for `owner`.
+    fn adopt_callouts(&mut self, owner: Owner) {
+        for (kind, token) in take_new_callouts() {
+            self.callouts.of(kind).insert(token, owner);
         }
     }
 
@@ -557,14 +680,24 @@ impl<P: Plugin> Contexts<P> {
                 let root_id = self.streams.get(&id).map(|s| s.root);
                 if let Some(root) = root_id.and_then(|r| self.roots.get_mut(&r)) {
                     let now = since_epoch(host.now());
-                    let earlier = root.scheduler.next_deadline().is_none_or(|n| now + d < n);
+                    let earlier = root.next_wake().is_none_or(|n| now + d < n);
                     root.scheduler.schedule(id, now + d, phase);
                     if earlier {
-                        host.set_tick_period_ms(root.scheduler.tick_period_ms(now));
+                        root.arm(host);
                     }
                 }
                 1
             }
+        }
+    }
+
+    /// Run the plugin's root work (`Plugin::tick`) and schedule its next call.
+    fn plugin_tick(&mut self, root_id: u32, host: &ProxyHost) {
+        let Some(plugin) = self.roots.get(&root_id).and_then(|r| r.plugin.clone()) else { return };
+        let next = plugin.tick(host);
+        self.adopt_callouts(Owner::Root(root_id));
+        if let Some(root) = self.roots.get_mut(&root_id) {
+            root.plugin_wake = next.map(|d| since_epoch(host.now()) + d);
         }
     }
 }
@@ -581,7 +714,7 @@ impl<P: Plugin> Default for Vm<P> {
             contexts: RefCell::new(Contexts {
                 roots: IdMap::default(),
                 streams: IdMap::default(),
-                callouts: IdMap::default(),
+                callouts: Callouts::default(),
             }),
         }
     }
@@ -613,7 +746,12 @@ impl<P: Plugin> Vm<P> {
             if root_id == 0 {
                 c.roots.insert(
                     id,
-                    RootState { plugin: None, scheduler: Scheduler::default(), rng: WyRand::from_entropy() },
+                    RootState {
+                        plugin: None,
+                        scheduler: Scheduler::default(),
+                        plugin_wake: None,
+                        rng: WyRand::from_entropy(),
+                    },
                 );
                 return;
             }
@@ -624,7 +762,7 @@ impl<P: Plugin> Vm<P> {
                 }
                 None => None,
             };
-            c.streams.insert(id, StreamState { root: root_id, filter, done: false });
+            c.streams.insert(id, StreamState { root: root_id, filter, done: false, logged: false });
         });
     }
 
@@ -637,6 +775,10 @@ impl<P: Plugin> Vm<P> {
                 Ok(p) => {
                     root.plugin = Some(Rc::new(p));
                     host.log(LogLevel::Info, &format!("meshwasm.{}: configured", P::NAME));
+                    c.plugin_tick(root_id, &host);
+                    if let Some(root) = c.roots.get_mut(&root_id) {
+                        root.arm(&host);
+                    }
                     true
                 }
                 Err(e) => {
@@ -653,20 +795,24 @@ impl<P: Plugin> Vm<P> {
             let now = since_epoch(host.now());
             let Some(root) = c.roots.get_mut(&root_id) else { return };
             let due = root.scheduler.pop_due(now);
+            let plugin_due = root.plugin_wake.is_some_and(|w| w <= now);
             for (id, phase) in due {
                 let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { continue };
                 if host.set_effective_context(id).is_err() {
                     continue; // the stream went away
                 }
                 let flow = filter.on_timer(&host);
-                c.adopt_callouts(id, phase);
+                c.adopt_callouts(Owner::Stream(id, phase));
                 if c.flow(id, phase, flow, &host) == 0 {
                     resume::<P>(&host, id, phase);
                 }
             }
             let _ = host.set_effective_context(root_id);
+            if plugin_due {
+                c.plugin_tick(root_id, &host);
+            }
             if let Some(root) = c.roots.get_mut(&root_id) {
-                host.set_tick_period_ms(root.scheduler.tick_period_ms(since_epoch(host.now())));
+                root.arm(&host);
             }
         });
     }
@@ -677,40 +823,101 @@ impl<P: Plugin> Vm<P> {
             let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { return 0 };
             let host = ProxyHost;
             let flow = f(filter, &host);
-            c.adopt_callouts(id, phase);
+            c.adopt_callouts(Owner::Stream(id, phase));
             c.flow(id, phase, flow, &host)
         })
     }
 
     /// A gRPC call ended (`proxy_on_grpc_receive` with the message, or `proxy_on_grpc_close`
-    /// with a status): hand it to the stream that started it and resume the stream if the
-    /// filter says so. Tokens are ours to check: an unknown one is logged and dropped.
+    /// with a status).
     pub fn on_grpc_reply(&self, token: u32, reply: impl FnOnce(&ProxyHost) -> GrpcReply) {
+        self.on_reply(
+            CalloutKind::Grpc,
+            token,
+            reply,
+            |f, h, t, r| HttpFilter::on_grpc_reply(f, h, t, r),
+            |p, h, t, r| Plugin::on_grpc_reply(p, h, t, r),
+        );
+    }
+
+    /// An HTTP call ended (`proxy_on_http_call_response`).
+    pub fn on_http_reply(&self, token: u32, reply: impl FnOnce(&ProxyHost) -> HttpReply) {
+        self.on_reply(
+            CalloutKind::Http,
+            token,
+            reply,
+            |f, h, t, r| HttpFilter::on_http_reply(f, h, t, r),
+            |p, h, t, r| Plugin::on_http_reply(p, h, t, r),
+        );
+    }
+
+    /// Hand a callout's reply to whoever started it: a stream (resumed if its callback says
+    /// so) or a root's plugin (whose answer may reschedule its tick). Tokens are ours to
+    /// check: an unknown one is logged and dropped.
+    fn on_reply<R>(
+        &self,
+        kind: CalloutKind,
+        token: u32,
+        read: impl FnOnce(&ProxyHost) -> R,
+        to_stream: impl FnOnce(&mut P::Filter, &ProxyHost, u32, R) -> Flow,
+        to_root: impl FnOnce(&P, &ProxyHost, u32, R) -> Option<Duration>,
+    ) {
         self.with((), |c| {
             let host = ProxyHost;
-            let Some((id, phase)) = c.callouts.remove(&token) else {
-                host.log(LogLevel::Debug, &format!("meshwasm.{}: reply for unknown gRPC call {token}", P::NAME));
+            let Some(owner) = c.callouts.of(kind).remove(&token) else {
+                host.log(LogLevel::Debug, &format!("meshwasm.{}: reply for unknown {kind:?} call {token}", P::NAME));
                 return;
             };
-            let reply = reply(&host);
-            let Some(stream) = c.streams.get_mut(&id) else { return };
-            if stream.done {
-                return;
-            }
-            let Some(filter) = stream.filter.as_mut() else { return };
-            if host.set_effective_context(id).is_err() {
-                return; // the stream went away
-            }
-            let flow = filter.on_grpc_reply(&host, token, reply);
-            c.adopt_callouts(id, phase);
-            if c.flow(id, phase, flow, &host) == 0 {
-                resume::<P>(&host, id, phase);
+            match owner {
+                Owner::Stream(id, phase) => {
+                    let reply = read(&host);
+                    let Some(stream) = c.streams.get_mut(&id) else { return };
+                    if stream.done {
+                        return;
+                    }
+                    let Some(filter) = stream.filter.as_mut() else { return };
+                    if host.set_effective_context(id).is_err() {
+                        return; // the stream went away
+                    }
+                    let flow = to_stream(filter, &host, token, reply);
+                    c.adopt_callouts(Owner::Stream(id, phase));
+                    if c.flow(id, phase, flow, &host) == 0 {
+                        resume::<P>(&host, id, phase);
+                    }
+                }
+                Owner::Root(root_id) => {
+                    let Some(plugin) = c.roots.get(&root_id).and_then(|r| r.plugin.clone()) else { return };
+                    let reply = read(&host);
+                    let _ = host.set_effective_context(root_id);
+                    let next = to_root(&plugin, &host, token, reply);
+                    c.adopt_callouts(Owner::Root(root_id));
+                    if let (Some(d), Some(root)) = (next, c.roots.get_mut(&root_id)) {
+                        root.plugin_wake = Some(since_epoch(host.now()) + d);
+                        root.arm(&host);
+                    }
+                }
             }
         });
     }
 
+    /// `proxy_on_log`: the filter's log phase (once), then the stream is over.
+    pub fn on_log(&self, id: u32) {
+        self.with((), |c| {
+            if let Some(stream) = c.streams.get_mut(&id) {
+                if !stream.logged {
+                    stream.logged = true;
+                    if let Some(filter) = stream.filter.as_mut() {
+                        filter.on_log(&ProxyHost);
+                    }
+                }
+            }
+            Self::finish(c, id);
+        });
+    }
+
     /// The stream is over (`proxy_on_done`, `proxy_on_log` or `proxy_on_delete`, whichever
-    /// comes first): cancel its timer and let the filter release what it holds, once.
+    /// comes first): cancel its timer and callouts and let the filter release what it holds,
+    /// once.
     pub fn on_stream_done(&self, id: u32) {
         self.with((), |c| Self::finish(c, id));
     }
@@ -724,14 +931,7 @@ impl<P: Plugin> Vm<P> {
         if let Some(root) = c.roots.get_mut(&stream.root) {
             root.scheduler.cancel(id);
         }
-        if !c.callouts.is_empty() {
-            c.callouts.retain(|token, (stream, _)| {
-                if *stream == id {
-                    ProxyHost.cancel_grpc_call(*token);
-                }
-                *stream != id
-            });
-        }
+        c.callouts.drop_stream(id);
         if let Some(filter) = stream.filter.as_mut() {
             filter.on_done(&ProxyHost);
         }
@@ -834,13 +1034,17 @@ macro_rules! export_http_filter {
             __MESHWASM_VM.with(|vm| vm.on_grpc_reply(token, |_| $crate::GrpcReply::Failed(status)))
         }
         #[no_mangle]
+        pub extern "C" fn proxy_on_http_call_response(_id: u32, token: u32, headers: usize, body_size: usize, trailers: usize) {
+            __MESHWASM_VM.with(|vm| vm.on_http_reply(token, |h| h.http_call_response(headers, body_size, trailers)))
+        }
+        #[no_mangle]
         pub extern "C" fn proxy_on_done(id: u32) -> u32 {
             __MESHWASM_VM.with(|vm| vm.on_stream_done(id));
             1
         }
         #[no_mangle]
         pub extern "C" fn proxy_on_log(id: u32) {
-            __MESHWASM_VM.with(|vm| vm.on_stream_done(id))
+            __MESHWASM_VM.with(|vm| vm.on_log(id))
         }
         #[no_mangle]
         pub extern "C" fn proxy_on_delete(id: u32) {
