@@ -40,6 +40,8 @@ pub struct FakeHost {
     pub request_trailers: RefCell<Vec<(String, String)>>,
     pub response_headers: RefCell<Vec<(String, String)>>,
     pub response_trailers: RefCell<Vec<(String, String)>>,
+    /// What `request_body` returns (the body Envoy buffered).
+    pub request_body: RefCell<Vec<u8>>,
     pub properties: RefCell<HashMap<String, Vec<u8>>>,
     pub clock: Cell<Duration>,
     pub replies: RefCell<Vec<LocalReply>>,
@@ -118,6 +120,10 @@ impl Host for FakeHost {
     fn add_header(&self, map: HeaderMap, name: &str, value: &str) -> Result<(), HostError> {
         self.map(map).borrow_mut().push((name.to_string(), value.to_string()));
         Ok(())
+    }
+    fn request_body(&self, max: usize) -> Vec<u8> {
+        let b = self.request_body.borrow();
+        b.get(..max.min(b.len())).unwrap_or_default().to_vec()
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.properties.borrow().get(&path.join(".")).cloned()

@@ -101,6 +101,10 @@ pub trait Host {
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> Result<(), HostError>;
     fn add_header(&self, map: HeaderMap, name: &str, value: &str) -> Result<(), HostError>;
 
+    /// The request body Envoy has buffered so far (at most `max` bytes): valid in
+    /// `on_request_body` after earlier calls returned `Flow::Pause` (Envoy buffers then).
+    fn request_body(&self, max: usize) -> Vec<u8>;
+
     // --- properties (Envoy attributes: `xds.route_name`, `destination.port`, ...) ---
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
 

@@ -363,6 +363,10 @@ impl Host for ProxyHost {
         })
     }
 
+    fn request_body(&self, max: usize) -> Vec<u8> {
+        self.buffer(0, max) // HttpRequestBody
+    }
+
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         let joined = path.join("\0");
         let mut ptr = null_mut();

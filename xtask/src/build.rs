@@ -24,6 +24,11 @@ pub const FILTERS: &[Filter] = &[
         krate: "meshwasm-ratelimit",
         smoke_config: r#"{"rules":[{"tokenBucket":{"maxTokens":10,"fillInterval":"1s"}}]}"#,
     },
+    Filter {
+        name: "authz",
+        krate: "meshwasm-authz",
+        smoke_config: r#"{"policies":[{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"p","namespace":"ns"},"spec":{"rules":[{"to":[{"operation":{"methods":["GET"]}}]}]}}]}"#,
+    },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];

@@ -440,10 +440,9 @@ impl Provider {
             }
             (None, Some(g)) => {
                 let path = path.field("envoyExtAuthzGrpc");
-                let cluster = g
-                    .cluster
-                    .clone()
-                    .ok_or_else(|| path.field("cluster").err("is required: the Envoy cluster (HTTP/2) of the gRPC service"))?;
+                let cluster = g.cluster.clone().ok_or_else(|| {
+                    path.field("cluster").err("is required: the Envoy cluster (HTTP/2) of the gRPC service")
+                })?;
                 Ok(Self {
                     name: p.name.clone(),
                     cluster,
@@ -456,7 +455,9 @@ impl Provider {
                     kind: ProviderKind::Grpc,
                 })
             }
-            (None, None) => Err(path.err("needs envoyExtAuthzHttp or envoyExtAuthzGrpc (other provider kinds are not authorization providers)")),
+            (None, None) => Err(path.err(
+                "needs envoyExtAuthzHttp or envoyExtAuthzGrpc (other provider kinds are not authorization providers)",
+            )),
             (Some(_), Some(_)) => Err(path.err("has both envoyExtAuthzHttp and envoyExtAuthzGrpc; choose one")),
         }
     }

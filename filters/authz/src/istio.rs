@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use meshwasm_sdk_ext::config::{ConfigError, Path};
 
 use crate::config::{ConditionJson, OperationJson, RuleJson, SourceJson};
-use crate::rbac::{Cidr, HeaderMatch, MetadataMatch, Permission, Policy, Principal, StringMatch, UriTemplate, ValueMatch};
+use crate::rbac::{
+    Cidr, HeaderMatch, MetadataMatch, Permission, Policy, Principal, StringMatch, UriTemplate, ValueMatch,
+};
 
 pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
 const SPIFFE: &str = "spiffe://";
@@ -189,7 +191,11 @@ fn request_principal(values: &[String]) -> Principal {
             (any_regex(), any_regex())
         } else if let Some(stripped) = v.strip_prefix('*') {
             if found {
-                let mi = if iss == "*" { any_regex() } else { StringMatch::Suffix(iss.trim_start_matches('*').to_string(), false) };
+                let mi = if iss == "*" {
+                    any_regex()
+                } else {
+                    StringMatch::Suffix(iss.trim_start_matches('*').to_string(), false)
+                };
                 let _ = stripped;
                 (mi, StringMatch::Exact(sub.to_string(), false))
             } else {
@@ -197,7 +203,11 @@ fn request_principal(values: &[String]) -> Principal {
             }
         } else if let Some(stripped) = v.strip_suffix('*') {
             if found {
-                let ms = if sub == "*" { any_regex() } else { StringMatch::Prefix(sub.trim_end_matches('*').to_string(), false) };
+                let ms = if sub == "*" {
+                    any_regex()
+                } else {
+                    StringMatch::Prefix(sub.trim_end_matches('*').to_string(), false)
+                };
                 (StringMatch::Exact(iss.to_string(), false), ms)
             } else {
                 (StringMatch::Prefix(stripped.to_string(), false), any_regex())
@@ -270,7 +280,8 @@ impl Context<'_> {
         let vp = path.field("values");
         let np = path.field("notValues");
         let auth_refused = |what: &str| {
-            path.field("key").err(format!("{what} cannot be used in a CUSTOM policy: CUSTOM runs before JWT validation"))
+            path.field("key")
+                .err(format!("{what} cannot be used in a CUSTOM policy: CUSTOM runs before JWT validation"))
         };
         let perm = |f: &dyn Fn(&str, &Path) -> Result<Permission, ConfigError>| -> Result<Field, ConfigError> {
             Ok(Field::Permission(values_of(&c.values, &vp, f)?, values_of(&c.not_values, &np, f)?))
@@ -286,10 +297,9 @@ impl Context<'_> {
             "remote.ip" => princ(&|v, p| cidr(v, p).map(Principal::RemoteIp)),
             "source.namespace" => princ(&|v, p| namespace(v, p)),
             "source.serviceAccount" => princ(&|v, p| self.service_account(v, p)),
-            "source.principal" => Ok(Field::Principal(
-                self.src_principals(&c.values, &vp)?,
-                self.src_principals(&c.not_values, &np)?,
-            )),
+            "source.principal" => {
+                Ok(Field::Principal(self.src_principals(&c.values, &vp)?, self.src_principals(&c.not_values, &np)?))
+            }
             "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" if self.custom => {
                 Err(auth_refused(k))
             }
@@ -324,7 +334,9 @@ impl Context<'_> {
                 // `experimental.envoy.filters.a.b[c]`: dynamic metadata of filter `a.b`, key `c`.
                 let rest = k.trim_start_matches("experimental.").trim_end_matches(']');
                 let Some((filter, key)) = rest.split_once('[').filter(|(f, k)| !f.is_empty() && !k.is_empty()) else {
-                    return Err(path.field("key").err(format!("expected experimental.envoy.filters.<filter>[<key>], got {k:?}")));
+                    return Err(path
+                        .field("key")
+                        .err(format!("expected experimental.envoy.filters.<filter>[<key>], got {k:?}")));
                 };
                 values_of(&c.values, &vp, |_, _| Ok(()))?;
                 values_of(&c.not_values, &np, |_, _| Ok(()))?;
@@ -336,7 +348,11 @@ impl Context<'_> {
                             None => ValueMatch::String(string_matcher(v)),
                         })
                         .collect();
-                    Permission::Metadata(MetadataMatch { filter: filter.to_string(), path: vec![key.to_string()], value: ValueMatch::Or(or) })
+                    Permission::Metadata(MetadataMatch {
+                        filter: filter.to_string(),
+                        path: vec![key.to_string()],
+                        value: ValueMatch::Or(or),
+                    })
                 };
                 Ok(Field::ExtendedPermission(
                     (!c.values.is_empty()).then(|| m(&c.values)),
@@ -359,7 +375,12 @@ impl Context<'_> {
     fn source(&self, s: &SourceJson, base: &[Field], path: &Path) -> Result<Principal, ConfigError> {
         let mut fields: Vec<Field> = Vec::new();
         let pf = |name: &str| path.field(name);
-        let both = |vals: &[String], nots: &[String], a: &str, b: &str, f: &dyn Fn(&str, &Path) -> Result<Principal, ConfigError>| -> Result<Option<Field>, ConfigError> {
+        let both = |vals: &[String],
+                    nots: &[String],
+                    a: &str,
+                    b: &str,
+                    f: &dyn Fn(&str, &Path) -> Result<Principal, ConfigError>|
+         -> Result<Option<Field>, ConfigError> {
             if vals.is_empty() && nots.is_empty() {
                 return Ok(None);
             }
@@ -373,22 +394,32 @@ impl Context<'_> {
         }
         if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
             if self.custom {
-                return Err(pf("requestPrincipals").err("cannot be used in a CUSTOM policy: CUSTOM runs before JWT validation"));
+                return Err(
+                    pf("requestPrincipals").err("cannot be used in a CUSTOM policy: CUSTOM runs before JWT validation")
+                );
             }
             values_of(&s.request_principals, &pf("requestPrincipals"), |_, _| Ok(()))?;
             values_of(&s.not_request_principals, &pf("notRequestPrincipals"), |_, _| Ok(()))?;
             fields.push(extended(&s.request_principals, &s.not_request_principals, request_principal));
         }
-        fields.extend(both(&s.service_accounts, &s.not_service_accounts, "serviceAccounts", "notServiceAccounts", &|v, p| {
-            self.service_account(v, p)
-        })?);
+        fields.extend(both(
+            &s.service_accounts,
+            &s.not_service_accounts,
+            "serviceAccounts",
+            "notServiceAccounts",
+            &|v, p| self.service_account(v, p),
+        )?);
         fields.extend(both(&s.trust_domains, &s.not_trust_domains, "trustDomains", "notTrustDomains", &|v, p| {
             trust_domain(v, p)
         })?);
         fields.extend(both(&s.namespaces, &s.not_namespaces, "namespaces", "notNamespaces", &namespace)?);
-        fields.extend(both(&s.remote_ip_blocks, &s.not_remote_ip_blocks, "remoteIpBlocks", "notRemoteIpBlocks", &|v, p| {
-            cidr(v, p).map(Principal::RemoteIp)
-        })?);
+        fields.extend(both(
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+            &|v, p| cidr(v, p).map(Principal::RemoteIp),
+        )?);
         fields.extend(both(&s.ip_blocks, &s.not_ip_blocks, "ipBlocks", "notIpBlocks", &|v, p| {
             cidr(v, p).map(Principal::DirectRemoteIp)
         })?);
@@ -397,15 +428,24 @@ impl Context<'_> {
 
     fn operation(&self, o: &OperationJson, base: &[Field], path: &Path) -> Result<Permission, ConfigError> {
         let mut fields = Vec::new();
-        let mut add = |vals: &[String], nots: &[String], a: &str, b: &str, f: &dyn Fn(&str, &Path) -> Result<Permission, ConfigError>| -> Result<(), ConfigError> {
+        let mut add = |vals: &[String],
+                       nots: &[String],
+                       a: &str,
+                       b: &str,
+                       f: &dyn Fn(&str, &Path) -> Result<Permission, ConfigError>|
+         -> Result<(), ConfigError> {
             if vals.is_empty() && nots.is_empty() {
                 return Ok(());
             }
             fields.push(Field::Permission(values_of(vals, &path.field(a), f)?, values_of(nots, &path.field(b), f)?));
             Ok(())
         };
-        add(&o.hosts, &o.not_hosts, "hosts", "notHosts", &|v, _| Ok(Permission::Header(header_matcher(":authority", v, true))))?;
-        add(&o.methods, &o.not_methods, "methods", "notMethods", &|v, _| Ok(Permission::Header(header_matcher(":method", v, false))))?;
+        add(&o.hosts, &o.not_hosts, "hosts", "notHosts", &|v, _| {
+            Ok(Permission::Header(header_matcher(":authority", v, true)))
+        })?;
+        add(&o.methods, &o.not_methods, "methods", "notMethods", &|v, _| {
+            Ok(Permission::Header(header_matcher(":method", v, false)))
+        })?;
         add(&o.paths, &o.not_paths, "paths", "notPaths", &path_permission)?;
         add(&o.ports, &o.not_ports, "ports", "notPorts", &|v, p| port(v, p).map(Permission::DestinationPort))?;
         Ok(permission_of(fields.iter().chain(base.iter())))
@@ -448,10 +488,7 @@ impl Context<'_> {
 }
 
 fn extended(values: &[String], nots: &[String], f: impl Fn(&[String]) -> Principal) -> Field {
-    Field::ExtendedPrincipal(
-        (!values.is_empty()).then(|| f(values)),
-        (!nots.is_empty()).then(|| f(nots)),
-    )
+    Field::ExtendedPrincipal((!values.is_empty()).then(|| f(values)), (!nots.is_empty()).then(|| f(nots)))
 }
 
 fn namespace(v: &str, path: &Path) -> Result<Principal, ConfigError> {
@@ -477,9 +514,9 @@ fn path_permission(v: &str, path: &Path) -> Result<Permission, ConfigError> {
                 "{*}" => "*",
                 "{**}" => "**",
                 s if s.contains('{') || s.contains('}') || s.contains('*') => {
-                    return Err(path.err(format!(
-                        "invalid path template {v:?}: `{{*}}` and `{{**}}` must be whole segments"
-                    )))
+                    return Err(
+                        path.err(format!("invalid path template {v:?}: `{{*}}` and `{{**}}` must be whole segments"))
+                    )
                 }
                 s => s,
             });

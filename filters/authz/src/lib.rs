@@ -7,9 +7,21 @@
 
 pub mod config;
 pub mod extauthz;
+pub mod filter;
 pub mod istio;
 pub mod policy;
 pub mod rbac;
+pub mod x509;
 
 #[cfg(test)]
 mod golden;
+
+pub use filter::{AuthzFilter, AuthzPlugin};
+
+// Request phase (the decisions, the callout) and response headers (headers the authorizer
+// adds to the response); no response body callback.
+#[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)] // the ABI exports are #[no_mangle]
+mod entry {
+    meshwasm_sdk_ext::export_http_filter!(crate::AuthzPlugin, request, response_headers);
+}

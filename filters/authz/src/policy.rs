@@ -106,10 +106,9 @@ impl TryFrom<AuthzConfigJson> for Config {
         for (i, r) in raw.policies.iter().enumerate() {
             let path = root.field("policies").index(i);
             if !API_VERSIONS.contains(&r.api_version.as_str()) {
-                return Err(path.field("apiVersion").err(format!(
-                    "must be security.istio.io/v1 (or v1beta1), got {:?}",
-                    r.api_version
-                )));
+                return Err(path
+                    .field("apiVersion")
+                    .err(format!("must be security.istio.io/v1 (or v1beta1), got {:?}", r.api_version)));
             }
             if r.kind != "AuthorizationPolicy" {
                 return Err(path.field("kind").err(format!("must be AuthorizationPolicy, got {:?}", r.kind)));
@@ -124,9 +123,9 @@ impl TryFrom<AuthzConfigJson> for Config {
             }
             let label = sanitize_label(&format!("{ns}.{name}"));
             if !labels.insert(label.clone()) {
-                return Err(path.field("metadata").err(format!(
-                    "policy {ns}/{name} has the same stats label {label:?} as another policy"
-                )));
+                return Err(path
+                    .field("metadata")
+                    .err(format!("policy {ns}/{name} has the same stats label {label:?} as another policy")));
             }
             let spec_path = path.field("spec");
             let action = action(&r.spec, &spec_path.field("action"))?;
@@ -149,9 +148,11 @@ impl TryFrom<AuthzConfigJson> for Config {
                 )));
             }
             if dry && action == Action::Custom {
-                return Err(path.field("metadata").field("annotations").key("istio.io/dry-run").err(
-                    "dry-run is not supported for CUSTOM policies (as in Istio)",
-                ));
+                return Err(path
+                    .field("metadata")
+                    .field("annotations")
+                    .key("istio.io/dry-run")
+                    .err("dry-run is not supported for CUSTOM policies (as in Istio)"));
             }
             let ctx = Context { namespace: &ns, trust_domains: &bundle, custom: action == Action::Custom };
             let prefix = match &provider {
@@ -183,9 +184,10 @@ impl TryFrom<AuthzConfigJson> for Config {
                 (Action::Custom, _) => {
                     let pname = provider.unwrap_or_default();
                     let Some(p) = providers.iter().find(|p| p.name == pname) else {
-                        return Err(spec_path.field("provider").field("name").err(format!(
-                            "unknown provider {pname:?}: not in extensionProviders"
-                        )));
+                        return Err(spec_path
+                            .field("provider")
+                            .field("name")
+                            .err(format!("unknown provider {pname:?}: not in extensionProviders")));
                     };
                     if let Some(existing) = &cfg.provider {
                         if existing.name != p.name {
@@ -211,16 +213,24 @@ impl TryFrom<AuthzConfigJson> for Config {
                 }
             }
         }
-        for list in [&mut cfg.custom, &mut cfg.audit, &mut cfg.deny, &mut cfg.shadow_deny, &mut cfg.allow, &mut cfg.shadow_allow]
-        {
+        for list in [
+            &mut cfg.custom,
+            &mut cfg.audit,
+            &mut cfg.deny,
+            &mut cfg.shadow_deny,
+            &mut cfg.allow,
+            &mut cfg.shadow_allow,
+        ] {
             // Envoy keeps RBAC policies in a map ordered by name: the first matching name is
             // the one reported.
             list.sort_by(|a, b| a.id.cmp(&b.id));
         }
-        let uses_direct = |ps: &[NamedPolicy]| ps.iter().any(|p| format!("{:?}", p.policy.principals).contains("DirectRemoteIp"));
+        let uses_direct =
+            |ps: &[NamedPolicy]| ps.iter().any(|p| format!("{:?}", p.policy.principals).contains("DirectRemoteIp"));
         let all = [&cfg.custom, &cfg.audit, &cfg.deny, &cfg.shadow_deny, &cfg.allow, &cfg.shadow_allow];
         if all.iter().any(|l| uses_direct(l)) {
-            cfg.direct_address = Some(direct_address(raw.direct_remote_address.as_deref(), &root.field("directRemoteAddress"))?);
+            cfg.direct_address =
+                Some(direct_address(raw.direct_remote_address.as_deref(), &root.field("directRemoteAddress"))?);
         } else {
             direct_address(raw.direct_remote_address.as_deref(), &root.field("directRemoteAddress"))?;
         }

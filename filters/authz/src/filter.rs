@@ -1,0 +1,563 @@
+//! The authz stream context: reads what the policies need (one header-map read, a few
+//! properties, the peer certificate only when identities are used), runs CUSTOM (a paused
+//! callout to the authorizer), then AUDIT, DENY and ALLOW, and replies as Envoy's RBAC and
+//! ext_authz filters do.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use meshwasm_sdk_ext::config::ConfigError;
+use meshwasm_sdk_ext::host::plugin_name;
+use meshwasm_sdk_ext::metrics::{define, rule_metric_name};
+use meshwasm_sdk_ext::{
+    Flow, GrpcCall, GrpcReply, HeaderMap, Host, HttpCall, HttpFilter, HttpReply, LocalReply, LogLevel, MetricKind,
+    Plugin,
+};
+
+use crate::config::{DirectAddress, ProviderKind, DIRECT_ADDRESS_FILTER_STATE};
+use crate::extauthz::{self, CheckInput, Outcome};
+use crate::policy::{self, Config, NamedPolicy, Verdict};
+use crate::rbac::{Attributes, PeerIdentity};
+
+pub const NAME: &str = "authz";
+const DENIED_BODY: &str = "RBAC: access denied";
+
+// === impl metrics ===
+
+/// Metric ids: filter-wide, per policy label, per provider.
+#[derive(Debug, Default)]
+struct Ids {
+    allowed: Option<u32>,
+    denied: Option<u32>,
+    shadow_allowed: Option<u32>,
+    shadow_denied: Option<u32>,
+    /// label → [allowed, denied, shadow_allowed, shadow_denied, audited]
+    policies: Vec<(String, [Option<u32>; 5])>,
+    /// [ok, denied, error, failure_mode_allowed]
+    provider: [Option<u32>; 4],
+}
+
+const POLICY_STATS: [&str; 5] = ["allowed", "denied", "shadow_allowed", "shadow_denied", "audited"];
+const PROVIDER_STATS: [&str; 4] = ["ok", "denied", "error", "failure_mode_allowed"];
+
+#[derive(Clone, Copy)]
+enum Stat {
+    Allowed = 0,
+    Denied = 1,
+    ShadowAllowed = 2,
+    ShadowDenied = 3,
+    Audited = 4,
+}
+
+#[derive(Clone, Copy)]
+enum ProviderStat {
+    Ok = 0,
+    Denied = 1,
+    Error = 2,
+    FailureModeAllowed = 3,
+}
+
+fn bump(host: &dyn Host, id: Option<u32>) {
+    if let Some(id) = id {
+        if let Err(e) = host.increment_metric(id, 1) {
+            host.log(LogLevel::Debug, &format!("meshwasm.authz: metric: {e}"));
+        }
+    }
+}
+
+// === impl AuthzPlugin ===
+
+pub struct AuthzPlugin {
+    pub config: Config,
+    ids: Ids,
+    name: String,
+}
+
+impl Plugin for AuthzPlugin {
+    const NAME: &'static str = NAME;
+    type Filter = AuthzFilter;
+
+    fn configure(bytes: &[u8], host: &dyn Host) -> Result<Self, ConfigError> {
+        let config = policy::parse(bytes)?;
+        let mut ids = Ids {
+            allowed: define(host, MetricKind::Counter, "meshwasm.authz.allowed"),
+            denied: define(host, MetricKind::Counter, "meshwasm.authz.denied"),
+            shadow_allowed: define(host, MetricKind::Counter, "meshwasm.authz.shadow_allowed"),
+            shadow_denied: define(host, MetricKind::Counter, "meshwasm.authz.shadow_denied"),
+            ..Ids::default()
+        };
+        for label in &config.labels {
+            let stats = POLICY_STATS.map(|s| define(host, MetricKind::Counter, &rule_metric_name(NAME, label, s)));
+            ids.policies.push((label.clone(), stats));
+        }
+        if let Some(p) = &config.provider {
+            ids.provider = PROVIDER_STATS
+                .map(|s| define(host, MetricKind::Counter, &format!("meshwasm.authz.provider.{}.{s}", p.name)));
+        }
+        Ok(Self { config, ids, name: plugin_name(host) })
+    }
+
+    fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> AuthzFilter {
+        AuthzFilter { plugin: Rc::clone(self), state: State::Start, attrs: Attrs::default(), downstream: Vec::new() }
+    }
+}
+
+impl AuthzPlugin {
+    fn count(&self, host: &dyn Host, p: &NamedPolicy, stat: Stat) {
+        let id = self
+            .ids
+            .policies
+            .iter()
+            .find(|(l, _)| *l == p.label)
+            .and_then(|(_, s)| s.get(stat as usize).copied().flatten());
+        bump(host, id);
+    }
+
+    fn count_provider(&self, host: &dyn Host, stat: ProviderStat) {
+        bump(host, self.ids.provider.get(stat as usize).copied().flatten());
+    }
+
+    fn log(&self, host: &dyn Host, level: LogLevel, msg: &str) {
+        host.log(level, &format!("meshwasm.authz[{}]: {msg}", self.name));
+    }
+}
+
+// === impl Attrs ===
+
+/// The request as the matchers see it, read lazily from the host and cached for the stream.
+#[derive(Debug, Default)]
+struct Attrs {
+    headers: Option<Vec<(String, String)>>,
+    destination: Option<Option<(Option<IpAddr>, Option<u32>)>>,
+    remote: Option<Option<IpAddr>>,
+    direct: Option<Option<IpAddr>>,
+    sni: Option<String>,
+    peer: Option<Option<PeerIdentity>>,
+    metadata: Option<Vec<u8>>,
+}
+
+/// `1.2.3.4:80`, `[::1]:80` or a bare address.
+fn parse_addr(s: &str) -> (Option<IpAddr>, Option<u32>) {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return (Some(ip), None);
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').parse().ok(), p.parse().ok()),
+        None => (None, None),
+    }
+}
+
+fn prop_string(host: &dyn Host, path: &[&str]) -> Option<String> {
+    host.property(path).and_then(|b| String::from_utf8(b).ok())
+}
+
+struct HostAttrs<'a> {
+    host: &'a dyn Host,
+    cache: &'a mut Attrs,
+    direct_from: DirectAddress,
+}
+
+impl HostAttrs<'_> {
+    fn all_headers(&mut self) -> &Vec<(String, String)> {
+        let host = self.host;
+        self.cache.headers.get_or_insert_with(|| host.headers(HeaderMap::RequestHeaders))
+    }
+
+    fn destination(&mut self) -> (Option<IpAddr>, Option<u32>) {
+        let host = self.host;
+        *self
+            .cache
+            .destination
+            .get_or_insert_with(|| prop_string(host, &["destination", "address"]).map(|s| parse_addr(&s)))
+            .as_ref()
+            .unwrap_or(&(None, None))
+    }
+}
+
+impl Attributes for HostAttrs<'_> {
+    fn header_values(&mut self, name: &str) -> Vec<String> {
+        self.all_headers().iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    }
+    fn path(&mut self) -> Option<String> {
+        self.all_headers().iter().find(|(k, _)| k == ":path").map(|(_, v)| v.clone())
+    }
+    fn destination_ip(&mut self) -> Option<IpAddr> {
+        self.destination().0
+    }
+    fn destination_port(&mut self) -> Option<u32> {
+        self.destination().1
+    }
+    fn remote_ip(&mut self) -> Option<IpAddr> {
+        let host = self.host;
+        *self
+            .cache
+            .remote
+            .get_or_insert_with(|| prop_string(host, &["source", "address"]).and_then(|s| parse_addr(&s).0))
+    }
+    fn direct_remote_ip(&mut self) -> Option<IpAddr> {
+        if let Some(v) = self.cache.direct {
+            return v;
+        }
+        let v = match self.direct_from {
+            DirectAddress::SourceAddress => self.remote_ip(),
+            DirectAddress::FilterState => prop_string(self.host, &["filter_state", DIRECT_ADDRESS_FILTER_STATE])
+                .and_then(|s| parse_addr(s.trim()).0),
+        };
+        self.cache.direct = Some(v);
+        v
+    }
+    fn requested_server_name(&mut self) -> String {
+        let host = self.host;
+        self.cache
+            .sni
+            .get_or_insert_with(|| prop_string(host, &["connection", "requested_server_name"]).unwrap_or_default())
+            .clone()
+    }
+    fn peer(&mut self) -> Option<PeerIdentity> {
+        let host = self.host;
+        self.cache.peer.get_or_insert_with(|| read_peer(host)).clone()
+    }
+    fn metadata(&mut self, filter: &str, path: &[String]) -> Option<serde_json::Value> {
+        let host = self.host;
+        let raw = self.cache.metadata.get_or_insert_with(|| host.property(&["metadata"]).unwrap_or_default());
+        if raw.is_empty() {
+            return None;
+        }
+        let ns = meshwasm_sdk_ext::props::metadata_namespace(raw, filter).ok().flatten()?;
+        let mut v = &ns;
+        for k in path {
+            v = v.get(k)?;
+        }
+        Some(v.clone())
+    }
+}
+
+/// The verified peer certificate's identities (`None` on plaintext or without a client
+/// certificate).
+fn read_peer(host: &dyn Host) -> Option<PeerIdentity> {
+    let mtls = host.property(&["connection", "mtls"]).is_some_and(|b| b.first().is_some_and(|x| *x != 0));
+    if !mtls {
+        return None;
+    }
+    let (uri_sans, dns_sans) = host
+        .property(&["connection", "peer_certificate"])
+        .and_then(|pem| crate::x509::sans(&pem))
+        .unwrap_or_else(|| {
+            // Fall back to the first SAN of each kind Envoy exposes directly.
+            let first = |k: &str| prop_string(host, &["connection", k]).into_iter().filter(|s| !s.is_empty()).collect();
+            (first("uri_san_peer_certificate"), first("dns_san_peer_certificate"))
+        });
+    let subject = prop_string(host, &["connection", "subject_peer_certificate"]).unwrap_or_default();
+    Some(PeerIdentity { uri_sans, dns_sans, subject })
+}
+
+// === impl AuthzFilter ===
+
+#[derive(Debug)]
+enum State {
+    Start,
+    /// Waiting for the body the check includes.
+    AwaitBody(Box<CheckInput>),
+    /// The check is in flight.
+    Checking(u32),
+    Done,
+}
+
+pub struct AuthzFilter {
+    plugin: Rc<AuthzPlugin>,
+    state: State,
+    attrs: Attrs,
+    /// Headers the authorizer asked to add to the response.
+    downstream: Vec<(String, String)>,
+}
+
+impl AuthzFilter {
+    fn attrs<'a>(&'a mut self, host: &'a dyn Host) -> HostAttrs<'a> {
+        HostAttrs {
+            host,
+            cache: &mut self.attrs,
+            direct_from: self.plugin.config.direct_address.unwrap_or(DirectAddress::FilterState),
+        }
+    }
+
+    fn deny(&mut self, host: &dyn Host, reply: LocalReply) -> Flow {
+        self.state = State::Done;
+        if let Err(e) = host.send_local_reply(&reply) {
+            self.plugin.log(host, LogLevel::Debug, &format!("local reply: {e}"));
+        }
+        Flow::Pause
+    }
+
+    /// AUDIT, DENY and ALLOW (after CUSTOM allowed, or when no CUSTOM policy matched).
+    fn rbac(&mut self, host: &dyn Host) -> Flow {
+        let plugin = Rc::clone(&self.plugin);
+        let cfg = &plugin.config;
+        let verdict: Verdict<'_> = {
+            let mut a = self.attrs(host);
+            policy::decide(cfg, &mut a)
+        };
+        if let Some(p) = verdict.audited {
+            plugin.count(host, p, Stat::Audited);
+            plugin.log(host, LogLevel::Info, &format!("audit: policy {} ({}) matched", p.resource, p.id));
+        }
+        for (shadow, kind) in [(verdict.shadow_deny, "DENY"), (verdict.shadow_allow, "ALLOW")] {
+            let Some(s) = shadow else { continue };
+            let (global, stat) = if s.allowed {
+                (plugin.ids.shadow_allowed, Stat::ShadowAllowed)
+            } else {
+                (plugin.ids.shadow_denied, Stat::ShadowDenied)
+            };
+            bump(host, global);
+            if let Some(p) = s.policy {
+                plugin.count(host, p, stat);
+            }
+            let who = s
+                .policy
+                .map_or_else(|| "no policy matched".to_string(), |p| format!("policy {} ({})", p.resource, p.id));
+            plugin.log(
+                host,
+                LogLevel::Info,
+                &format!(
+                    "dry-run {kind}: the request would be {} ({who})",
+                    if s.allowed { "allowed" } else { "denied" }
+                ),
+            );
+        }
+        if verdict.allowed {
+            self.state = State::Done;
+            bump(host, plugin.ids.allowed);
+            if let Some(p) = verdict.policy {
+                plugin.count(host, p, Stat::Allowed);
+            }
+            return Flow::Continue;
+        }
+        bump(host, plugin.ids.denied);
+        if let Some(p) = verdict.policy {
+            plugin.count(host, p, Stat::Denied);
+        }
+        let id = verdict.policy.map_or("none", |p| p.id.as_str());
+        plugin.log(host, LogLevel::Debug, &format!("denied: matched policy {id}"));
+        self.deny(
+            host,
+            LocalReply {
+                status: 403,
+                body: DENIED_BODY.into(),
+                headers: Vec::new(),
+                grpc_status: None,
+                details: format!("rbac_access_denied_matched_policy[{id}]"),
+            },
+        )
+    }
+
+    fn check_input(&mut self, host: &dyn Host) -> CheckInput {
+        let headers = {
+            let mut a = self.attrs(host);
+            a.all_headers().clone()
+        };
+        CheckInput {
+            headers,
+            body: None,
+            body_truncated: false,
+            source_address: prop_string(host, &["source", "address"]),
+            destination_address: prop_string(host, &["destination", "address"]),
+            source_principal: prop_string(host, &["connection", "uri_san_peer_certificate"]),
+            destination_principal: prop_string(host, &["connection", "uri_san_local_certificate"]),
+            sni: prop_string(host, &["connection", "requested_server_name"]).filter(|s| !s.is_empty()),
+        }
+    }
+
+    fn send_check(&mut self, host: &dyn Host, input: &CheckInput) -> Flow {
+        let plugin = Rc::clone(&self.plugin);
+        let Some(p) = plugin.config.provider.as_ref() else { return self.rbac(host) };
+        let started = match &p.kind {
+            ProviderKind::Http(http) => {
+                let (headers, body) = extauthz::http_check(p, http, input);
+                host.http_call(&HttpCall { cluster: &p.cluster, headers: &headers, body: &body, timeout: p.timeout })
+            }
+            ProviderKind::Grpc => {
+                let message = extauthz::grpc_check(p, input);
+                host.grpc_call(&GrpcCall {
+                    cluster: &p.cluster,
+                    service: "envoy.service.auth.v3.Authorization",
+                    method: "Check",
+                    initial_metadata: &[],
+                    message: &message,
+                    timeout: p.timeout,
+                })
+            }
+        };
+        match started {
+            Ok(token) => {
+                self.state = State::Checking(token);
+                Flow::Pause
+            }
+            Err(e) => self.outcome(
+                host,
+                Outcome::Error(format!("cannot call the authorizer through cluster {:?}: {e}", p.cluster)),
+            ),
+        }
+    }
+
+    /// Apply the authorizer's answer.
+    fn outcome(&mut self, host: &dyn Host, outcome: Outcome) -> Flow {
+        let plugin = Rc::clone(&self.plugin);
+        let Some(p) = plugin.config.provider.as_ref() else { return self.rbac(host) };
+        match outcome {
+            Outcome::Allow { upstream_set, upstream_append, upstream_remove, downstream } => {
+                plugin.count_provider(host, ProviderStat::Ok);
+                let mutated = !(upstream_set.is_empty() && upstream_append.is_empty() && upstream_remove.is_empty());
+                for (k, v) in &upstream_set {
+                    let _ = host.set_header(HeaderMap::RequestHeaders, k, Some(v));
+                }
+                for (k, v) in &upstream_append {
+                    let _ = host.add_header(HeaderMap::RequestHeaders, k, v);
+                }
+                for k in &upstream_remove {
+                    let _ = host.set_header(HeaderMap::RequestHeaders, k, None);
+                }
+                if mutated {
+                    // Later policies see the request as the authorizer left it.
+                    self.attrs.headers = None;
+                }
+                self.downstream = downstream;
+                self.rbac(host)
+            }
+            Outcome::Deny { status, body, headers } => {
+                plugin.count_provider(host, ProviderStat::Denied);
+                bump(host, plugin.ids.denied);
+                self.deny(
+                    host,
+                    LocalReply { status, body, headers, grpc_status: None, details: "ext_authz_denied".into() },
+                )
+            }
+            Outcome::Error(why) => {
+                plugin.count_provider(host, ProviderStat::Error);
+                plugin.log(host, LogLevel::Warn, &format!("provider {}: {why}", p.name));
+                if p.fail_open {
+                    plugin.count_provider(host, ProviderStat::FailureModeAllowed);
+                    return self.rbac(host);
+                }
+                bump(host, plugin.ids.denied);
+                self.deny(
+                    host,
+                    LocalReply {
+                        status: p.status_on_error,
+                        body: String::new(),
+                        headers: Vec::new(),
+                        grpc_status: None,
+                        details: "ext_authz_error".into(),
+                    },
+                )
+            }
+        }
+    }
+}
+
+impl HttpFilter for AuthzFilter {
+    fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
+        if !matches!(self.state, State::Start) {
+            return Flow::Continue;
+        }
+        let plugin = Rc::clone(&self.plugin);
+        let custom = {
+            let mut a = self.attrs(host);
+            policy::custom(&plugin.config, &mut a).is_some()
+        };
+        if !custom {
+            return self.rbac(host);
+        }
+        let input = self.check_input(host);
+        let wants_body = plugin.config.provider.as_ref().is_some_and(|p| p.body.is_some());
+        if wants_body && !end_of_stream {
+            self.state = State::AwaitBody(Box::new(input));
+            return Flow::Pause;
+        }
+        self.send_check(host, &input)
+    }
+
+    fn on_request_body(&mut self, host: &dyn Host, size: usize, end_of_stream: bool) -> Flow {
+        match &self.state {
+            State::AwaitBody(_) => {}
+            State::Checking(_) => return Flow::Pause,
+            _ => return Flow::Continue,
+        }
+        let plugin = Rc::clone(&self.plugin);
+        let Some(limit) = plugin.config.provider.as_ref().and_then(|p| p.body) else { return Flow::Continue };
+        let max = limit.max_request_bytes as usize;
+        if !end_of_stream && size < max {
+            return Flow::Pause; // Envoy keeps buffering
+        }
+        if !end_of_stream && size >= max && !limit.allow_partial_message {
+            // Envoy's ext_authz answers 413 when the body outgrows the buffer it may send.
+            return self.deny(
+                host,
+                LocalReply {
+                    status: 413,
+                    body: "Payload Too Large".into(),
+                    headers: Vec::new(),
+                    grpc_status: None,
+                    details: "ext_authz_error".into(),
+                },
+            );
+        }
+        let State::AwaitBody(mut input) = std::mem::replace(&mut self.state, State::Done) else {
+            return Flow::Continue;
+        };
+        let body = host.request_body(max);
+        input.body_truncated = size > body.len();
+        input.body = Some(body);
+        self.send_check(host, &input)
+    }
+
+    fn on_request_trailers(&mut self, host: &dyn Host) -> Flow {
+        // Trailers end a body the check was waiting for.
+        if matches!(self.state, State::AwaitBody(_)) {
+            let State::AwaitBody(mut input) = std::mem::replace(&mut self.state, State::Done) else {
+                return Flow::Continue;
+            };
+            let max =
+                self.plugin.config.provider.as_ref().and_then(|p| p.body).map_or(0, |b| b.max_request_bytes as usize);
+            input.body = Some(host.request_body(max));
+            return self.send_check(host, &input);
+        }
+        if matches!(self.state, State::Checking(_)) {
+            return Flow::Pause;
+        }
+        Flow::Continue
+    }
+
+    fn on_response_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
+        for (k, v) in std::mem::take(&mut self.downstream) {
+            let _ = host.add_header(HeaderMap::ResponseHeaders, &k, &v);
+        }
+        Flow::Continue
+    }
+
+    fn on_http_reply(&mut self, host: &dyn Host, token: u32, reply: HttpReply) -> Flow {
+        if !matches!(self.state, State::Checking(t) if t == token) {
+            return Flow::Pause;
+        }
+        let plugin = Rc::clone(&self.plugin);
+        let outcome = match plugin.config.provider.as_ref().map(|p| (p, &p.kind)) {
+            Some((p, ProviderKind::Http(http))) => extauthz::http_outcome(p, http, &reply),
+            _ => Outcome::Error("HTTP reply for a gRPC provider".into()),
+        };
+        self.outcome(host, outcome)
+    }
+
+    fn on_grpc_reply(&mut self, host: &dyn Host, token: u32, reply: GrpcReply) -> Flow {
+        if !matches!(self.state, State::Checking(t) if t == token) {
+            return Flow::Pause;
+        }
+        let plugin = Rc::clone(&self.plugin);
+        let outcome = match plugin.config.provider.as_ref() {
+            Some(p) if p.kind == ProviderKind::Grpc => extauthz::grpc_outcome(p, &reply),
+            _ => Outcome::Error("gRPC reply for an HTTP provider".into()),
+        };
+        self.outcome(host, outcome)
+    }
+
+    fn on_done(&mut self, _host: &dyn Host) {
+        self.state = State::Done;
+    }
+}
