@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshwasm_tests::ratelimit_service::proto::{Code, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use meshwasm_tests::ratelimit_service::proto::{
+    Code, DurationExt as _, RateLimitDescriptor, RateLimitDescriptorExt as _, RateLimitRequest,
+    RateLimitRequestExt as _, RateLimitResponse, RateLimitResponseExt as _,
+};
 use meshwasm_tests::ratelimit_service::{call, grpc_code, SHOULD_RATE_LIMIT_PATH};
 use meshwasm_tests::{client, Behaviour, Limit, RateLimitService, Redis, Request, ServiceConfig, Unit};
 use prost::Message as _;
