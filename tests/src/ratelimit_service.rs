@@ -52,6 +52,12 @@
 //! counter (at least 0), `duration_until_reset` the time to the window's end. The overall
 //! code is OVER_LIMIT when any descriptor is.
 //!
+//! Without a Redis ([`RateLimitServiceBuilder::redis`] not called; the binary without
+//! `--redis`, or with `--memory`) the same keys count in the service's own memory, like
+//! Limitador's default storage: one lock per request stands for the transaction, each
+//! increment renews the key's lifetime, expired keys are dropped; two instances do not share
+//! counts and a restart starts from zero.
+//!
 //! With [`ServiceConfig::rate_limit_headers`] (envoyproxy/ratelimit's
 //! `LIMIT_RESPONSE_HEADERS_ENABLED`) the response asks the client to add
 //! `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds, rounded
@@ -68,6 +74,7 @@
 //! overall_code UNKNOWN (see [`Behaviour`]). [`RateLimitService::stop`] closes the port
 //! and every connection; [`RateLimitServiceBuilder::port`] restarts on the same port.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -666,7 +673,7 @@ pub struct CallError {
 /// What the connections share.
 struct State {
     configs: Vec<ServiceConfig>,
-    redis: RedisPool,
+    backend: Backend,
     behaviour: Mutex<Behaviour>,
     calls: AtomicU64,
     requests: Mutex<Vec<RateLimitRequest>>,
@@ -674,6 +681,58 @@ struct State {
 
 /// Idle Redis connections; a call takes one (or connects), runs its transaction, and
 /// puts it back if all went well. The lock is never held across an await.
+/// Where the counters live.
+enum Backend {
+    /// A Redis (shared by every instance pointed at it).
+    Redis(RedisPool),
+    /// This process's memory, like Limitador's default storage: counters are private to
+    /// the instance and lost when it ends. One mutex makes a request's increments atomic,
+    /// as `MULTI … EXEC` does in Redis; each increment renews the key's lifetime (unit
+    /// seconds), as `EXPIRE` does.
+    Memory(Mutex<HashMap<String, MemoryCounter>>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MemoryCounter {
+    value: u64,
+    expires_at: Duration,
+}
+
+impl Backend {
+    fn new(redis: Option<SocketAddr>) -> Self {
+        match redis {
+            Some(addr) => Backend::Redis(RedisPool { addr, idle: Mutex::new(Vec::new()) }),
+            None => Backend::Memory(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Increments every counter by its hits and returns the new values, in order.
+    async fn count(&self, counted: &[&Counted<'_>], now: Duration) -> Result<Vec<u64>, Failure> {
+        match self {
+            Backend::Redis(pool) => {
+                let replies = pool.run(&transaction(counted)).await.map_err(|e| (grpc_code::UNAVAILABLE, e))?;
+                counts_from(&replies, counted.len())
+            }
+            Backend::Memory(map) => {
+                Ok(count_in_memory(&mut map.lock().unwrap_or_else(PoisonError::into_inner), counted, now))
+            }
+        }
+    }
+}
+
+fn count_in_memory(map: &mut HashMap<String, MemoryCounter>, counted: &[&Counted<'_>], now: Duration) -> Vec<u64> {
+    map.retain(|_, c| c.expires_at > now);
+    counted
+        .iter()
+        .map(|c| {
+            let entry = map.entry(c.key.clone()).or_insert(MemoryCounter { value: 0, expires_at: now });
+            entry.value = entry.value.saturating_add(c.hits);
+            entry.expires_at = now + Duration::from_secs(c.limit.unit.seconds());
+            entry.value
+        })
+        .collect()
+}
+
 struct RedisPool {
     addr: SocketAddr,
     idle: Mutex<Vec<Connection>>,
@@ -682,7 +741,7 @@ struct RedisPool {
 // === impl RateLimitServiceBuilder ===
 
 impl RateLimitServiceBuilder {
-    /// The Redis to count in (required).
+    /// The Redis to count in; without it the service counts in its own memory.
     #[must_use]
     pub fn redis(mut self, addr: SocketAddr) -> Self {
         self.redis = Some(addr);
@@ -721,13 +780,12 @@ impl RateLimitServiceBuilder {
     /// Binds, starts serving on a new runtime thread, and returns once the port accepts.
     /// Panics on an invalid configuration, a missing `.redis(…)`, or a failed bind.
     pub fn start(self) -> RateLimitService {
-        let redis = self.redis.expect("RateLimitService::builder() needs .redis(addr)");
         if let Err(e) = check_configs(&self.configs) {
             panic!("{e}");
         }
         let state = Arc::new(State {
             configs: self.configs,
-            redis: RedisPool { addr: redis, idle: Mutex::new(Vec::new()) },
+            backend: Backend::new(self.redis),
             behaviour: Mutex::new(self.behaviour),
             calls: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
@@ -792,12 +850,13 @@ impl RateLimitService {
     }
 }
 
-/// Serves `configs` on `listener`, counting in the Redis at `redis`, until the future is
+/// Serves `configs` on `listener`, counting in the Redis at `redis` (in memory when
+/// `None`), until the future is
 /// dropped (for the standalone binary; tests use [`RateLimitService`]).
-pub async fn serve(listener: tokio::net::TcpListener, redis: SocketAddr, configs: Vec<ServiceConfig>) {
+pub async fn serve(listener: tokio::net::TcpListener, redis: Option<SocketAddr>, configs: Vec<ServiceConfig>) {
     let state = Arc::new(State {
         configs,
-        redis: RedisPool { addr: redis, idle: Mutex::new(Vec::new()) },
+        backend: Backend::new(redis),
         behaviour: Mutex::new(Behaviour::Normal),
         calls: AtomicU64::new(0),
         requests: Mutex::new(Vec::new()),
@@ -906,12 +965,7 @@ impl State {
         let config = self.configs.iter().find(|c| c.domain == req.domain);
         let planned = plan(config, req, now)?;
         let counted: Vec<&Counted<'_>> = planned.iter().flatten().collect();
-        let counts = if counted.is_empty() {
-            Vec::new()
-        } else {
-            let replies = self.redis.run(&transaction(&counted)).await.map_err(|e| (grpc_code::UNAVAILABLE, e))?;
-            counts_from(&replies, counted.len())?
-        };
+        let counts = if counted.is_empty() { Vec::new() } else { self.backend.count(&counted, now).await? };
         Ok(respond(config, &planned, &counts, now))
     }
 }
@@ -1159,6 +1213,20 @@ mod tests {
         assert!(unframe(&[1, 0, 0, 0, 0]).is_err());
         assert!(unframe(&[0, 0, 0, 0, 2, 1]).is_err());
         assert_eq!(unframe(&frame(b"abc")).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn memory_counters_add_renew_and_expire() {
+        let limit = Limit::new(&[("k", None)], 1, Unit::Minute);
+        let c = |key: &str, hits| Counted { key: key.into(), hits, limit: &limit };
+        let mut map = HashMap::new();
+        let t0 = Duration::from_secs(120);
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 2), &c("b", 1)], t0), vec![2, 1]);
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 0)], t0 + Duration::from_secs(59)), vec![2]);
+        // "a" was renewed at t0+59s, "b" expired at t0+60s and is dropped.
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 1)], t0 + Duration::from_secs(100)), vec![3]);
+        assert!(!map.contains_key("b"));
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 1)], t0 + Duration::from_secs(200)), vec![1]);
     }
 
     #[test]
