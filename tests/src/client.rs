@@ -1,5 +1,6 @@
 //! HTTP clients: HTTP/1.1 and HTTP/2 (h2c, prior knowledge), request trailers, gRPC
-//! unary, a client that disconnects mid-flight, and a concurrent load helper.
+//! unary, a client that disconnects mid-flight, a concurrent load helper, and TLS
+//! (HTTP/1.1 or HTTP/2 by ALPN, optionally with a client certificate: [`TlsClient`]).
 //!
 //! Each request uses its own connection, so with `--concurrency 2` the kernel's
 //! SO_REUSEPORT hashing spreads requests over both Envoy workers.
@@ -7,6 +8,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -141,9 +143,13 @@ impl Request {
     }
 
     fn to_hyper(&self) -> hyper::Request<ReqBody> {
+        self.to_hyper_scheme("http")
+    }
+
+    fn to_hyper_scheme(&self, scheme: &str) -> hyper::Request<ReqBody> {
         let uri = match self.proto {
             Proto::Http1 => self.path.clone(),
-            Proto::Http2 => format!("http://{}{}", self.authority, self.path),
+            Proto::Http2 => format!("{scheme}://{}{}", self.authority, self.path),
         };
         let mut b = hyper::Request::builder().method(self.method.as_str()).uri(uri);
         if self.proto == Proto::Http1 {
@@ -273,10 +279,16 @@ pub async fn send_async(addr: SocketAddr, req: &Request) -> Result<Response, Str
 async fn send_inner(addr: SocketAddr, req: &Request) -> Result<Response, String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let io = TokioIo::new(tcp);
-    let hreq = req.to_hyper();
+    exchange(TokioIo::new(tcp), req.proto, req.to_hyper()).await
+}
+
+/// Sends `hreq` over `io` with `proto` and reads the whole response.
+async fn exchange<IO>(io: IO, proto: Proto, hreq: hyper::Request<ReqBody>) -> Result<Response, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let start = Instant::now();
-    let rsp = match req.proto {
+    let rsp = match proto {
         Proto::Http1 => {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("h1 handshake: {e}"))?;
@@ -300,6 +312,102 @@ async fn send_inner(addr: SocketAddr, req: &Request) -> Result<Response, String>
     let trailers = collected.trailers().cloned();
     let body = collected.to_bytes();
     Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body, trailers, elapsed: start.elapsed() })
+}
+
+// === TLS ===
+
+/// A TLS client's settings: the CA it trusts, the server name it sends (SNI) and verifies,
+/// and optionally a client certificate. ALPN offers `h2` for [`Proto::Http2`] requests and
+/// `http/1.1` otherwise (rustls with the ring provider; TLS 1.2 and 1.3).
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    pub ca: PathBuf,
+    pub server_name: String,
+    /// Certificate chain and private key (PEM files).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsClient {
+    /// Trusts `ca`, verifies the server as `localhost`, presents no client certificate.
+    pub fn new(ca: &Path) -> Self {
+        Self { ca: ca.to_path_buf(), server_name: "localhost".into(), client_cert: None }
+    }
+
+    /// Presents this client certificate (e.g. `certs.client(SPIFFE_CLIENT)`).
+    #[must_use]
+    pub fn client_cert(mut self, files: &crate::certs::CertFiles) -> Self {
+        self.client_cert = Some((files.cert.clone(), files.key.clone()));
+        self
+    }
+
+    #[must_use]
+    pub fn server_name(mut self, name: &str) -> Self {
+        self.server_name = name.into();
+        self
+    }
+
+    fn config(&self, proto: Proto) -> Result<Arc<rustls::ClientConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.ca).map_err(|e| format!("CA {}: {e}", self.ca.display()))? {
+            let c = c.map_err(|e| format!("CA {}: {e}", self.ca.display()))?;
+            roots.add(c).map_err(|e| format!("CA {}: {e}", self.ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| format!("cert {}: {e}", cert.display()))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("cert {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key {}: {e}", key.display()))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| format!("client cert: {e}"))?
+            }
+        };
+        config.alpn_protocols = match proto {
+            Proto::Http1 => vec![b"http/1.1".to_vec()],
+            Proto::Http2 => vec![b"h2".to_vec()],
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+/// Sends one request over TLS on a new connection (async). A failed handshake (an untrusted
+/// server, a refused or missing client certificate) is an `Err` naming the TLS error.
+pub async fn send_tls_async(addr: SocketAddr, req: &Request, tls: &TlsClient) -> Result<Response, String> {
+    let timeout = req.timeout;
+    let fut = async {
+        let config = tls.config(req.proto)?;
+        let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())
+            .map_err(|e| format!("server name {}: {e}", tls.server_name))?;
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+        exchange(TokioIo::new(stream), req.proto, req.to_hyper_scheme("https")).await
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("TLS request {} {} timed out after {timeout:?}", req.method, req.path)),
+    }
+}
+
+/// Sends one request over TLS (blocking); panics on a transport or TLS error.
+pub fn send_tls(addr: SocketAddr, req: &Request, tls: &TlsClient) -> Response {
+    try_send_tls(addr, req, tls).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends one request over TLS (blocking), returning transport and TLS errors.
+pub fn try_send_tls(addr: SocketAddr, req: &Request, tls: &TlsClient) -> Result<Response, String> {
+    crate::block_on(send_tls_async(addr, req, tls))
 }
 
 /// Send one request (blocking); panics on a transport error.

@@ -18,12 +18,12 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::client::{self, Request, Response};
+use crate::client::{self, Request, Response, TlsClient};
 
 /// How long Envoy may take to become ready (V8 compiles each module once per worker).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,13 +56,95 @@ pub struct Route {
     disabled_filters: Vec<String>,
 }
 
-/// A listener on 127.0.0.1 with an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c).
+/// A listener on 127.0.0.1 with an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c,
+/// or HTTP/1.1 and h2 by ALPN with [`Listener::tls`]).
 #[derive(Debug, Clone)]
 pub struct Listener {
     name: Option<String>,
     port: Option<u16>,
     filters: Vec<Filter>,
     routes: Vec<Route>,
+    tls: Option<DownstreamTls>,
+    /// Extra HttpConnectionManager fields (key, YAML value), rendered after `codec_type`.
+    hcm: Vec<(String, String)>,
+}
+
+/// Whether a TLS listener asks the client for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertMode {
+    /// No client certificate is requested.
+    None,
+    /// Requested and, when presented, validated against the CA; a client without one is
+    /// served (plaintext identity: none).
+    Request,
+    /// `require_client_certificate: true`: a client without a valid certificate is refused.
+    Require,
+}
+
+/// A listener's downstream TLS (`envoy.transport_sockets.tls` with a `DownstreamTlsContext`,
+/// ALPN `h2,http/1.1`).
+#[derive(Debug, Clone)]
+pub struct DownstreamTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
+    mode: ClientCertMode,
+}
+
+impl DownstreamTls {
+    /// Serves this certificate chain and key (PEM files); no client certificate asked.
+    pub fn new(cert: &Path, key: &Path) -> Self {
+        Self { cert: cert.to_path_buf(), key: key.to_path_buf(), ca: None, mode: ClientCertMode::None }
+    }
+
+    /// The test server certificate of `certs` (`localhost`, 127.0.0.1), no client certificate asked.
+    pub fn server(certs: &crate::certs::TestCerts) -> Self {
+        Self::new(&certs.server().cert, &certs.server().key)
+    }
+
+    /// Requires a client certificate issued by `ca` (`require_client_certificate: true`).
+    #[must_use]
+    pub fn require_client_cert(mut self, ca: &Path) -> Self {
+        self.ca = Some(ca.to_path_buf());
+        self.mode = ClientCertMode::Require;
+        self
+    }
+
+    /// Requests a client certificate, validated against `ca` when presented, not required.
+    #[must_use]
+    pub fn request_client_cert(mut self, ca: &Path) -> Self {
+        self.ca = Some(ca.to_path_buf());
+        self.mode = ClientCertMode::Request;
+        self
+    }
+
+    pub fn mode(&self) -> ClientCertMode {
+        self.mode
+    }
+
+    /// The `transport_socket:` mapping of a filter chain, at `indent`.
+    fn render(&self, out: &mut String, indent: usize) {
+        let pad = " ".repeat(indent);
+        let _ = writeln!(out, "{pad}transport_socket:");
+        let _ = writeln!(out, "{pad}  name: envoy.transport_sockets.tls");
+        let _ = writeln!(out, "{pad}  typed_config:");
+        let _ = writeln!(
+            out,
+            "{pad}    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+        );
+        if self.mode == ClientCertMode::Require {
+            let _ = writeln!(out, "{pad}    require_client_certificate: true");
+        }
+        let _ = writeln!(out, "{pad}    common_tls_context:");
+        let _ = writeln!(out, "{pad}      alpn_protocols: [h2, http/1.1]");
+        let _ = writeln!(out, "{pad}      tls_certificates:");
+        let _ = writeln!(out, "{pad}      - certificate_chain: {{ filename: \"{}\" }}", self.cert.display());
+        let _ = writeln!(out, "{pad}        private_key: {{ filename: \"{}\" }}", self.key.display());
+        if let (Some(ca), true) = (&self.ca, self.mode != ClientCertMode::None) {
+            let _ = writeln!(out, "{pad}      validation_context:");
+            let _ = writeln!(out, "{pad}        trusted_ca: {{ filename: \"{}\" }}", ca.display());
+        }
+    }
 }
 
 /// Builds and starts an [`Envoy`].
@@ -239,7 +321,69 @@ impl Default for Listener {
 impl Listener {
     /// A listener on a free port; with no routes it gets one route `default` for `/`.
     pub fn new() -> Self {
-        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new() }
+        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new(), tls: None, hcm: Vec::new() }
+    }
+
+    /// Serves downstream TLS on this listener (plaintext when not set).
+    #[must_use]
+    pub fn tls(mut self, tls: DownstreamTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets an HttpConnectionManager field to a YAML value (flow style), e.g.
+    /// `hcm_option("server_name", "meshwasm")`. The named helpers below use it; a field set
+    /// twice keeps the last value. Nothing set = the default bootstrap exactly.
+    #[must_use]
+    pub fn hcm_option(mut self, key: &str, yaml_value: &str) -> Self {
+        self.hcm.retain(|(k, _)| k != key);
+        self.hcm.push((key.into(), yaml_value.into()));
+        self
+    }
+
+    /// `use_remote_address` (Envoy's default: false).
+    #[must_use]
+    pub fn use_remote_address(self, on: bool) -> Self {
+        self.hcm_option("use_remote_address", &on.to_string())
+    }
+
+    /// `xff_num_trusted_hops` (Envoy's default: 0).
+    #[must_use]
+    pub fn xff_num_trusted_hops(self, n: u32) -> Self {
+        self.hcm_option("xff_num_trusted_hops", &n.to_string())
+    }
+
+    /// `normalize_path` (RFC 3986 normalisation: `/./`, `/../`, percent-decoding of unreserved).
+    #[must_use]
+    pub fn normalize_path(self, on: bool) -> Self {
+        self.hcm_option("normalize_path", &on.to_string())
+    }
+
+    /// `merge_slashes` (`//a///b` → `/a/b`).
+    #[must_use]
+    pub fn merge_slashes(self, on: bool) -> Self {
+        self.hcm_option("merge_slashes", &on.to_string())
+    }
+
+    /// `path_with_escaped_slashes_action`: `KEEP_UNCHANGED`, `REJECT_REQUEST`,
+    /// `UNESCAPE_AND_REDIRECT` or `UNESCAPE_AND_FORWARD`.
+    #[must_use]
+    pub fn path_with_escaped_slashes_action(self, action: &str) -> Self {
+        self.hcm_option("path_with_escaped_slashes_action", action)
+    }
+
+    /// `forward_client_cert_details`: `SANITIZE` (Envoy's default), `FORWARD_ONLY`,
+    /// `APPEND_FORWARD`, `SANITIZE_SET`, `ALWAYS_FORWARD_ONLY`.
+    #[must_use]
+    pub fn forward_client_cert_details(self, mode: &str) -> Self {
+        self.hcm_option("forward_client_cert_details", mode)
+    }
+
+    /// `set_current_client_cert_details: {uri: true}` (the client's URI SANs in
+    /// `x-forwarded-client-cert` with `SANITIZE_SET` / `APPEND_FORWARD`).
+    #[must_use]
+    pub fn set_current_client_cert_details_uri(self) -> Self {
+        self.hcm_option("set_current_client_cert_details", "{ uri: true }")
     }
 
     /// Names the listener (also its HCM `stat_prefix`); default `listener_<index>`.
@@ -341,6 +485,21 @@ impl EnvoyBuilder {
         self
     }
 
+    /// A STATIC HTTP/1.1 cluster `name` with one endpoint (e.g. an HTTP ext_authz service).
+    #[must_use]
+    pub fn http_cluster(self, name: &str, addr: SocketAddr) -> Self {
+        let yaml = static_cluster(name, addr, false);
+        self.cluster_yaml(&yaml)
+    }
+
+    /// A STATIC h2c cluster `name` with one endpoint (`http2_protocol_options`), as Envoy's
+    /// gRPC clients (ext_authz, rate limit) need for a Envoy-gRPC `cluster_name`.
+    #[must_use]
+    pub fn grpc_cluster(self, name: &str, addr: SocketAddr) -> Self {
+        let yaml = static_cluster(name, addr, true);
+        self.cluster_yaml(&yaml)
+    }
+
     /// `-l` (default `info`).
     #[must_use]
     pub fn log_level(mut self, level: &str) -> Self {
@@ -372,6 +531,7 @@ impl EnvoyBuilder {
         for (i, l) in listeners.iter().enumerate() {
             let name = l.name.clone().unwrap_or_else(|| format!("listener_{i}"));
             let port = listener_ports[i];
+            let hcm: String = l.hcm.iter().map(|(k, v)| format!("          {k}: {v}\n")).collect();
             let _ = write!(
                 y,
                 r#"  - name: {name}
@@ -384,7 +544,7 @@ impl EnvoyBuilder {
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {name}
           codec_type: AUTO
-          route_config:
+{hcm}          route_config:
             name: {name}_routes
             virtual_hosts:
             - name: all
@@ -404,6 +564,9 @@ impl EnvoyBuilder {
             y.push_str(
                 "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
             );
+            if let Some(tls) = &l.tls {
+                tls.render(&mut y, 6);
+            }
         }
         let up = self.upstream.unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
         let _ = write!(
@@ -580,6 +743,17 @@ impl Envoy {
         client::send(self.listener_addr_of(i), &req)
     }
 
+    /// Sends `req` over TLS to listener `i` (a [`Listener::tls`] one); panics on a transport
+    /// or TLS error.
+    pub fn send_tls(&self, i: usize, req: Request, tls: &TlsClient) -> Response {
+        client::send_tls(self.listener_addr_of(i), &req, tls)
+    }
+
+    /// Like [`Envoy::send_tls`], returning transport and TLS errors (a refused handshake).
+    pub fn try_send_tls(&self, i: usize, req: Request, tls: &TlsClient) -> Result<Response, String> {
+        client::try_send_tls(self.listener_addr_of(i), &req, tls)
+    }
+
     pub fn get(&self, path: &str) -> Response {
         self.send(Request::get(path))
     }
@@ -652,6 +826,18 @@ impl Drop for Envoy {
 fn ready(admin: SocketAddr) -> bool {
     let req = Request::get("/ready").timeout(Duration::from_secs(2));
     matches!(client::try_send(admin, &req), Ok(r) if r.status == 200)
+}
+
+fn static_cluster(name: &str, addr: SocketAddr, h2: bool) -> String {
+    let mut y = format!(
+        "name: {name}\ntype: STATIC\nconnect_timeout: 2s\nload_assignment:\n  cluster_name: {name}\n  endpoints:\n  - lb_endpoints:\n    - endpoint:\n        address:\n          socket_address: {{ address: {}, port_value: {} }}\n",
+        addr.ip(),
+        addr.port()
+    );
+    if h2 {
+        y.push_str("typed_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    explicit_http_config:\n      http2_protocol_options: {}\n");
+    }
+    y
 }
 
 /// Parses admin `/stats` text (`name: value` lines); skips histograms.

@@ -17,8 +17,10 @@
 //! each [`Envoy`] is a child process killed on drop (its log is printed when the test
 //! panicked).
 
+pub mod certs;
 pub mod client;
 pub mod envoy;
+pub mod ext_authz;
 pub mod ratelimit_service;
 pub mod redis;
 pub mod server;
@@ -29,8 +31,10 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-pub use client::{fire, Proto, Request, Response};
-pub use envoy::{Envoy, EnvoyBuilder, Filter, Listener, Route, UpstreamProto};
+pub use certs::TestCerts;
+pub use client::{fire, Proto, Request, Response, TlsClient};
+pub use envoy::{ClientCertMode, DownstreamTls, Envoy, EnvoyBuilder, Filter, Listener, Route, UpstreamProto};
+pub use ext_authz::{ExtAuthzGrpc, ExtAuthzHttp};
 pub use ratelimit_service::{
     Behaviour, CallError, Header, Limit, LimitEntry, RateLimitService, RateLimitServiceBuilder, ServiceConfig, Unit,
 };

@@ -5,6 +5,7 @@
 //! ```no_run
 //! use meshwasm_tests::{Limit, RateLimitService, Redis, ServiceConfig, Unit};
 //! use meshwasm_tests::ratelimit_service::proto::{Code, RateLimitDescriptor, RateLimitRequest};
+//! use meshwasm_tests::ratelimit_service::proto::{RateLimitDescriptorExt as _, RateLimitRequestExt as _};
 //! let redis = Redis::start();
 //! let svc = RateLimitService::builder()
 //!     .redis(redis.addr())
@@ -15,6 +16,13 @@
 //! ```
 //!
 //! # Protocol
+//! Served by tonic with envoy-types' generated `RateLimitServiceServer` (the same stack as
+//! the ext_authz test authorizer); a thin layer in front of it counts the calls, answers
+//! malformed requests with INVALID_ARGUMENT (tonic's own decoder would say INTERNAL) and
+//! [`Behaviour::Garbage`]. [`call`] reads the raw reply (the harness's gRPC client) so a
+//! test can tell `grpc-status: 0` with an undecodable message from a gRPC error, which a
+//! tonic client folds into INTERNAL.
+//!
 //! A unary gRPC call over HTTP/2 cleartext (prior knowledge, as Envoy's gRPC client speaks
 //! to a STATIC cluster with `http2_protocol_options`): `POST` [`SHOULD_RATE_LIMIT_PATH`],
 //! the body one length-prefixed message (1 byte compressed flag = 0, 4 bytes big-endian
@@ -44,6 +52,12 @@
 //! counter (at least 0), `duration_until_reset` the time to the window's end. The overall
 //! code is OVER_LIMIT when any descriptor is.
 //!
+//! Without a Redis ([`RateLimitServiceBuilder::redis`] not called; the binary without
+//! `--redis`, or with `--memory`) the same keys count in the service's own memory, like
+//! Limitador's default storage: one lock per request stands for the transaction, each
+//! increment renews the key's lifetime, expired keys are dropped; two instances do not share
+//! counts and a restart starts from zero.
+//!
 //! With [`ServiceConfig::rate_limit_headers`] (envoyproxy/ratelimit's
 //! `LIMIT_RESPONSE_HEADERS_ENABLED`) the response asks the client to add
 //! `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds, rounded
@@ -60,6 +74,7 @@
 //! overall_code UNKNOWN (see [`Behaviour`]). [`RateLimitService::stop`] closes the port
 //! and every connection; [`RateLimitServiceBuilder::port`] restarts on the same port.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -69,16 +84,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
+use http_body_util::Either;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
+use tonic::codegen::Service as _;
 
 use crate::redis::{Connection, Reply};
 use crate::server::{accept_loop, ServerThread};
-use proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use proto::{
+    Code, DescriptorStatus, DurationExt as _, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
+    RateLimitServiceApi, RateLimitServiceServer,
+};
 
 /// The gRPC method path.
 pub const SHOULD_RATE_LIMIT_PATH: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
@@ -110,192 +130,101 @@ pub mod grpc_code {
     pub const UNAVAILABLE: u32 = 14;
 }
 
-/// The protobuf messages of `envoy/service/ratelimit/v3/rls.proto` (and the few messages
-/// they use from other files), hand-written with `prost` derive. Fields the service does
-/// not need are left out; prost skips them when decoding.
+/// The protobuf messages and the generated tonic server/client of
+/// `envoy/service/ratelimit/v3/rls.proto`, from envoy-types, plus extension traits with the
+/// constructors and accessors the tests use (bring them into scope to call
+/// `RateLimitRequest::new`, `RateLimitDescriptor::new`, `pairs`, `to_std`, …).
 pub mod proto {
-    /// `envoy.service.ratelimit.v3.RateLimitRequest`
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RateLimitRequest {
-        #[prost(string, tag = "1")]
-        pub domain: String,
-        #[prost(message, repeated, tag = "2")]
-        pub descriptors: Vec<RateLimitDescriptor>,
-        /// 0 means 1.
-        #[prost(uint32, tag = "3")]
-        pub hits_addend: u32,
-    }
+    pub use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+    pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+        Entry, RateLimitOverride,
+    };
+    pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as RateLimitUnit;
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit};
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+        RateLimitService as RateLimitServiceApi, RateLimitServiceServer,
+    };
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+    pub use envoy_types::pb::google::protobuf::{Duration, UInt64Value};
 
-    /// `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor`
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RateLimitDescriptor {
-        #[prost(message, repeated, tag = "1")]
-        pub entries: Vec<Entry>,
-        /// Decoded but ignored by the service.
-        #[prost(message, optional, tag = "2")]
-        pub limit: Option<RateLimitOverride>,
-        /// Overrides the request's `hits_addend` for this descriptor (0 allowed).
-        #[prost(message, optional, tag = "3")]
-        pub hits_addend: Option<UInt64Value>,
-    }
-
-    /// `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry`
-    #[derive(Clone, PartialEq, Eq, prost::Message)]
-    pub struct Entry {
-        #[prost(string, tag = "1")]
-        pub key: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-
-    /// `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.RateLimitOverride`
-    #[derive(Clone, PartialEq, Eq, prost::Message)]
-    pub struct RateLimitOverride {
-        #[prost(uint32, tag = "1")]
-        pub requests_per_unit: u32,
-        #[prost(enumeration = "RateLimitUnit", tag = "2")]
-        pub unit: i32,
-    }
-
-    /// `google.protobuf.UInt64Value`
-    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
-    pub struct UInt64Value {
-        #[prost(uint64, tag = "1")]
-        pub value: u64,
-    }
-
-    /// `envoy.service.ratelimit.v3.RateLimitResponse`
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RateLimitResponse {
-        #[prost(enumeration = "Code", tag = "1")]
-        pub overall_code: i32,
-        #[prost(message, repeated, tag = "2")]
-        pub statuses: Vec<DescriptorStatus>,
-        #[prost(message, repeated, tag = "3")]
-        pub response_headers_to_add: Vec<HeaderValue>,
-        #[prost(message, repeated, tag = "4")]
-        pub request_headers_to_add: Vec<HeaderValue>,
-        #[prost(bytes = "vec", tag = "5")]
-        pub raw_body: Vec<u8>,
-    }
-
-    /// `envoy.service.ratelimit.v3.RateLimitResponse.Code`
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-    #[repr(i32)]
-    pub enum Code {
-        Unknown = 0,
-        Ok = 1,
-        OverLimit = 2,
-    }
-
-    /// `envoy.service.ratelimit.v3.RateLimitResponse.DescriptorStatus`
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DescriptorStatus {
-        #[prost(enumeration = "Code", tag = "1")]
-        pub code: i32,
-        #[prost(message, optional, tag = "2")]
-        pub current_limit: Option<RateLimit>,
-        #[prost(uint32, tag = "3")]
-        pub limit_remaining: u32,
-        #[prost(message, optional, tag = "4")]
-        pub duration_until_reset: Option<Duration>,
-    }
-
-    /// `envoy.service.ratelimit.v3.RateLimitResponse.RateLimit`
-    #[derive(Clone, PartialEq, Eq, prost::Message)]
-    pub struct RateLimit {
-        #[prost(uint32, tag = "1")]
-        pub requests_per_unit: u32,
-        #[prost(enumeration = "RateLimitUnit", tag = "2")]
-        pub unit: i32,
-        #[prost(string, tag = "3")]
-        pub name: String,
-    }
-
-    /// `envoy.service.ratelimit.v3.RateLimitResponse.RateLimit.Unit`
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-    #[repr(i32)]
-    pub enum RateLimitUnit {
-        Unknown = 0,
-        Second = 1,
-        Minute = 2,
-        Hour = 3,
-        Day = 4,
-        Month = 5,
-        Year = 6,
-    }
-
-    /// `google.protobuf.Duration`
-    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
-    pub struct Duration {
-        #[prost(int64, tag = "1")]
-        pub seconds: i64,
-        #[prost(int32, tag = "2")]
-        pub nanos: i32,
-    }
-
-    /// `envoy.config.core.v3.HeaderValue`
-    #[derive(Clone, PartialEq, Eq, prost::Message)]
-    pub struct HeaderValue {
-        #[prost(string, tag = "1")]
-        pub key: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-
-    impl RateLimitRequest {
+    /// Constructors of [`RateLimitRequest`].
+    pub trait RateLimitRequestExt: Sized {
         /// A request for `domain` with `descriptors` and `hits_addend` 0 (one hit).
-        pub fn new(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> Self {
+        fn new(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> Self;
+        #[must_use]
+        fn with_hits_addend(self, hits: u32) -> Self;
+    }
+
+    impl RateLimitRequestExt for RateLimitRequest {
+        fn new(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> Self {
             Self { domain: domain.to_string(), descriptors, hits_addend: 0 }
         }
 
-        #[must_use]
-        pub fn with_hits_addend(mut self, hits: u32) -> Self {
+        fn with_hits_addend(mut self, hits: u32) -> Self {
             self.hits_addend = hits;
             self
         }
     }
 
-    impl RateLimitDescriptor {
+    /// Constructors and accessors of [`RateLimitDescriptor`].
+    pub trait RateLimitDescriptorExt: Sized {
         /// A descriptor of `(key, value)` entries.
-        pub fn new(entries: &[(&str, &str)]) -> Self {
+        fn new(entries: &[(&str, &str)]) -> Self;
+        /// Sets the per-descriptor `hits_addend`.
+        #[must_use]
+        fn with_hits_addend(self, hits: u64) -> Self;
+        /// The entries as `(key, value)` pairs (handy in assertions).
+        fn pairs(&self) -> Vec<(String, String)>;
+    }
+
+    impl RateLimitDescriptorExt for RateLimitDescriptor {
+        fn new(entries: &[(&str, &str)]) -> Self {
             Self {
                 entries: entries
                     .iter()
                     .map(|(k, v)| Entry { key: (*k).to_string(), value: (*v).to_string() })
                     .collect(),
-                limit: None,
-                hits_addend: None,
+                ..Default::default()
             }
         }
 
-        /// Sets the per-descriptor `hits_addend`.
-        #[must_use]
-        pub fn with_hits_addend(mut self, hits: u64) -> Self {
+        fn with_hits_addend(mut self, hits: u64) -> Self {
             self.hits_addend = Some(UInt64Value { value: hits });
             self
         }
 
-        /// The entries as `(key, value)` pairs (handy in assertions).
-        pub fn pairs(&self) -> Vec<(String, String)> {
+        fn pairs(&self) -> Vec<(String, String)> {
             self.entries.iter().map(|e| (e.key.clone(), e.value.clone())).collect()
         }
     }
 
-    impl RateLimitResponse {
+    /// Accessors of [`RateLimitResponse`].
+    pub trait RateLimitResponseExt {
         /// `response_headers_to_add` as `(key, value)` pairs.
-        pub fn response_headers(&self) -> Vec<(String, String)> {
+        fn response_headers(&self) -> Vec<(String, String)>;
+        /// `request_headers_to_add` as `(key, value)` pairs.
+        fn request_headers(&self) -> Vec<(String, String)>;
+    }
+
+    impl RateLimitResponseExt for RateLimitResponse {
+        fn response_headers(&self) -> Vec<(String, String)> {
             self.response_headers_to_add.iter().map(|h| (h.key.clone(), h.value.clone())).collect()
         }
 
-        /// `request_headers_to_add` as `(key, value)` pairs.
-        pub fn request_headers(&self) -> Vec<(String, String)> {
+        fn request_headers(&self) -> Vec<(String, String)> {
             self.request_headers_to_add.iter().map(|h| (h.key.clone(), h.value.clone())).collect()
         }
     }
 
-    impl Duration {
-        pub fn to_std(self) -> std::time::Duration {
+    /// `google.protobuf.Duration` → `std::time::Duration` (negative parts as 0).
+    pub trait DurationExt {
+        fn to_std(&self) -> std::time::Duration;
+    }
+
+    impl DurationExt for Duration {
+        fn to_std(&self) -> std::time::Duration {
             let secs = u64::try_from(self.seconds).unwrap_or(0);
             let nanos = u32::try_from(self.nanos).unwrap_or(0);
             std::time::Duration::new(secs, nanos)
@@ -446,7 +375,7 @@ impl Header {
     }
 
     fn to_proto(&self) -> proto::HeaderValue {
-        proto::HeaderValue { key: self.key.clone(), value: self.value.clone() }
+        proto::HeaderValue { key: self.key.clone(), value: self.value.clone(), ..Default::default() }
     }
 }
 
@@ -654,6 +583,7 @@ fn respond(
                         seconds: i64::try_from(reset.as_secs()).unwrap_or(i64::MAX),
                         nanos: i32::try_from(reset.subsec_nanos()).unwrap_or(0),
                     }),
+                    ..Default::default()
                 }
             }
         };
@@ -673,9 +603,9 @@ fn respond(
             });
             if let Some(s) = tightest {
                 let limit = s.current_limit.as_ref().map_or(0, |l| l.requests_per_unit);
-                let reset = s.duration_until_reset.map_or(Duration::ZERO, proto::Duration::to_std);
+                let reset = s.duration_until_reset.as_ref().map_or(Duration::ZERO, |d| d.to_std());
                 let reset_secs = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
-                let h = |k: &str, v: String| proto::HeaderValue { key: k.to_string(), value: v };
+                let h = |k: &str, v: String| proto::HeaderValue { key: k.to_string(), value: v, ..Default::default() };
                 rsp.response_headers_to_add.extend([
                     h("x-ratelimit-limit", limit.to_string()),
                     h("x-ratelimit-remaining", s.limit_remaining.to_string()),
@@ -743,7 +673,7 @@ pub struct CallError {
 /// What the connections share.
 struct State {
     configs: Vec<ServiceConfig>,
-    redis: RedisPool,
+    backend: Backend,
     behaviour: Mutex<Behaviour>,
     calls: AtomicU64,
     requests: Mutex<Vec<RateLimitRequest>>,
@@ -751,6 +681,58 @@ struct State {
 
 /// Idle Redis connections; a call takes one (or connects), runs its transaction, and
 /// puts it back if all went well. The lock is never held across an await.
+/// Where the counters live.
+enum Backend {
+    /// A Redis (shared by every instance pointed at it).
+    Redis(RedisPool),
+    /// This process's memory, like Limitador's default storage: counters are private to
+    /// the instance and lost when it ends. One mutex makes a request's increments atomic,
+    /// as `MULTI … EXEC` does in Redis; each increment renews the key's lifetime (unit
+    /// seconds), as `EXPIRE` does.
+    Memory(Mutex<HashMap<String, MemoryCounter>>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MemoryCounter {
+    value: u64,
+    expires_at: Duration,
+}
+
+impl Backend {
+    fn new(redis: Option<SocketAddr>) -> Self {
+        match redis {
+            Some(addr) => Backend::Redis(RedisPool { addr, idle: Mutex::new(Vec::new()) }),
+            None => Backend::Memory(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Increments every counter by its hits and returns the new values, in order.
+    async fn count(&self, counted: &[&Counted<'_>], now: Duration) -> Result<Vec<u64>, Failure> {
+        match self {
+            Backend::Redis(pool) => {
+                let replies = pool.run(&transaction(counted)).await.map_err(|e| (grpc_code::UNAVAILABLE, e))?;
+                counts_from(&replies, counted.len())
+            }
+            Backend::Memory(map) => {
+                Ok(count_in_memory(&mut map.lock().unwrap_or_else(PoisonError::into_inner), counted, now))
+            }
+        }
+    }
+}
+
+fn count_in_memory(map: &mut HashMap<String, MemoryCounter>, counted: &[&Counted<'_>], now: Duration) -> Vec<u64> {
+    map.retain(|_, c| c.expires_at > now);
+    counted
+        .iter()
+        .map(|c| {
+            let entry = map.entry(c.key.clone()).or_insert(MemoryCounter { value: 0, expires_at: now });
+            entry.value = entry.value.saturating_add(c.hits);
+            entry.expires_at = now + Duration::from_secs(c.limit.unit.seconds());
+            entry.value
+        })
+        .collect()
+}
+
 struct RedisPool {
     addr: SocketAddr,
     idle: Mutex<Vec<Connection>>,
@@ -759,7 +741,7 @@ struct RedisPool {
 // === impl RateLimitServiceBuilder ===
 
 impl RateLimitServiceBuilder {
-    /// The Redis to count in (required).
+    /// The Redis to count in; without it the service counts in its own memory.
     #[must_use]
     pub fn redis(mut self, addr: SocketAddr) -> Self {
         self.redis = Some(addr);
@@ -798,13 +780,12 @@ impl RateLimitServiceBuilder {
     /// Binds, starts serving on a new runtime thread, and returns once the port accepts.
     /// Panics on an invalid configuration, a missing `.redis(…)`, or a failed bind.
     pub fn start(self) -> RateLimitService {
-        let redis = self.redis.expect("RateLimitService::builder() needs .redis(addr)");
         if let Err(e) = check_configs(&self.configs) {
             panic!("{e}");
         }
         let state = Arc::new(State {
             configs: self.configs,
-            redis: RedisPool { addr: redis, idle: Mutex::new(Vec::new()) },
+            backend: Backend::new(self.redis),
             behaviour: Mutex::new(self.behaviour),
             calls: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
@@ -869,12 +850,13 @@ impl RateLimitService {
     }
 }
 
-/// Serves `configs` on `listener`, counting in the Redis at `redis`, until the future is
+/// Serves `configs` on `listener`, counting in the Redis at `redis` (in memory when
+/// `None`), until the future is
 /// dropped (for the standalone binary; tests use [`RateLimitService`]).
-pub async fn serve(listener: tokio::net::TcpListener, redis: SocketAddr, configs: Vec<ServiceConfig>) {
+pub async fn serve(listener: tokio::net::TcpListener, redis: Option<SocketAddr>, configs: Vec<ServiceConfig>) {
     let state = Arc::new(State {
         configs,
-        redis: RedisPool { addr: redis, idle: Mutex::new(Vec::new()) },
+        backend: Backend::new(redis),
         behaviour: Mutex::new(Behaviour::Normal),
         calls: AtomicU64::new(0),
         requests: Mutex::new(Vec::new()),
@@ -883,51 +865,95 @@ pub async fn serve(listener: tokio::net::TcpListener, redis: SocketAddr, configs
 }
 
 /// Accepts connections forever, serving each with HTTP/2 (prior knowledge).
+/// The tonic service: envoy-types' generated `RateLimitServiceServer` around this.
+struct Rls(Arc<State>);
+
+#[tonic::async_trait]
+impl RateLimitServiceApi for Rls {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let state = &self.0;
+        state.requests.lock().unwrap_or_else(PoisonError::into_inner).push(request.clone());
+        let behaviour = *state.behaviour.lock().unwrap_or_else(PoisonError::into_inner);
+        match behaviour {
+            // Garbage is answered before tonic (see `handle`).
+            Behaviour::Normal | Behaviour::Garbage => {}
+            Behaviour::Slow(d) => tokio::time::sleep(d).await,
+            Behaviour::GrpcError(code) => {
+                return Err(status(code, "meshwasm rate-limit service: Behaviour::GrpcError".into()))
+            }
+            Behaviour::Unknown => {
+                return Ok(tonic::Response::new(RateLimitResponse {
+                    overall_code: Code::Unknown as i32,
+                    ..Default::default()
+                }))
+            }
+        }
+        state.should_rate_limit(&request).await.map(tonic::Response::new).map_err(|(code, m)| status(code, m))
+    }
+}
+
+fn status(code: u32, message: String) -> tonic::Status {
+    tonic::Status::new(tonic::Code::from(i32::try_from(code).unwrap_or(2)), message)
+}
+
+type ServiceBody = Either<tonic::body::Body, RspBody>;
+
 async fn serve_state(listener: tokio::net::TcpListener, state: Arc<State>) {
+    let svc = RateLimitServiceServer::new(Rls(state.clone())).max_decoding_message_size(MAX_REQUEST);
     accept_loop(listener, move |stream| {
         let state = state.clone();
+        let svc = svc.clone();
         async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+                let svc = svc.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state, svc).await) }
             });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(stream), service)
                 .await;
         }
     })
     .await;
 }
 
-async fn handle(req: hyper::Request<Incoming>, state: &State) -> hyper::Response<RspBody> {
-    let path = req.uri().path().to_string();
-    if path != SHOULD_RATE_LIMIT_PATH {
-        return grpc_error(grpc_code::UNIMPLEMENTED, &format!("unknown method {path}"));
-    }
-    state.calls.fetch_add(1, Ordering::SeqCst);
-    let body = match Limited::new(req.into_body(), MAX_REQUEST).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => return grpc_error(grpc_code::INVALID_ARGUMENT, &format!("request body: {e}")),
-    };
-    let request = match unframe(&body).and_then(|m| RateLimitRequest::decode(m).map_err(|e| e.to_string())) {
-        Ok(r) => r,
-        Err(e) => return grpc_error(grpc_code::INVALID_ARGUMENT, &format!("malformed RateLimitRequest: {e}")),
-    };
-    state.requests.lock().unwrap_or_else(PoisonError::into_inner).push(request.clone());
-    let behaviour = *state.behaviour.lock().unwrap_or_else(PoisonError::into_inner);
-    match behaviour {
-        Behaviour::Normal => {}
-        Behaviour::Slow(d) => tokio::time::sleep(d).await,
-        Behaviour::Garbage => return grpc_message(Bytes::from_static(&[0xff, 0xff, 0xff, 0xff])),
-        Behaviour::GrpcError(code) => return grpc_error(code, "meshwasm rate-limit service: Behaviour::GrpcError"),
-        Behaviour::Unknown => {
-            let rsp = RateLimitResponse { overall_code: Code::Unknown as i32, ..Default::default() };
-            return grpc_message(rsp.encode_to_vec().into());
+/// In front of tonic: counts every `ShouldRateLimit` call, answers a malformed one with
+/// INVALID_ARGUMENT (tonic would say INTERNAL) and [`Behaviour::Garbage`] with a framed
+/// message that is not protobuf; everything else (unknown methods too) goes to tonic.
+async fn handle(
+    req: hyper::Request<Incoming>,
+    state: &State,
+    mut svc: RateLimitServiceServer<Rls>,
+) -> hyper::Response<ServiceBody> {
+    let (parts, body) = req.into_parts();
+    let body = if parts.uri.path() == SHOULD_RATE_LIMIT_PATH {
+        state.calls.fetch_add(1, Ordering::SeqCst);
+        let body = match Limited::new(body, MAX_REQUEST).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) => return grpc_error(grpc_code::INVALID_ARGUMENT, &format!("request body: {e}")).map(Either::Right),
+        };
+        let request = match unframe(&body).and_then(|m| RateLimitRequest::decode(m).map_err(|e| e.to_string())) {
+            Ok(r) => r,
+            Err(e) => {
+                return grpc_error(grpc_code::INVALID_ARGUMENT, &format!("malformed RateLimitRequest: {e}"))
+                    .map(Either::Right)
+            }
+        };
+        if *state.behaviour.lock().unwrap_or_else(PoisonError::into_inner) == Behaviour::Garbage {
+            state.requests.lock().unwrap_or_else(PoisonError::into_inner).push(request);
+            return grpc_message(Bytes::from_static(&[0xff, 0xff, 0xff, 0xff])).map(Either::Right);
         }
-    }
-    match state.should_rate_limit(&request).await {
-        Ok(rsp) => grpc_message(rsp.encode_to_vec().into()),
-        Err((code, message)) => grpc_error(code, &message),
+        Full::new(body).map_err(|never| match never {}).boxed()
+    } else {
+        body.boxed()
+    };
+    match svc.call(hyper::Request::from_parts(parts, body)).await {
+        Ok(rsp) => rsp.map(Either::Left),
+        Err(never) => match never {},
     }
 }
 
@@ -939,12 +965,7 @@ impl State {
         let config = self.configs.iter().find(|c| c.domain == req.domain);
         let planned = plan(config, req, now)?;
         let counted: Vec<&Counted<'_>> = planned.iter().flatten().collect();
-        let counts = if counted.is_empty() {
-            Vec::new()
-        } else {
-            let replies = self.redis.run(&transaction(&counted)).await.map_err(|e| (grpc_code::UNAVAILABLE, e))?;
-            counts_from(&replies, counted.len())?
-        };
+        let counts = if counted.is_empty() { Vec::new() } else { self.backend.count(&counted, now).await? };
         Ok(respond(config, &planned, &counts, now))
     }
 }
@@ -1083,6 +1104,7 @@ impl std::error::Error for CallError {}
 
 #[cfg(test)]
 mod tests {
+    use super::proto::{RateLimitDescriptorExt as _, RateLimitRequestExt as _};
     use super::*;
 
     fn desc(entries: &[(&str, &str)]) -> RateLimitDescriptor {
@@ -1191,6 +1213,20 @@ mod tests {
         assert!(unframe(&[1, 0, 0, 0, 0]).is_err());
         assert!(unframe(&[0, 0, 0, 0, 2, 1]).is_err());
         assert_eq!(unframe(&frame(b"abc")).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn memory_counters_add_renew_and_expire() {
+        let limit = Limit::new(&[("k", None)], 1, Unit::Minute);
+        let c = |key: &str, hits| Counted { key: key.into(), hits, limit: &limit };
+        let mut map = HashMap::new();
+        let t0 = Duration::from_secs(120);
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 2), &c("b", 1)], t0), vec![2, 1]);
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 0)], t0 + Duration::from_secs(59)), vec![2]);
+        // "a" was renewed at t0+59s, "b" expired at t0+60s and is dropped.
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 1)], t0 + Duration::from_secs(100)), vec![3]);
+        assert!(!map.contains_key("b"));
+        assert_eq!(count_in_memory(&mut map, &[&c("a", 1)], t0 + Duration::from_secs(200)), vec![1]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshwasm_tests::envoy::free_port;
+use meshwasm_tests::ratelimit_service::proto::RateLimitDescriptorExt as _;
 use meshwasm_tests::{
     fire, Behaviour, Envoy, EnvoyBuilder, Filter, Limit, Listener, RateLimitService, Redis, Request, Response, Route,
     ServiceConfig, Unit, Upstream,

@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshwasm_tests::ratelimit_service::proto::{Code, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use meshwasm_tests::ratelimit_service::proto::{
+    Code, DurationExt as _, RateLimitDescriptor, RateLimitDescriptorExt as _, RateLimitRequest,
+    RateLimitRequestExt as _, RateLimitResponse, RateLimitResponseExt as _,
+};
 use meshwasm_tests::ratelimit_service::{call, grpc_code, SHOULD_RATE_LIMIT_PATH};
 use meshwasm_tests::{client, Behaviour, Limit, RateLimitService, Redis, Request, ServiceConfig, Unit};
 use prost::Message as _;
@@ -370,4 +373,71 @@ fn standalone_binary_serves_a_config_file() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(codes, vec![Code::Ok, Code::OverLimit]);
+}
+
+#[test]
+fn memory_backend_counts_without_redis() {
+    let limits = vec![Limit::new(&[("k", None)], 2, Unit::Hour)];
+    let svc = RateLimitService::builder().config(ServiceConfig::new(DOMAIN, limits.clone())).start();
+    let other = RateLimitService::builder().config(ServiceConfig::new(DOMAIN, limits)).start();
+    avoid_window_end(Unit::Hour, Duration::from_secs(5));
+    let remaining = |s: &RateLimitService, v: &str| {
+        let rsp = s.call(&req(&[("k", v)])).unwrap();
+        (rsp.overall_code(), rsp.statuses[0].limit_remaining)
+    };
+    assert_eq!(remaining(&svc, "a"), (Code::Ok, 1));
+    assert_eq!(remaining(&svc, "a"), (Code::Ok, 0));
+    assert_eq!(remaining(&svc, "a"), (Code::OverLimit, 0));
+    assert_eq!(remaining(&svc, "b"), (Code::Ok, 1), "each value has its own counter");
+    assert_eq!(remaining(&other, "a"), (Code::Ok, 1), "instances do not share memory");
+    // hits_addend applies as with Redis; 0 checks without counting.
+    let check = RateLimitRequest::new(DOMAIN, vec![RateLimitDescriptor::new(&[("k", "b")]).with_hits_addend(0)]);
+    assert_eq!(svc.call(&check).unwrap().statuses[0].limit_remaining, 1);
+    let two = RateLimitRequest::new(DOMAIN, vec![RateLimitDescriptor::new(&[("k", "c")])]).with_hits_addend(3);
+    assert_eq!(svc.call(&two).unwrap().overall_code(), Code::OverLimit);
+    assert_eq!(svc.calls(), 6);
+}
+
+#[test]
+fn memory_backend_window_resets() {
+    let svc = RateLimitService::builder()
+        .config(ServiceConfig::new(DOMAIN, vec![Limit::new(&[("k", None)], 1, Unit::Second)]))
+        .start();
+    avoid_window_end(Unit::Second, Duration::from_millis(300));
+    assert_eq!(svc.call(&req(&[("k", "v")])).unwrap().overall_code(), Code::Ok);
+    assert_eq!(svc.call(&req(&[("k", "v")])).unwrap().overall_code(), Code::OverLimit);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    std::thread::sleep(
+        Duration::from_secs(1) - Duration::from_nanos(u64::from(now.subsec_nanos())) + Duration::from_millis(20),
+    );
+    assert_eq!(svc.call(&req(&[("k", "v")])).unwrap().overall_code(), Code::Ok, "a new window");
+}
+
+#[test]
+fn standalone_binary_counts_in_memory() {
+    let dir = std::env::temp_dir().join(format!("meshwasm-rl-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("ratelimit.json");
+    std::fs::write(
+        &config,
+        r#"{"domain": "meshwasm", "limits": [{"entries": [{"key": "k"}], "requestsPerUnit": 1, "unit": "hour"}]}"#,
+    )
+    .unwrap();
+    avoid_window_end(Unit::Hour, Duration::from_secs(5));
+    for memory_flag in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshwasm-ratelimit-service"));
+        cmd.args(["--listen", "127.0.0.1:0", "--config"]).arg(&config);
+        if memory_flag {
+            cmd.arg("--memory");
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr: std::net::SocketAddr = line.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+        let codes: Vec<Code> = (0..2).map(|_| call(addr, &req(&[("k", "v")])).unwrap().overall_code()).collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(codes, vec![Code::Ok, Code::OverLimit], "--memory given: {memory_flag}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,8 +6,8 @@
 //!   `envoy-configs/demo-ratelimit.json`: a local token bucket per API key (exact across
 //!   Envoy's two workers), and a global rule counted by the real rate-limit service
 //!   (`meshwasm-ratelimit-service`, configured by `envoy-configs/demo-ratelimit-service.json`)
-//!   in a `redis-server` the demo starts. Without `redis-server` the global part is skipped
-//!   (`envoy-configs/demo-ratelimit-local.json` has the local rule alone).
+//!   in a `redis-server` the demo starts. Without `redis-server` the service counts in its
+//!   own memory (`--memory`, like Limitador's default storage): the global rule runs either way.
 //!
 //! The bootstrap is `envoy-configs/demo.yaml`. Rendered files and logs land in `target/xtask/`.
 //! Every child process is killed when the demo ends, whichever way it ends.
@@ -33,31 +33,26 @@ pub fn run(args: &[String]) -> Result<()> {
     let envoy_bin = envoy::ensure()?;
     let bins = build_helpers()?;
 
-    step("starting meshwasm-upstream, and Redis + meshwasm-ratelimit-service for the global rule");
+    step("starting meshwasm-upstream, and meshwasm-ratelimit-service (on Redis when installed) for the global rule");
     let upstream = start_listening("demo-upstream", Command::new(&bins.upstream))?;
     println!("    upstream           http://{}  (pid {})", upstream.1, upstream.0.pid());
     let global = start_global(&bins.ratelimit_service)?;
-    match &global {
-        Ok(g) => {
-            println!("    redis-server       {}  (pid {})", g.redis_addr, g.redis.pid());
-            println!("    ratelimit-service  h2c://{}  (pid {})", g.rls_addr, g.rls.pid());
-        }
-        Err(why) => println!("    note: {why}: the global rule is SKIPPED (local rules still run)"),
+    match &global.redis {
+        Ok((redis, redis_addr)) => println!("    redis-server       {redis_addr}  (pid {})", redis.pid()),
+        Err(why) => println!("    note: {why}: the rate-limit service counts in memory (--memory)"),
     }
+    println!("    ratelimit-service  h2c://{}  (pid {})", global.rls_addr, global.rls.pid());
 
     step("starting Envoy (--concurrency 2): dist/fault.wasm on listener ingress, dist/ratelimit.wasm on listener ratelimit");
     let fault_plugin = plugin_config("demo-fault.json")?;
-    let ratelimit_file = if global.is_ok() { "demo-ratelimit.json" } else { "demo-ratelimit-local.json" };
+    let ratelimit_file = "demo-ratelimit.json";
     let ratelimit_plugin = plugin_config(ratelimit_file)?;
     let fault_filter = envoy::wasm_filter("fault", &build::module_path("fault"), &fault_plugin)?;
     let ratelimit_filter = envoy::wasm_filter("ratelimit", &build::module_path("ratelimit"), &ratelimit_plugin)?;
-    let clusters = match &global {
-        Ok(g) => envoy::render(
-            &envoy::template("clusters/ratelimit-service.yaml")?,
-            &[("RLS_PORT", &g.rls_addr.port().to_string())],
-        )?,
-        Err(_) => String::new(),
-    };
+    let clusters = envoy::render(
+        &envoy::template("clusters/ratelimit-service.yaml")?,
+        &[("RLS_PORT", &global.rls_addr.port().to_string())],
+    )?;
     let config = envoy::render_bootstrap(
         "demo.yaml",
         &[
@@ -80,33 +75,29 @@ pub fn run(args: &[String]) -> Result<()> {
         "    ratelimit plugin configuration (envoy-configs/{ratelimit_file}):\n{}",
         envoy::indent(ratelimit_plugin.trim())
     );
-    if global.is_ok() {
-        let svc = envoy::template("demo-ratelimit-service.json")?;
-        println!(
-            "    rate-limit service configuration (envoy-configs/demo-ratelimit-service.json):\n{}",
-            envoy::indent(svc.trim())
-        );
-    }
+    let svc = envoy::template("demo-ratelimit-service.json")?;
+    println!(
+        "    rate-limit service configuration (envoy-configs/demo-ratelimit-service.json):\n{}",
+        envoy::indent(svc.trim())
+    );
 
     let mut results = tour(addr)?;
-    results.extend(ratelimit_tour(rl_addr, global.as_ref().ok())?);
+    results.extend(ratelimit_tour(rl_addr, &global)?);
 
     step("fault filter metrics: admin /stats?filter=meshwasm.fault");
     print!("{}", envoy::indent(envoy.admin_get("/stats?filter=meshwasm.fault")?.trim_end()));
     step("ratelimit filter metrics: admin /stats?filter=meshwasm.ratelimit");
     print!("{}", envoy::indent(envoy.admin_get("/stats?filter=meshwasm.ratelimit")?.trim_end()));
-    if global.is_ok() {
-        step("Envoy's gRPC calls to the rate-limit service: admin /stats?filter=cluster.ratelimit_service.upstream_");
-        let stats = envoy.admin_get("/stats?filter=cluster.ratelimit_service.upstream_")?;
-        let shown = stats.lines().filter(|l| SERVICE_CLUSTER_STATS.iter().any(|s| l.starts_with(&format!("{s}: "))));
-        print!("{}", envoy::indent(&shown.collect::<Vec<_>>().join("\n")));
-    }
+    step("Envoy's gRPC calls to the rate-limit service: admin /stats?filter=cluster.ratelimit_service.upstream_");
+    let stats = envoy.admin_get("/stats?filter=cluster.ratelimit_service.upstream_")?;
+    let shown = stats.lines().filter(|l| SERVICE_CLUSTER_STATS.iter().any(|s| l.starts_with(&format!("{s}: "))));
+    print!("{}", envoy::indent(&shown.collect::<Vec<_>>().join("\n")));
     step("the same in Prometheus format (admin /stats/prometheus, meshwasm lines)");
     let prom = envoy.admin_get("/stats/prometheus")?;
     for line in prom.lines().filter(|l| l.contains("meshwasm") && !l.starts_with("# TYPE")) {
         println!("      {line}");
     }
-    results.extend(ratelimit_counters(&envoy, global.as_ref().ok())?);
+    results.extend(ratelimit_counters(&envoy)?);
 
     step("report");
     println!("    {:<58} {:<14} {:<14} {:>9}  ok", "scenario", "expected", "got", "latency");
@@ -118,15 +109,15 @@ pub fn run(args: &[String]) -> Result<()> {
             failed += 1;
         }
     }
-    if let Err(why) = &global {
-        println!("    (global rule via the rate-limit service and Redis: SKIPPED, {why})");
+    if let Err(why) = &global.redis {
+        println!("    (global rule counted in the rate-limit service's memory: {why})");
     }
     if failed > 0 {
         bail!("{failed} demo scenario(s) did not behave as expected; Envoy log: {}", rel(&envoy.proc.log));
     }
 
     if serve {
-        serve_forever(addr, rl_addr, &envoy, global.is_ok())?;
+        serve_forever(addr, rl_addr, &envoy)?;
     }
     Ok(())
 }
@@ -187,35 +178,39 @@ fn start_listening(name: &str, mut cmd: Command) -> Result<(Proc, SocketAddr)> {
 
 // === the global part: Redis and the rate-limit service ===
 
-/// Redis and the rate-limit service counting in it (both killed on drop).
+/// The rate-limit service and the Redis it counts in, or why there is none (then it counts
+/// in its own memory). Killed on drop.
 struct Global {
-    redis: Proc,
-    redis_addr: SocketAddr,
+    redis: std::result::Result<(Proc, SocketAddr), String>,
     rls: Proc,
     rls_addr: SocketAddr,
 }
 
-/// Start Redis and the rate-limit service. The outer error is a failure; the inner one says
-/// why the global part is skipped (no `redis-server`).
-fn start_global(rls_bin: &Path) -> Result<std::result::Result<Global, String>> {
-    let redis_bin = match std::env::var_os("REDIS_SERVER").filter(|b| !b.is_empty()) {
-        Some(bin) if Path::new(&bin).is_file() => PathBuf::from(bin),
-        Some(bin) => return Ok(Err(format!("REDIS_SERVER={} is not a file", bin.to_string_lossy()))),
-        None => match on_path("redis-server") {
-            Some(bin) => bin,
-            None => {
-                return Ok(
-                    Err("redis-server is not on PATH (apt-get install redis-server, or set REDIS_SERVER)".into()),
-                )
-            }
-        },
+/// `redis-server` (`$REDIS_SERVER`, else on `PATH`), or why it is not there.
+fn redis_bin() -> std::result::Result<PathBuf, String> {
+    match std::env::var_os("REDIS_SERVER").filter(|b| !b.is_empty()) {
+        Some(bin) if Path::new(&bin).is_file() => Ok(PathBuf::from(bin)),
+        Some(bin) => Err(format!("REDIS_SERVER={} is not a file", bin.to_string_lossy())),
+        None => on_path("redis-server")
+            .ok_or_else(|| "redis-server is not on PATH (apt-get install redis-server, or set REDIS_SERVER)".into()),
+    }
+}
+
+/// Start Redis when installed and the rate-limit service counting in it, else the service
+/// alone counting in memory (`--memory`).
+fn start_global(rls_bin: &Path) -> Result<Global> {
+    let redis = match redis_bin() {
+        Ok(bin) => Ok(start_redis(&bin)?),
+        Err(why) => Err(why),
     };
-    let (redis, redis_addr) = start_redis(&redis_bin)?;
     let mut cmd = Command::new(rls_bin);
-    cmd.arg("--redis").arg(redis_addr.to_string());
+    match &redis {
+        Ok((_, addr)) => cmd.arg("--redis").arg(addr.to_string()),
+        Err(_) => cmd.arg("--memory"),
+    };
     cmd.arg("--config").arg(root().join("envoy-configs").join("demo-ratelimit-service.json"));
     let (rls, rls_addr) = start_listening("demo-ratelimit-service", cmd)?;
-    Ok(Ok(Global { redis, redis_addr, rls, rls_addr }))
+    Ok(Global { redis, rls, rls_addr })
 }
 
 /// `redis-server` on a free port, no persistence, answering PING. Redis cannot report a
@@ -513,24 +508,23 @@ const GLOBAL_BURSTS: &[Burst] = &[
     },
 ];
 
-fn ratelimit_tour(addr: SocketAddr, global: Option<&Global>) -> Result<Vec<Outcome>> {
+fn ratelimit_tour(addr: SocketAddr, global: &Global) -> Result<Vec<Outcome>> {
     step("traffic: rate-limit filter (listener ratelimit)");
     let mut results = Vec::new();
-    let bursts = LOCAL_BURSTS.iter().chain(if global.is_some() { GLOBAL_BURSTS } else { &[] });
-    for b in bursts {
+    for b in LOCAL_BURSTS.iter().chain(GLOBAL_BURSTS) {
         results.push(burst(addr, b)?);
     }
-    if let Some(g) = global {
+    if let Ok((_, redis_addr)) = &global.redis {
         // The counter the service keeps for carol: every call counts, allowed or not.
-        let keys = match redis_command(g.redis_addr, &["KEYS", "meshwasm_rl:meshwasm-demo:*:api_key_carol:*"])? {
+        let keys = match redis_command(*redis_addr, &["KEYS", "meshwasm_rl:meshwasm-demo:*:api_key_carol:*"])? {
             Resp::Array(keys) => keys,
             other => bail!("redis KEYS: unexpected reply {other:?}"),
         };
         let got = match keys.as_slice() {
             [Resp::Bulk(Some(key))] => {
-                let reply = redis_command(g.redis_addr, &["GET", key])?;
+                let reply = redis_command(*redis_addr, &["GET", key])?;
                 let value = reply.text().unwrap_or_else(|| format!("{reply:?}"));
-                println!("    redis-cli -p {} GET {key}  →  {value}", g.redis_addr.port());
+                println!("    redis-cli -p {} GET {key}  →  {value}", redis_addr.port());
                 value
             }
             other => format!("{} keys", other.len()),
@@ -669,7 +663,7 @@ const SERVICE_CLUSTER_STATS: [&str; 4] = [
 
 /// The filter's counters after the tour: each rule's, the service's, and the service
 /// cluster's (one gRPC call per global-rule request, over HTTP/2).
-fn ratelimit_counters(envoy: &Envoy, global: Option<&Global>) -> Result<Vec<Outcome>> {
+fn ratelimit_counters(envoy: &Envoy) -> Result<Vec<Outcome>> {
     let stats = envoy.admin_get("/stats?filter=meshwasm.ratelimit")?;
     let value = |name: &str| -> String {
         let full = format!("wasmcustom.meshwasm.ratelimit.{name}");
@@ -688,43 +682,37 @@ fn ratelimit_counters(envoy: &Envoy, global: Option<&Global>) -> Result<Vec<Outc
         &[&format!("{r}.enabled"), &format!("{r}.ok"), &format!("{r}.rate_limited"), &format!("{r}.enforced")],
         "11/8/3/3",
     )];
-    if global.is_some() {
-        let r = "rule.search-per-key";
-        out.push(row(
-            "stats search-per-key: enabled/ok/rate_limited",
-            &[&format!("{r}.enabled"), &format!("{r}.ok"), &format!("{r}.rate_limited")],
-            "6/4/2",
-        ));
-        out.push(row(
-            "stats global: ok/over_limit/error",
-            &["global.ok", "global.over_limit", "global.error"],
-            "4/2/0",
-        ));
-        let cluster = envoy.admin_get("/stats?filter=cluster.ratelimit_service.upstream_")?;
-        let stat = |name: &str| -> u64 {
-            cluster
-                .lines()
-                .find_map(|l| l.split_once(": ").filter(|(k, _)| *k == name).and_then(|(_, v)| v.trim().parse().ok()))
-                .unwrap_or(0)
-        };
-        let [cx, h2, rq, rq200] = SERVICE_CLUSTER_STATS.map(stat);
-        let protocol = if cx > 0 && h2 == cx { "h2" } else { "not h2" };
-        let got = format!("{rq}/{rq200} {protocol}");
-        out.push(Outcome {
-            name: "service cluster: gRPC calls/200s, protocol".into(),
-            expected: "6/6 h2".into(),
-            ok: got == "6/6 h2",
-            got,
-            latency: None,
-        });
-    }
+    let r = "rule.search-per-key";
+    out.push(row(
+        "stats search-per-key: enabled/ok/rate_limited",
+        &[&format!("{r}.enabled"), &format!("{r}.ok"), &format!("{r}.rate_limited")],
+        "6/4/2",
+    ));
+    out.push(row("stats global: ok/over_limit/error", &["global.ok", "global.over_limit", "global.error"], "4/2/0"));
+    let cluster = envoy.admin_get("/stats?filter=cluster.ratelimit_service.upstream_")?;
+    let stat = |name: &str| -> u64 {
+        cluster
+            .lines()
+            .find_map(|l| l.split_once(": ").filter(|(k, _)| *k == name).and_then(|(_, v)| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    let [cx, h2, rq, rq200] = SERVICE_CLUSTER_STATS.map(stat);
+    let protocol = if cx > 0 && h2 == cx { "h2" } else { "not h2" };
+    let got = format!("{rq}/{rq200} {protocol}");
+    out.push(Outcome {
+        name: "service cluster: gRPC calls/200s, protocol".into(),
+        expected: "6/6 h2".into(),
+        ok: got == "6/6 h2",
+        got,
+        latency: None,
+    });
     Ok(out)
 }
 
 /// Keep Envoy, the upstream and the rate-limit service running until Enter (or Ctrl-C, which
 /// the terminal delivers to our whole process group, children included). With no terminal
 /// on stdin, run until killed.
-fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, envoy: &Envoy, global: bool) -> Result<()> {
+fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, envoy: &Envoy) -> Result<()> {
     step("serving; try:");
     println!("    curl -i http://{addr}/productpage");
     println!("    curl -i -H 'end-user: jason' http://{addr}/ratings/1");
@@ -732,9 +720,7 @@ fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, envoy: &Envoy, global: b
     println!("    curl -i -H 'x-envoy-fault-abort-request: 418' http://{addr}/");
     println!("    curl -s -o /dev/null -w '%{{time_total}}s\\n' -H 'x-envoy-fault-delay-request: 300' http://{addr}/");
     println!("    for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/api/orders; done");
-    if global {
-        println!("    for i in $(seq 4); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/search; done");
-    }
+    println!("    for i in $(seq 4); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/search; done");
     println!("    curl -s 'http://{}/stats?filter=meshwasm'", envoy.admin);
     println!("    access log + Envoy log: {}", rel(&envoy.proc.log));
     println!("\npress Enter (or Ctrl-C) to stop");
