@@ -24,6 +24,11 @@ pub const FILTERS: &[Filter] = &[
         krate: "meshwasm-ratelimit",
         smoke_config: r#"{"rules":[{"tokenBucket":{"maxTokens":10,"fillInterval":"1s"}}]}"#,
     },
+    Filter {
+        name: "retry",
+        krate: "meshwasm-retry",
+        smoke_config: r#"{"rules":[{"retries":{"attempts":2,"retryOn":"5xx"},"budget":{}}]}"#,
+    },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];
