@@ -54,6 +54,7 @@ pub struct Route {
     prefix: String,
     metadata_yaml: Option<String>,
     disabled_filters: Vec<String>,
+    action_yaml: Option<String>,
 }
 
 /// A listener on 127.0.0.1 with an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c).
@@ -178,7 +179,21 @@ typed_config:
 impl Route {
     /// A route named `name` matching path prefix `prefix`, to the `upstream` cluster.
     pub fn new(name: &str, prefix: &str) -> Self {
-        Self { name: name.into(), prefix: prefix.into(), metadata_yaml: None, disabled_filters: Vec::new() }
+        Self {
+            name: name.into(),
+            prefix: prefix.into(),
+            metadata_yaml: None,
+            disabled_filters: Vec::new(),
+            action_yaml: None,
+        }
+    }
+
+    /// The route action as YAML (the mapping under `route:`), replacing the default
+    /// `{cluster: upstream, timeout: 60s}`: e.g. a `retry_policy`, another cluster.
+    #[must_use]
+    pub fn action_yaml(mut self, yaml: &str) -> Self {
+        self.action_yaml = Some(unindent(yaml));
+        self
     }
 
     /// Route `metadata` as YAML (the mapping under `metadata:`, e.g. `filter_metadata: …`).
@@ -212,7 +227,15 @@ impl Route {
             let _ = writeln!(out, "{pad}- name: {}", self.name);
             let _ = writeln!(out, "{pad}  match: {{ prefix: \"{}\" }}", self.prefix);
         }
-        let _ = writeln!(out, "{pad}  route: {{ cluster: upstream, timeout: 60s }}");
+        match &self.action_yaml {
+            None => {
+                let _ = writeln!(out, "{pad}  route: {{ cluster: upstream, timeout: 60s }}");
+            }
+            Some(action) => {
+                let _ = writeln!(out, "{pad}  route:");
+                out.push_str(&indent_block(action, indent + 4));
+            }
+        }
         if let Some(md) = &self.metadata_yaml {
             let _ = writeln!(out, "{pad}  metadata:");
             out.push_str(&indent_block(md, indent + 4));
