@@ -64,6 +64,7 @@ pub struct Listener {
     port: Option<u16>,
     filters: Vec<Filter>,
     routes: Vec<Route>,
+    hcm_yaml: Option<String>,
 }
 
 /// Builds and starts an [`Envoy`].
@@ -262,7 +263,7 @@ impl Default for Listener {
 impl Listener {
     /// A listener on a free port; with no routes it gets one route `default` for `/`.
     pub fn new() -> Self {
-        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new() }
+        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new(), hcm_yaml: None }
     }
 
     /// Names the listener (also its HCM `stat_prefix`); default `listener_<index>`.
@@ -289,6 +290,13 @@ impl Listener {
     #[must_use]
     pub fn route(mut self, r: Route) -> Self {
         self.routes.push(r);
+        self
+    }
+
+    /// Extra HttpConnectionManager fields as YAML (a mapping), e.g. `internal_address_config`.
+    #[must_use]
+    pub fn hcm_yaml(mut self, yaml: &str) -> Self {
+        self.hcm_yaml = Some(unindent(yaml));
         self
     }
 }
@@ -419,6 +427,9 @@ impl EnvoyBuilder {
             let routes: &[Route] = if l.routes.is_empty() { &default_route } else { &l.routes };
             for r in routes {
                 r.render(&mut y, 14);
+            }
+            if let Some(hcm) = &l.hcm_yaml {
+                y.push_str(&indent_block(hcm, 10));
             }
             y.push_str("          http_filters:\n");
             for f in &l.filters {

@@ -20,7 +20,7 @@
 //! - `status=503` (the default mode): that status, body `flaky failure <attempt>`;
 //! - `grpc=14`: a trailers-only gRPC reply with that `grpc-status`;
 //! - `reset`: no response, the stream is reset (HTTP/1.1: the connection is closed);
-//! - `delay=300`: the normal reply, 300 ms late.
+//! - `delay=300`: the normal reply, 300 ms late (instead of any `x-upstream-delay-ms`).
 //!
 //! Every reply with a key carries `x-flaky-attempt: <n>` (1-based).
 
@@ -184,6 +184,7 @@ async fn handle(
     };
 
     let mut attempt = None;
+    let mut delayed = false;
     if let Some(key) = header("x-flaky-key") {
         let headers = parts
             .headers
@@ -213,6 +214,7 @@ async fn handle(
                 "reset" => return Err(FlakyReset),
                 "delay" => {
                     tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(1000))).await;
+                    delayed = true;
                 }
                 "grpc" => return Ok(reply(200, Some(("grpc-status", arg.to_string())))),
                 _ => return Ok(reply(arg.parse().unwrap_or(503), None)),
@@ -221,7 +223,7 @@ async fn handle(
     }
     let attempt_header = attempt.map(|n| n.to_string()).unwrap_or_default();
 
-    if let Some(ms) = header("x-upstream-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) = header("x-upstream-delay-ms").and_then(|v| v.parse::<u64>().ok()).filter(|_| !delayed) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 

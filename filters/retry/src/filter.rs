@@ -354,6 +354,10 @@ impl HttpFilter for RetryFilter {
         self.decide(host);
         Flow::Continue
     }
+
+    fn on_log(&mut self, host: &dyn Host) {
+        self.log_phase(host);
+    }
 }
 
 #[cfg(test)]
@@ -424,7 +428,7 @@ mod tests {
         assert_eq!(stat(&host, "r", "requests"), 1);
         assert_eq!(stat(&host, "r", "retries_requested"), 1);
         // Not observing: the log phase reads nothing.
-        f.log_phase(&host);
+        f.on_log(&host);
         assert_eq!(stat(&host, "r", "retries_observed"), 0);
     }
 
@@ -491,10 +495,10 @@ mod tests {
         // f1 used one retry (2 attempts), with URX; f2 made one attempt.
         host.set_property(&["upstream", "request_attempt_count"], &2i64.to_le_bytes());
         host.set_property(&["response", "flags"], &(flags::UPSTREAM_RETRY_LIMIT_EXCEEDED as i64).to_le_bytes());
-        f1.log_phase(&host);
+        f1.on_log(&host);
         host.set_property(&["upstream", "request_attempt_count"], &1i64.to_le_bytes());
         host.set_property(&["response", "flags"], &0i64.to_le_bytes());
-        f2.log_phase(&host);
+        f2.on_log(&host);
         assert_eq!(stat(&host, "b", "retries_observed"), 1);
         assert_eq!(stat(&host, "b", "retries_exhausted"), 1);
         // One retry was refunded.
