@@ -268,3 +268,29 @@ fn grpc_conditions_on_a_grpc_upstream_and_deadline_propagation() {
     assert_eq!(a[0].header("grpc-timeout"), Some("300m"));
     assert_eq!(a[0].header("x-envoy-expected-rq-timeout-ms"), Some("300"));
 }
+
+// === Envoy's own limits, as the log phase sees them ===
+
+#[test]
+fn log_phase_counts_agree_with_envoys_cluster_counters() {
+    let up = Upstream::start();
+    let envoy = retry_envoy(
+        &up,
+        json!({"rules": [{"name": "limits", "retries": {"attempts": 2, "retryOn": "5xx"}}], "observeAttempts": true}),
+    );
+    // 10 concurrent always-failing requests: the cluster's max_retries circuit breaker
+    // (default 3 concurrent retries) overflows some (UO); the rest exhaust their retries (URX).
+    let results = meshwasm_tests::fire(envoy.listener_addr(), 60, 10, |i| {
+        flaky(Request::get("/").header("x-upstream-delay-ms", "20"), &format!("limits-{i}"), 1000, "status=503")
+    });
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| r.status == 503)));
+    let retries = up.requests() - 60;
+    let cluster = |s: &str| envoy.stat_or_zero(&format!("cluster.upstream.{s}"));
+    eventually("log-phase stats", Duration::from_secs(5), || {
+        (stat(&envoy, "limits", "retries_observed") == retries).then_some(())
+    });
+    assert!(cluster("upstream_rq_retry_overflow") > 0, "the load must overflow the breaker");
+    assert_eq!(stat(&envoy, "limits", "overflowed"), cluster("upstream_rq_retry_overflow"));
+    assert_eq!(stat(&envoy, "limits", "retries_exhausted"), cluster("upstream_rq_retry_limit_exceeded"));
+    assert_eq!(retries, cluster("upstream_rq_retry"));
+}
