@@ -294,3 +294,17 @@ fn log_phase_counts_agree_with_envoys_cluster_counters() {
     assert_eq!(stat(&envoy, "limits", "retries_exhausted"), cluster("upstream_rq_retry_limit_exceeded"));
     assert_eq!(retries, cluster("upstream_rq_retry"));
 }
+
+#[test]
+fn trusted_expected_timeout_is_a_deadline_untrusted_is_not() {
+    let up = Upstream::start();
+    let rule = json!({"name": "d", "timeout": "5s"});
+    for (trusted, want_ms) in [(true, "250"), (false, "5000")] {
+        let envoy = retry_envoy(&up, json!({"rules": [rule.clone()], "trustClientHeaders": trusted}));
+        let k = key("expected");
+        let req = flaky(Request::get("/"), &k, 1, "delay=800").header("x-envoy-expected-rq-timeout-ms", "250");
+        let rsp = envoy.send(req);
+        assert_status(&rsp, if trusted { 504 } else { 200 });
+        assert_eq!(up.attempts(&k)[0].header("x-envoy-expected-rq-timeout-ms"), Some(want_ms), "trusted {trusted}");
+    }
+}
