@@ -308,3 +308,47 @@ fn trusted_expected_timeout_is_a_deadline_untrusted_is_not() {
         assert_eq!(up.attempts(&k)[0].header("x-envoy-expected-rq-timeout-ms"), Some(want_ms), "trusted {trusted}");
     }
 }
+
+// === the carrier's back-off ===
+
+/// The gaps between the attempts of one request.
+fn gaps(up: &Upstream, key: &str) -> Duration {
+    let a = up.attempts(key);
+    a.last().unwrap().at.duration_since(a.first().unwrap().at)
+}
+
+#[test]
+fn the_carriers_back_off_spaces_the_retries() {
+    let up = Upstream::start();
+    let config = json!({"rules": [{"retries": {"attempts": 3, "retryOn": "5xx"}}]});
+    // Envoy's jittered back-off draws retry n's delay from [0, (2^n − 1) × base), capped at
+    // max: with the shipped carrier (base 25 ms) three retries wait < 25 + 75 + 175 ms.
+    let envoy = retry_envoy(&up, config.clone());
+    let k = key("backoff-default");
+    assert_status(&envoy.send(flaky(Request::get("/"), &k, 3, "status=503")), 200);
+    assert_eq!(up.attempts(&k).len(), 4);
+    let default_gaps = gaps(&up, &k);
+    assert!(default_gaps < Duration::from_millis(400), "{default_gaps:?}");
+    drop(envoy);
+    // A carrier with base = max = 2 s: three retries wait three draws from [0, 2 s), more
+    // than 280 ms except with probability 0.14³/6 ≈ 5·10⁻⁴.
+    let slow = carrier().replace(
+        "  host_selection_retry_max_attempts: 5",
+        "  host_selection_retry_max_attempts: 5\n  retry_back_off: { base_interval: 2s, max_interval: 2s }",
+    );
+    assert!(slow.contains("retry_back_off"));
+    let envoy = Envoy::builder()
+        .upstream(up.addr())
+        .upstream_h2()
+        .listener(
+            Listener::new()
+                .filter(Filter::wasm("retry", config))
+                .route(Route::new("default", "/").action_yaml(&slow))
+                .hcm_yaml(INTERNAL_LOOPBACK),
+        )
+        .start();
+    let k = key("backoff-slow");
+    assert_status(&envoy.send(flaky(Request::get("/"), &k, 3, "status=503")), 200);
+    let slow_gaps = gaps(&up, &k);
+    assert!(slow_gaps > Duration::from_millis(280), "{slow_gaps:?} (default carrier: {default_gaps:?})");
+}
