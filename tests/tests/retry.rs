@@ -352,3 +352,26 @@ fn the_carriers_back_off_spaces_the_retries() {
     let slow_gaps = gaps(&up, &k);
     assert!(slow_gaps > Duration::from_millis(280), "{slow_gaps:?} (default carrier: {default_gaps:?})");
 }
+
+// === per-route overrides ===
+
+#[test]
+fn route_metadata_overrides_the_plugin_rules() {
+    let up = Upstream::start();
+    let listener = Listener::new()
+        .filter(Filter::wasm("retry", json!({"rules": [{"retries": {"attempts": 0}}], "routeOverrides": true})))
+        .route(Route::new("ovr", "/ovr").action_yaml(&carrier()).meshwasm_override(
+            "retry",
+            json!({"rules": [{"name": "route", "retries": {"attempts": 4, "retryOn": "5xx"}}]}),
+        ))
+        .route(Route::new("default", "/").action_yaml(&carrier()))
+        .hcm_yaml(INTERNAL_LOOPBACK);
+    let envoy = Envoy::builder().upstream(up.addr()).upstream_h2().listener(listener).start();
+    let k = key("ovr");
+    assert_status(&envoy.send(flaky(Request::get("/ovr"), &k, 3, "status=503")), 200);
+    assert_eq!(up.attempts(&k).len(), 4);
+    let k = key("plugin");
+    assert_status(&envoy.send(flaky(Request::get("/"), &k, 1, "status=503")), 503);
+    assert_eq!(up.attempts(&k).len(), 1);
+    assert_eq!(stat(&envoy, "route", "requests"), 1);
+}

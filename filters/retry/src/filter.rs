@@ -267,7 +267,15 @@ impl RetryFilter {
         let pairs = host.headers(HeaderMap::RequestHeaders);
         let mut view = PairsView { host, pairs: &pairs, route: None };
         let route = if plugin.config.route_overrides {
-            let info = plugin.routes.lookup(host, |_, v| Config::from_route_value(v));
+            // Plugin-wide fields come from the plugin configuration.
+            let info = plugin.routes.lookup(host, |_, v| {
+                Config::from_route_value(v).map(|mut c| {
+                    c.trust_client_headers = plugin.config.trust_client_headers;
+                    c.observe_attempts = plugin.config.observe_attempts;
+                    c.route_overrides = true;
+                    c
+                })
+            });
             view.route = Some(info.route_name);
             info.config
         } else {
@@ -524,5 +532,10 @@ mod tests {
         assert_eq!(header(&host, "x-envoy-max-retries").as_deref(), Some("7"));
         assert_eq!(stat(&host, "route", "requests"), 1);
         assert_eq!(stat(&host, "plugin", "requests"), 0);
+        // Plugin-wide settings still apply on an overridden route.
+        let p = plugin(r#"{"rules":[],"routeOverrides":true,"trustClientHeaders":true}"#, &host);
+        req(&host, &[("x-envoy-retriable-header-names", "x-a")]);
+        p.new_filter(2, 0).on_request_headers(&host, true);
+        assert_eq!(header(&host, "x-envoy-retriable-header-names").as_deref(), Some("x-a"));
     }
 }
