@@ -54,6 +54,7 @@ pub struct Route {
     prefix: String,
     metadata_yaml: Option<String>,
     disabled_filters: Vec<String>,
+    action_yaml: Option<String>,
 }
 
 /// A listener on 127.0.0.1 with an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c,
@@ -67,6 +68,7 @@ pub struct Listener {
     tls: Option<DownstreamTls>,
     /// Extra HttpConnectionManager fields (key, YAML value), rendered after `codec_type`.
     hcm: Vec<(String, String)>,
+    hcm_yaml: Option<String>,
 }
 
 /// Whether a TLS listener asks the client for a certificate.
@@ -260,7 +262,21 @@ typed_config:
 impl Route {
     /// A route named `name` matching path prefix `prefix`, to the `upstream` cluster.
     pub fn new(name: &str, prefix: &str) -> Self {
-        Self { name: name.into(), prefix: prefix.into(), metadata_yaml: None, disabled_filters: Vec::new() }
+        Self {
+            name: name.into(),
+            prefix: prefix.into(),
+            metadata_yaml: None,
+            disabled_filters: Vec::new(),
+            action_yaml: None,
+        }
+    }
+
+    /// The route action as YAML (the mapping under `route:`), replacing the default
+    /// `{cluster: upstream, timeout: 60s}`: e.g. a `retry_policy`, another cluster.
+    #[must_use]
+    pub fn action_yaml(mut self, yaml: &str) -> Self {
+        self.action_yaml = Some(unindent(yaml));
+        self
     }
 
     /// Route `metadata` as YAML (the mapping under `metadata:`, e.g. `filter_metadata: …`).
@@ -294,7 +310,15 @@ impl Route {
             let _ = writeln!(out, "{pad}- name: {}", self.name);
             let _ = writeln!(out, "{pad}  match: {{ prefix: \"{}\" }}", self.prefix);
         }
-        let _ = writeln!(out, "{pad}  route: {{ cluster: upstream, timeout: 60s }}");
+        match &self.action_yaml {
+            None => {
+                let _ = writeln!(out, "{pad}  route: {{ cluster: upstream, timeout: 60s }}");
+            }
+            Some(action) => {
+                let _ = writeln!(out, "{pad}  route:");
+                out.push_str(&indent_block(action, indent + 4));
+            }
+        }
         if let Some(md) = &self.metadata_yaml {
             let _ = writeln!(out, "{pad}  metadata:");
             out.push_str(&indent_block(md, indent + 4));
@@ -321,7 +345,7 @@ impl Default for Listener {
 impl Listener {
     /// A listener on a free port; with no routes it gets one route `default` for `/`.
     pub fn new() -> Self {
-        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new(), tls: None, hcm: Vec::new() }
+        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new(), tls: None, hcm: Vec::new(), hcm_yaml: None }
     }
 
     /// Serves downstream TLS on this listener (plaintext when not set).
@@ -410,6 +434,13 @@ impl Listener {
     #[must_use]
     pub fn route(mut self, r: Route) -> Self {
         self.routes.push(r);
+        self
+    }
+
+    /// Extra HttpConnectionManager fields as YAML (a mapping), e.g. `internal_address_config`.
+    #[must_use]
+    pub fn hcm_yaml(mut self, yaml: &str) -> Self {
+        self.hcm_yaml = Some(unindent(yaml));
         self
     }
 }
@@ -556,6 +587,9 @@ impl EnvoyBuilder {
             let routes: &[Route] = if l.routes.is_empty() { &default_route } else { &l.routes };
             for r in routes {
                 r.render(&mut y, 14);
+            }
+            if let Some(hcm) = &l.hcm_yaml {
+                y.push_str(&indent_block(hcm, 10));
             }
             y.push_str("          http_filters:\n");
             for f in &l.filters {

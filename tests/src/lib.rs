@@ -40,7 +40,7 @@ pub use ratelimit_service::{
 };
 pub use redis::Redis;
 pub use stats::assert_binomial;
-pub use upstream::Upstream;
+pub use upstream::{Attempt, Upstream};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {

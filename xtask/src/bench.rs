@@ -44,6 +44,8 @@ const HEADLINE: &[&str] = &[
     "fault_headers",
     "ratelimit",
     "ratelimit_tuned",
+    "retry",
+    "retry_budget",
     "noop_sdk",
     "native_fault",
     "native_local_ratelimit",
@@ -65,6 +67,18 @@ const FAULT_NO_MATCH_NO_OVERRIDES: &str = r#"{"rules":[{"name":"never","match":[
 const RATELIMIT_ALLOW: &str = r#"{"rules":[{"name":"bench","tokenBucket":{"maxTokens":1000000000,"tokensPerFill":1000000000,"fillInterval":"1s"}}]}"#;
 /// The same with per-route override lookup turned off.
 const RATELIMIT_ALLOW_NO_OVERRIDES: &str = r#"{"rules":[{"name":"bench","tokenBucket":{"maxTokens":1000000000,"tokensPerFill":1000000000,"fillInterval":"1s"}}],"routeOverrides":false}"#;
+/// One retry rule (Istio-shaped: 2 attempts on 5xx and connect-failure, a 5 s timeout) and a
+/// request that succeeds: the filter sets the router's headers and the router never retries.
+const RETRY_RULE: &str =
+    r#"{"rules":[{"name":"bench","retries":{"attempts":2,"retryOn":"5xx,connect-failure"},"timeout":"5s"}]}"#;
+/// The same rule with a retry budget (shared data read and CAS-written per request, and the
+/// log phase reading the attempt count to refund).
+const RETRY_BUDGET: &str = r#"{"rules":[{"name":"bench","retries":{"attempts":2,"retryOn":"5xx,connect-failure"},"timeout":"5s","budget":{"retryRatio":0.2}}]}"#;
+/// The retry rule's counters: every request counted, none skipped by the idempotency guard.
+const RETRY_COUNTERS: Counters = Counters {
+    admitted: "wasmcustom.meshwasm.retry.rule.bench.requests",
+    rejected: "wasmcustom.meshwasm.retry.rule.bench.idempotency_skipped",
+};
 /// The counters of `RATELIMIT_ALLOW`'s rule (as Envoy stores the module's metrics).
 const RATELIMIT_COUNTERS: Counters = Counters {
     admitted: "wasmcustom.meshwasm.ratelimit.rule.bench.ok",
@@ -140,6 +154,7 @@ fn setups() -> Result<Vec<Setup>> {
     let noop_sdk = build::module_path("noop-sdk");
     let fault = build::module_path("fault");
     let ratelimit = build::module_path("ratelimit");
+    let retry = build::module_path("retry");
     Ok(vec![
         Setup {
             key: "bare",
@@ -203,6 +218,20 @@ fn setups() -> Result<Vec<Setup>> {
             filters: envoy::wasm_filter("ratelimit", &ratelimit, RATELIMIT_ALLOW_NO_OVERRIDES)?,
             must_fault: None,
             counters: Some(RATELIMIT_COUNTERS),
+        },
+        Setup {
+            key: "retry",
+            label: "meshwasm retry, one rule, successful request",
+            filters: envoy::wasm_filter("retry", &retry, RETRY_RULE)?,
+            must_fault: None,
+            counters: Some(RETRY_COUNTERS),
+        },
+        Setup {
+            key: "retry_budget",
+            label: "meshwasm retry, one rule with a budget, successful request",
+            filters: envoy::wasm_filter("retry", &retry, RETRY_BUDGET)?,
+            must_fault: None,
+            counters: Some(RETRY_COUNTERS),
         },
         Setup {
             key: "native_local_ratelimit",
@@ -761,6 +790,10 @@ impl Report {
         md.push_str(RATELIMIT_ALLOW);
         md.push_str("`\n- ratelimit_tuned plugin config: `");
         md.push_str(RATELIMIT_ALLOW_NO_OVERRIDES);
+        md.push_str("`\n- retry plugin config: `");
+        md.push_str(RETRY_RULE);
+        md.push_str("`\n- retry_budget plugin config: `");
+        md.push_str(RETRY_BUDGET);
         md.push_str("`\n- native local_ratelimit: envoy-configs/filters/native-local-ratelimit.yaml (the same bucket, filter_enabled and filter_enforced 100%)\n");
         md.push_str("- every configuration was probed before measuring: GET / → 200, and the faulting request → 503 where a fault filter is configured; where a rate limiter is configured, GET / must add one to its `ok` counter\n");
         md.push_str("- every wrk run (warm-ups included) saw only 2xx responses, and each rate limiter's `rate_limited` counter was 0 after the run with its `ok` counter covering every measured request\n");
@@ -858,6 +891,8 @@ impl Report {
             "ratelimit" => "#2e7d32",
             "ratelimit_tuned" => "#66bb6a",
             "native_local_ratelimit" => "#bf360c",
+            "retry" => "#8e24aa",
+            "retry_budget" => "#ba68c8",
             _ => "#ef6c00",
         };
         let n = self.rows.len() as f64;

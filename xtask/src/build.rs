@@ -29,6 +29,11 @@ pub const FILTERS: &[Filter] = &[
         krate: "meshwasm-authz",
         smoke_config: r#"{"policies":[{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"p","namespace":"ns"},"spec":{"rules":[{"to":[{"operation":{"methods":["GET"]}}]}]}}]}"#,
     },
+    Filter {
+        name: "retry",
+        krate: "meshwasm-retry",
+        smoke_config: r#"{"rules":[{"retries":{"attempts":2,"retryOn":"5xx"},"budget":{}}]}"#,
+    },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];
