@@ -291,6 +291,12 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, String> {
         return Ok(RegistryAuth::Basic(user, password));
     }
     use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    let config_dir = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".docker")));
+    if !config_dir.is_some_and(|d| d.join("config.json").is_file()) {
+        return Ok(RegistryAuth::Anonymous);
+    }
     match docker_credential::get_credential(registry) {
         Ok(DockerCredential::UsernamePassword(user, password)) => Ok(RegistryAuth::Basic(user, password)),
         Ok(DockerCredential::IdentityToken(_)) => Err(format!(

@@ -21,6 +21,7 @@ pub mod client;
 pub mod envoy;
 pub mod ratelimit_service;
 pub mod redis;
+pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod upstream;
@@ -35,6 +36,7 @@ pub use ratelimit_service::{
     Behaviour, CallError, Header, Limit, LimitEntry, RateLimitService, RateLimitServiceBuilder, ServiceConfig, Unit,
 };
 pub use redis::Redis;
+pub use registry::Registry;
 pub use stats::assert_binomial;
 pub use upstream::Upstream;
 
