@@ -2,8 +2,8 @@
 //! every filter's generated WasmPlugin validates, every WasmPlugin in examples/ validates,
 //! and deliberately wrong manifests fail with the offending path named.
 
-
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // a test
+
 use std::path::{Path, PathBuf};
 
 use meshwasm_cli::schema::{yaml_documents, Crds};

@@ -5,13 +5,13 @@
 //!    fake-host filter tests, and the real-Envoy integration tests (meshwasm-tests)
 //! 3. every `examples/*/envoy.yaml` passes `envoy --mode validate` (cwd = repo root)
 //! 4. every `examples/*/*.json` is valid JSON and its filter accepts it inside Envoy
-//! 4b. every Istio resource in `examples/` (WasmPlugin, VirtualService, AuthorizationPolicy, …)
+//! 5. every Istio resource in `examples/` (WasmPlugin, VirtualService, AuthorizationPolicy, …)
 //!    validates against its CRD's OpenAPI v3 schema in `../shared/istio/crds/crd-all.gen.yaml`
 //!    (`meshwasm validate`; a deliberately wrong manifest must fail, so the step cannot pass
 //!    vacuously)
-//! 5. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
+//! 6. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
 //!    matter most), and `cargo fmt --check`
-//! 6. every fuzz target runs briefly (`cargo +nightly fuzz`, when nightly and cargo-fuzz are
+//! 7. every fuzz target runs briefly (`cargo +nightly fuzz`, when nightly and cargo-fuzz are
 //!    installed; `MESHWASM_FUZZ_SECS` per target, default 15, 0 skips)
 //!
 //! Steps after the build keep going when one fails, so one run shows every failure.
