@@ -238,9 +238,17 @@ fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules
         .filter_map(Value::as_str)
         .map(String::from)
         .collect();
+    // Istio routes a request by the FIRST HTTP route that matches. A plugin-wide rule for a
+    // faulted route keeps that meaning only if every earlier route has a rule too (the fault
+    // filter also applies its first matching rule); an earlier route without a fault cannot be
+    // expressed as a rule, so later faults are then only given as per-route overrides.
+    let mut unfaulted_before: Vec<usize> = Vec::new();
     for (index, route) in spec.get("http").and_then(Value::as_array).into_iter().flatten().enumerate() {
         let ctx = RouteCtx { resource: r, index, route };
         let Some(fields) = route.as_object() else { continue };
+        if !fields.contains_key("fault") {
+            unfaulted_before.push(index);
+        }
         for (field, value) in fields {
             if ROUTING_FIELDS.contains(&field.as_str()) {
                 continue;
@@ -254,7 +262,21 @@ fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules
                     // The per-route override; for faults also a plugin-wide rule.
                     f(&ctx, value, out);
                     if row.filter == "fault" {
-                        fault_rules.push(fault_rule(&ctx, value, &hosts, out));
+                        if unfaulted_before.is_empty() {
+                            fault_rules.push(fault_rule(&ctx, value, &hosts, out));
+                        } else {
+                            let earlier: Vec<String> =
+                                unfaulted_before.iter().map(|i| format!("spec.http[{i}]")).collect();
+                            out.unsupported(
+                                r,
+                                &ctx.path("fault"),
+                                &format!(
+                                    "not a plugin-wide rule: it would also fault requests Istio routes to {} (no fault); \
+                                     use its per-route override (routes[])",
+                                    earlier.join(", ")
+                                ),
+                            );
+                        }
                     }
                 }
                 Convert::NotYet(why) => out.unsupported(r, &ctx.path(field), &format!("not yet supported: {why}")),
@@ -458,6 +480,20 @@ mod tests {
         let unsupported = out.unsupported.join("\n");
         assert!(unsupported.contains("spec.http[0].match[0].sourceLabels"), "{unsupported}");
         assert!(unsupported.contains("spec.http[0].retries: not yet supported"), "{unsupported}");
+    }
+
+    #[test]
+    fn a_fault_after_an_unfaulted_route_is_only_a_route_override() {
+        let out = convert(&[vs(json!({"hosts": ["*"], "http": [
+            {"match": [{"uri": {"prefix": "/a"}}], "route": [{"destination": {"host": "a"}}]},
+            {"fault": {"abort": {"httpStatus": 503, "percentage": {"value": 100}}}, "route": [{"destination": {"host": "b"}}]},
+        ]}))]);
+        assert!(out.plugins.get("fault").is_none(), "{:?}", out.plugins);
+        assert_eq!(out.routes.len(), 1);
+        assert!(out
+            .unsupported
+            .iter()
+            .any(|u| u.contains("spec.http[1].fault: not a plugin-wide rule") && u.contains("spec.http[0]")));
     }
 
     #[test]
