@@ -160,6 +160,8 @@ pub struct EnvoyBuilder {
     clusters_yaml: Vec<String>,
     log_level: String,
     component_log_level: Option<String>,
+    /// Listeners from this file (LDS over the filesystem, watched) instead of static ones.
+    lds_file: Option<PathBuf>,
 }
 
 /// A running Envoy. Killed on drop; if the thread is panicking, its log is printed.
@@ -343,6 +345,60 @@ impl Default for Listener {
 }
 
 impl Listener {
+    /// Renders the listener as an item of `static_resources.listeners` (indent 2).
+    fn render(&self, y: &mut String, name: &str, port: u16) {
+        let l = self;
+        let hcm: String = l.hcm.iter().map(|(k, v)| format!("          {k}: {v}\n")).collect();
+        let _ = write!(
+            y,
+            r#"  - name: {name}
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          codec_type: AUTO
+{hcm}          route_config:
+            name: {name}_routes
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+"#
+        );
+        let default_route = [Route::new("default", "/")];
+        let routes: &[Route] = if l.routes.is_empty() { &default_route } else { &l.routes };
+        for r in routes {
+            r.render(y, 14);
+        }
+        if let Some(hcm) = &l.hcm_yaml {
+            y.push_str(&indent_block(hcm, 10));
+        }
+        y.push_str("          http_filters:\n");
+        for f in &l.filters {
+            y.push_str(&list_item(&f.yaml, 10));
+        }
+        y.push_str(
+            "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
+        );
+        if let Some(tls) = &l.tls {
+            tls.render(y, 6);
+        }
+    }
+
+    /// The listener as an LDS file (a DiscoveryResponse with one resource) on `port`, named
+    /// like the builder names it (`listener_0` unless named), for
+    /// [`EnvoyBuilder::lds_file`]: write it beside the watched file and rename it over.
+    pub fn lds_yaml(&self, port: u16) -> String {
+        let mut rendered = String::new();
+        let name = self.name.clone().unwrap_or_else(|| "listener_0".to_string());
+        self.render(&mut rendered, &name, port);
+        lds_document(&rendered)
+    }
+
     /// A listener on a free port; with no routes it gets one route `default` for `/`.
     pub fn new() -> Self {
         Self { name: None, port: None, filters: Vec::new(), routes: Vec::new(), tls: None, hcm: Vec::new(), hcm_yaml: None }
@@ -458,6 +514,7 @@ impl Default for EnvoyBuilder {
             clusters_yaml: Vec::new(),
             log_level: "info".into(),
             component_log_level: None,
+            lds_file: None,
         }
     }
 }
@@ -506,6 +563,15 @@ impl EnvoyBuilder {
     #[must_use]
     pub fn no_stats_tags(mut self) -> Self {
         self.stats_tags.clear();
+        self
+    }
+
+    /// Serve the listeners over LDS from `path` (a filesystem `path_config_source` whose
+    /// directory Envoy watches) instead of `static_resources`; the file is written at start.
+    /// Update it with [`Listener::lds_yaml`] written beside it and renamed over it.
+    #[must_use]
+    pub fn lds_file(mut self, path: PathBuf) -> Self {
+        self.lds_file = Some(path);
         self
     }
 
@@ -559,47 +625,26 @@ impl EnvoyBuilder {
         y.push_str("static_resources:\n  listeners:\n");
         let default_listener = [Listener::new()];
         let listeners: &[Listener] = if self.listeners.is_empty() { &default_listener } else { &self.listeners };
+        let mut rendered = String::new();
         for (i, l) in listeners.iter().enumerate() {
             let name = l.name.clone().unwrap_or_else(|| format!("listener_{i}"));
-            let port = listener_ports[i];
-            let hcm: String = l.hcm.iter().map(|(k, v)| format!("          {k}: {v}\n")).collect();
-            let _ = write!(
-                y,
-                r#"  - name: {name}
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-          codec_type: AUTO
-{hcm}          route_config:
-            name: {name}_routes
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-"#
-            );
-            let default_route = [Route::new("default", "/")];
-            let routes: &[Route] = if l.routes.is_empty() { &default_route } else { &l.routes };
-            for r in routes {
-                r.render(&mut y, 14);
-            }
-            if let Some(hcm) = &l.hcm_yaml {
-                y.push_str(&indent_block(hcm, 10));
-            }
-            y.push_str("          http_filters:\n");
-            for f in &l.filters {
-                y.push_str(&list_item(&f.yaml, 10));
-            }
-            y.push_str(
-                "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
-            );
-            if let Some(tls) = &l.tls {
-                tls.render(&mut y, 6);
+            l.render(&mut rendered, &name, listener_ports[i]);
+        }
+        match &self.lds_file {
+            None => y.push_str(&rendered),
+            Some(path) => {
+                // The listeners go to the LDS file; Envoy watches its directory (replace the
+                // file by a rename to update them: see `Listener::lds_yaml`).
+                std::fs::write(path, lds_document(&rendered)).expect("write the LDS file");
+                y.insert_str(
+                    0,
+                    &format!(
+                        "node: {{ id: meshwasm-test, cluster: meshwasm-test }}\ndynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      path: {}\n      watched_directory: {{ path: {} }}\n",
+                        path.display(),
+                        path.parent().expect("LDS file in a directory").display()
+                    ),
+                );
+                y.push_str("    []\n");
             }
         }
         let up = self.upstream.unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
@@ -930,6 +975,23 @@ fn indent_block(yaml: &str, indent: usize) -> String {
 }
 
 /// `yaml` (a mapping) as a YAML list item at `indent`.
+/// Static listener items (indent 2) → an LDS DiscoveryResponse document.
+fn lds_document(static_items: &str) -> String {
+    let mut out = String::from("resources:\n");
+    for line in static_items.lines() {
+        let line = line.strip_prefix("  ").unwrap_or(line);
+        match line.strip_prefix("- ") {
+            Some(rest) => {
+                out.push_str("- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  ");
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn list_item(yaml: &str, indent: usize) -> String {
     let pad = " ".repeat(indent);
     let mut out = String::new();

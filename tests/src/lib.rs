@@ -23,6 +23,7 @@ pub mod envoy;
 pub mod ext_authz;
 pub mod ratelimit_service;
 pub mod redis;
+pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod upstream;
@@ -39,6 +40,7 @@ pub use ratelimit_service::{
     Behaviour, CallError, Header, Limit, LimitEntry, RateLimitService, RateLimitServiceBuilder, ServiceConfig, Unit,
 };
 pub use redis::Redis;
+pub use registry::Registry;
 pub use stats::assert_binomial;
 pub use upstream::{Attempt, Upstream};
 

@@ -9,6 +9,7 @@ mod demo;
 mod envoy;
 mod http;
 mod json;
+mod oci;
 mod test;
 
 use std::ffi::OsStr;
@@ -33,6 +34,9 @@ commands:
       --only <keys>    subset, e.g. fault_rules,native_fault (bare and noop always run);
                        keys: bare noop noop_sdk fault_rules fault_rules_tuned fault_headers
                              native_fault ratelimit ratelimit_tuned native_local_ratelimit
+  oci [--push <registry/prefix> [--plain-http]]
+                     build, then package every module as Wasm OCI images (compat and artifact)
+                     with the `meshwasm` command: OCI layouts in dist/oci/, or pushed
   help               this text
 
 environment:
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         "test" => no_args(rest).and_then(|()| test::run()),
         "demo" => demo::run(rest),
         "bench" => bench::Options::parse(rest).and_then(bench::run),
+        "oci" => oci::run(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

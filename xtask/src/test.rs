@@ -5,9 +5,13 @@
 //!    fake-host filter tests, and the real-Envoy integration tests (meshwasm-tests)
 //! 3. every `examples/*/envoy.yaml` passes `envoy --mode validate` (cwd = repo root)
 //! 4. every `examples/*/*.json` is valid JSON and its filter accepts it inside Envoy
-//! 5. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
+//! 5. every Istio resource in `examples/` (WasmPlugin, VirtualService, AuthorizationPolicy, …)
+//!    validates against its CRD's OpenAPI v3 schema in `../shared/istio/crds/crd-all.gen.yaml`
+//!    (`meshwasm validate`; a deliberately wrong manifest must fail, so the step cannot pass
+//!    vacuously)
+//! 6. clippy with `-D warnings`, on the host and for wasm32-wasip1 (where the no-panic lints
 //!    matter most), and `cargo fmt --check`
-//! 6. every fuzz target runs briefly (`cargo +nightly fuzz`, when nightly and cargo-fuzz are
+//! 7. every fuzz target runs briefly (`cargo +nightly fuzz`, when nightly and cargo-fuzz are
 //!    installed; `MESHWASM_FUZZ_SECS` per target, default 15, 0 skips)
 //!
 //! Steps after the build keep going when one fails, so one run shows every failure.
@@ -42,6 +46,9 @@ pub fn run() -> Result<()> {
 
     step("examples: plugin JSON parses and is accepted by its filter in Envoy");
     report.push(("examples/*/*.json accepted", check_example_plugin_configs(&envoy)));
+
+    step("examples: Istio resources validate against their CRD schemas (meshwasm validate)");
+    report.push(("examples Istio resources vs CRD schemas", validate_istio_resources()));
 
     report.push(("clippy", clippy()));
     report.push(("rustfmt", fmt()));
@@ -167,6 +174,61 @@ fn filter_for(file: &Path) -> Result<&'static str> {
         [only] => Ok(only),
         _ => bail!("cannot tell which filter this configures: name it <filter>.json or <filter>-<what>.json"),
     }
+}
+
+/// Every `examples/**/*.yaml` but envoy.yaml that names an `istio.io` apiVersion.
+fn istio_example_files() -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+        for e in entries {
+            let p = e?.path();
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && p.file_name().is_some_and(|n| n != "envoy.yaml")
+                && fs::read_to_string(&p).unwrap_or_default().contains("istio.io/")
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(&root().join("examples"), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn validate_istio_resources() -> Result<()> {
+    let crds = root().join("..").join("shared").join("istio").join("crds").join("crd-all.gen.yaml");
+    if !crds.is_file() {
+        bail!("{} not found: the Istio CRDs are read from ../shared/istio/ beside the checkout", crds.display());
+    }
+    let files = istio_example_files()?;
+    if files.is_empty() {
+        bail!("no Istio resources found under examples/");
+    }
+    let meshwasm = || {
+        let mut c = cargo();
+        c.args(["run", "-q", "-p", "meshwasm", "--", "validate", "--crds"]).arg(&crds);
+        c
+    };
+    let mut cmd = meshwasm();
+    cmd.args(&files);
+    run_cmd(&mut cmd)?;
+    // The negative control: a WasmPlugin with a misspelt field and an impossible enum value.
+    let bad = "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: wrong}\n\
+               spec: {url: oci://r.example/meshwasm/fault:0.1.0, failStrategy: FAIL_SOMETIMES, pluginConfg: {}}\n";
+    let scratch = envoy::scratch_file("istio-negative-control.yaml", bad)?;
+    let out = meshwasm().arg(&scratch).output()?;
+    if out.status.success() {
+        bail!("`meshwasm validate` accepted a deliberately wrong WasmPlugin ({}): the check is broken", rel(&scratch));
+    }
+    println!("    OK    a deliberately wrong WasmPlugin is refused:");
+    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("      ")) {
+        println!("    {line}");
+    }
+    Ok(())
 }
 
 fn clippy() -> Result<()> {

@@ -1,0 +1,554 @@
+//! `meshwasm from-istio`: Istio resources → each filter's plugin JSON, and route metadata
+//! for per-route overrides. Every field is either converted, left to Envoy's routing (named
+//! in `notes`), or named in `unsupported`: nothing is dropped silently.
+//!
+//! [`SOURCES`] is THE table: which Istio resource (and, for a VirtualService, which field
+//! of an HTTP route) feeds which filter. A filter that lands later joins with one entry.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::filters;
+
+/// How a source is converted.
+#[derive(Clone, Copy)]
+pub enum Convert {
+    /// VirtualService: the named field of each `spec.http[]` route.
+    RouteField(fn(&RouteCtx, &Value, &mut Output)),
+    /// A whole resource.
+    Resource(fn(&Resource, &mut Output)),
+    /// Known, but its filter has not landed: reported, never dropped.
+    NotYet(&'static str),
+}
+
+/// One row of the table.
+pub struct Source {
+    pub kind: &'static str,
+    /// For `RouteField`: the field of an HTTP route (`fault`, `retries`, …).
+    pub field: Option<&'static str>,
+    /// The filter it configures.
+    pub filter: &'static str,
+    pub convert: Convert,
+}
+
+pub const SOURCES: &[Source] = &[
+    Source { kind: "VirtualService", field: Some("fault"), filter: "fault", convert: Convert::RouteField(vs_fault) },
+    Source {
+        kind: "VirtualService",
+        field: Some("retries"),
+        filter: "retry",
+        convert: Convert::NotYet("the retry filter has not landed yet"),
+    },
+    Source {
+        kind: "VirtualService",
+        field: Some("timeout"),
+        filter: "retry",
+        convert: Convert::NotYet("the retry filter has not landed yet"),
+    },
+    Source { kind: "AuthorizationPolicy", field: None, filter: "authz", convert: Convert::Resource(authz_policy) },
+    Source { kind: "RequestAuthentication", field: None, filter: "authz", convert: Convert::Resource(authz_authn) },
+    Source {
+        kind: "Telemetry",
+        field: None,
+        filter: "telemetry",
+        convert: Convert::NotYet("the telemetry filter has not landed yet"),
+    },
+    Source { kind: "WasmPlugin", field: None, filter: "", convert: Convert::Resource(wasmplugin) },
+];
+
+/// HTTP route fields that Envoy's own route configuration expresses (a route's `match`
+/// becomes Envoy route matches; `route`/`redirect`/… its action): not a filter's job, so
+/// they are named in `notes`, not converted.
+const ROUTING_FIELDS: &[&str] = &["name", "match", "route"];
+
+/// `HTTPMatchRequest` fields the meshwasm matcher understands.
+const MATCH_FIELDS: &[&str] =
+    &["uri", "scheme", "method", "authority", "headers", "withoutHeaders", "queryParams", "ignoreUriCase", "port"];
+
+/// A resource as read: where it came from and its identity.
+pub struct Resource {
+    pub file: String,
+    pub value: Value,
+}
+
+impl Resource {
+    fn kind(&self) -> &str {
+        self.value.get("kind").and_then(Value::as_str).unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("<unnamed>")
+    }
+
+    fn namespace(&self) -> &str {
+        self.value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default")
+    }
+
+    /// `Kind namespace/name (file)`, for messages.
+    pub fn id(&self) -> String {
+        format!("{} {}/{} ({})", self.kind(), self.namespace(), self.name(), self.file)
+    }
+}
+
+/// One HTTP route of a VirtualService, while converting it.
+pub struct RouteCtx<'a> {
+    pub resource: &'a Resource,
+    pub index: usize,
+    pub route: &'a Value,
+}
+
+impl RouteCtx<'_> {
+    /// The route's name, or `http[i]`.
+    fn label(&self) -> String {
+        match self.route.get("name").and_then(Value::as_str) {
+            Some(n) => n.to_string(),
+            None => format!("http[{}]", self.index),
+        }
+    }
+
+    fn path(&self, field: &str) -> String {
+        format!("spec.http[{}].{field}", self.index)
+    }
+}
+
+/// The conversion result.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// filter → plugin configuration.
+    pub plugins: BTreeMap<String, Value>,
+    /// Per-route overrides: one entry per VirtualService HTTP route that has one.
+    pub routes: Vec<Value>,
+    /// Fields left to Envoy's route configuration, and what was not checked.
+    pub notes: Vec<String>,
+    /// Fields meshwasm cannot express (yet): named, with the resource.
+    pub unsupported: Vec<String>,
+    /// Hard errors (a configuration the filter's parser refuses).
+    pub errors: Vec<String>,
+    /// Where each plugin configuration came from (to refuse two sources for one filter).
+    sources: BTreeMap<String, String>,
+}
+
+impl Output {
+    fn unsupported(&mut self, r: &Resource, path: &str, why: &str) {
+        self.unsupported.push(format!("{}: {path}: {why}", r.id()));
+    }
+
+    /// The JSON document `meshwasm from-istio` prints.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "plugins": self.plugins,
+            "routes": self.routes,
+            "notes": self.notes,
+            "unsupported": self.unsupported,
+        })
+    }
+}
+
+/// Converts every resource. Resources of kinds meshwasm does not take are named in
+/// `unsupported`.
+pub fn convert(resources: &[Resource]) -> Output {
+    let mut out = Output::default();
+    let mut fault_rules: Vec<Value> = Vec::new();
+    for r in resources {
+        let kind = r.kind();
+        let rows: Vec<&Source> = SOURCES.iter().filter(|s| s.kind == kind).collect();
+        if rows.is_empty() {
+            let known: Vec<&str> = {
+                let mut k: Vec<&str> = SOURCES.iter().map(|s| s.kind).collect();
+                k.dedup();
+                k
+            };
+            out.unsupported.push(format!(
+                "{}: kind {kind:?} is not converted (meshwasm takes {})",
+                r.id(),
+                known.join(", ")
+            ));
+            continue;
+        }
+        if kind == "VirtualService" {
+            virtual_service(r, &rows, &mut out, &mut fault_rules);
+            continue;
+        }
+        for row in rows {
+            match row.convert {
+                Convert::Resource(f) => f(r, &mut out),
+                Convert::NotYet(why) => out.unsupported(r, "spec", &format!("not yet supported: {why}")),
+                Convert::RouteField(_) => {}
+            }
+        }
+    }
+    if !fault_rules.is_empty() {
+        set_plugin(&mut out, "fault", json!({ "rules": fault_rules }), "VirtualService faults");
+    }
+    check_plugins(&mut out);
+    out
+}
+
+fn set_plugin(out: &mut Output, filter: &str, config: Value, source: &str) {
+    if let Some(previous) = out.sources.get(filter) {
+        out.errors.push(format!(
+            "two sources configure the {filter} filter ({previous} and {source}): convert them separately"
+        ));
+        return;
+    }
+    out.sources.insert(filter.to_string(), source.to_string());
+    out.plugins.insert(filter.to_string(), config);
+}
+
+/// Every plugin configuration through its filter's own parser (when that filter exists).
+fn check_plugins(out: &mut Output) {
+    for (filter, config) in &out.plugins {
+        match filters::find(filter) {
+            Ok(spec) => {
+                let bytes = config.to_string().into_bytes();
+                if let Err(e) = (spec.check)(&bytes) {
+                    out.errors.push(format!("the {filter} configuration converted from Istio is refused: {e}"));
+                }
+            }
+            Err(_) => out.notes.push(format!(
+                "the {filter} configuration is packaged but not checked: the {filter} filter is not built into this meshwasm"
+            )),
+        }
+    }
+}
+
+// === VirtualService ===
+
+fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules: &mut Vec<Value>) {
+    let spec = r.value.get("spec").cloned().unwrap_or_default();
+    if let Some(spec) = spec.as_object() {
+        for (k, _) in spec {
+            match k.as_str() {
+                "hosts" | "http" => {}
+                "gateways" | "exportTo" => out.notes.push(format!(
+                    "{}: spec.{k}: where the VirtualService applies; choose the Envoy listeners/WasmPlugin selector accordingly",
+                    r.id()
+                )),
+                "tcp" | "tls" => out.unsupported(r, &format!("spec.{k}"), "meshwasm filters are HTTP filters"),
+                other => out.unsupported(r, &format!("spec.{other}"), "not converted"),
+            }
+        }
+    }
+    let hosts: Vec<String> = spec
+        .get("hosts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect();
+    // Istio routes a request by the FIRST HTTP route that matches. A plugin-wide rule for a
+    // faulted route keeps that meaning only if every earlier route has a rule too (the fault
+    // filter also applies its first matching rule); an earlier route without a fault cannot be
+    // expressed as a rule, so later faults are then only given as per-route overrides.
+    let mut unfaulted_before: Vec<usize> = Vec::new();
+    for (index, route) in spec.get("http").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let ctx = RouteCtx { resource: r, index, route };
+        let Some(fields) = route.as_object() else { continue };
+        if !fields.contains_key("fault") {
+            unfaulted_before.push(index);
+        }
+        for (field, value) in fields {
+            if ROUTING_FIELDS.contains(&field.as_str()) {
+                continue;
+            }
+            let Some(row) = rows.iter().find(|s| s.field == Some(field.as_str())) else {
+                out.unsupported(r, &ctx.path(field), "not converted (no meshwasm filter implements it)");
+                continue;
+            };
+            match row.convert {
+                Convert::RouteField(f) => {
+                    // The per-route override; for faults also a plugin-wide rule.
+                    f(&ctx, value, out);
+                    if row.filter == "fault" {
+                        if unfaulted_before.is_empty() {
+                            fault_rules.push(fault_rule(&ctx, value, &hosts, out));
+                        } else {
+                            let earlier: Vec<String> =
+                                unfaulted_before.iter().map(|i| format!("spec.http[{i}]")).collect();
+                            out.unsupported(
+                                r,
+                                &ctx.path("fault"),
+                                &format!(
+                                    "not a plugin-wide rule: it would also fault requests Istio routes to {} (no fault); \
+                                     use its per-route override (routes[])",
+                                    earlier.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                Convert::NotYet(why) => out.unsupported(r, &ctx.path(field), &format!("not yet supported: {why}")),
+                Convert::Resource(_) => {}
+            }
+        }
+        let routing: Vec<&str> =
+            ROUTING_FIELDS.iter().copied().filter(|f| *f != "name" && fields.contains_key(*f)).collect();
+        if !routing.is_empty() {
+            out.notes.push(format!(
+                "{}: spec.http[{index}]: {} stay Envoy route configuration (the route that carries the override)",
+                r.id(),
+                routing.join(" and ")
+            ));
+        }
+    }
+}
+
+/// `spec.http[i].fault` → a per-route override `filter_metadata.meshwasm.fault`.
+fn vs_fault(ctx: &RouteCtx, fault: &Value, out: &mut Output) {
+    let name = format!("{}-{}", ctx.resource.name(), ctx.label());
+    let override_config = json!({ "rules": [{ "name": name, "fault": fault }] });
+    if let Ok(spec) = filters::find("fault") {
+        if let Some(check) = spec.check_route {
+            if let Err(e) = check(&override_config) {
+                out.errors.push(format!("{}: {}: {e}", ctx.resource.id(), ctx.path("fault")));
+                return;
+            }
+        }
+    }
+    out.routes.push(json!({
+        "virtualService": format!("{}/{}", ctx.resource.namespace(), ctx.resource.name()),
+        "http": ctx.index,
+        "route": ctx.label(),
+        "metadata": { "filter_metadata": { "meshwasm": { "fault": override_config } } },
+    }));
+}
+
+/// The same fault as a plugin-wide rule: the route's `match` (each entry also scoped to the
+/// VirtualService's `hosts` by authority).
+fn fault_rule(ctx: &RouteCtx, fault: &Value, hosts: &[String], out: &mut Output) -> Value {
+    let name = format!("{}-{}", ctx.resource.name(), ctx.label());
+    let mut matches: Vec<Value> = Vec::new();
+    let route_matches: Vec<Value> = match ctx.route.get("match").and_then(Value::as_array) {
+        Some(m) if !m.is_empty() => m.clone(),
+        _ => vec![json!({})],
+    };
+    for (mi, m) in route_matches.iter().enumerate() {
+        let mut entry = Map::new();
+        for (k, v) in m.as_object().into_iter().flatten() {
+            if MATCH_FIELDS.contains(&k.as_str()) {
+                entry.insert(k.clone(), v.clone());
+            } else if k == "name" {
+                out.notes.push(format!(
+                    "{}: {}: the match name {v} is a label only; not carried over",
+                    ctx.resource.id(),
+                    ctx.path(&format!("match[{mi}].name"))
+                ));
+            } else {
+                out.unsupported(
+                    ctx.resource,
+                    &ctx.path(&format!("match[{mi}].{k}")),
+                    "the meshwasm matcher has no such field",
+                );
+            }
+        }
+        let scoped_hosts: Vec<&String> = hosts.iter().filter(|h| h.as_str() != "*").collect();
+        if scoped_hosts.is_empty() || entry.contains_key("authority") {
+            matches.push(Value::Object(entry));
+        } else {
+            for h in scoped_hosts {
+                let mut e = entry.clone();
+                e.insert("authority".into(), json!({ "regex": host_regex(h, ctx.resource.namespace()) }));
+                matches.push(Value::Object(e));
+            }
+        }
+    }
+    json!({ "name": name, "match": matches, "fault": fault })
+}
+
+/// The authorities a VirtualService host answers to, as Istio generates them for Envoy
+/// virtual host domains: a short name also in its namespace's FQDN forms, each with an
+/// optional port; `*.x` any subdomain.
+pub fn host_regex(host: &str, namespace: &str) -> String {
+    let port = r"(:[0-9]+)?";
+    if let Some(suffix) = host.strip_prefix("*.") {
+        return format!(r"^[^:]+\.{}{port}$", regex_escape(suffix));
+    }
+    if host.contains('.') {
+        return format!("^{}{port}$", regex_escape(host));
+    }
+    let ns = regex_escape(namespace);
+    format!(r"^{}(\.{ns}(\.svc(\.cluster\.local)?)?)?{port}$", regex_escape(host))
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// === AuthorizationPolicy / RequestAuthentication ===
+
+/// The resource as `kubectl get -o json` prints it, minus server-side bookkeeping.
+fn as_printed(r: &Resource) -> Value {
+    let mut v = r.value.clone();
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        for k in ["managedFields", "resourceVersion", "uid", "generation", "creationTimestamp"] {
+            meta.remove(k);
+        }
+    }
+    if let Some(m) = v.as_object_mut() {
+        m.remove("status");
+    }
+    v
+}
+
+fn push_to(out: &mut Output, key: &str, value: Value) {
+    out.sources.entry("authz".into()).or_insert_with(|| "AuthorizationPolicy/RequestAuthentication".into());
+    let config = out.plugins.entry("authz".into()).or_insert_with(|| json!({ "policies": [], "authentication": [] }));
+    if let Some(list) = config.get_mut(key).and_then(Value::as_array_mut) {
+        list.push(value);
+    }
+}
+
+fn authz_policy(r: &Resource, out: &mut Output) {
+    push_to(out, "policies", as_printed(r));
+}
+
+fn authz_authn(r: &Resource, out: &mut Output) {
+    push_to(out, "authentication", as_printed(r));
+}
+
+// === WasmPlugin ===
+
+/// `spec.pluginConfig` → the plugin JSON of the filter the WasmPlugin loads (found from its
+/// `url` — `…/<filter>:tag`, `…/<filter>.wasm` — or its name `meshwasm-<filter>`).
+fn wasmplugin(r: &Resource, out: &mut Output) {
+    let url = r.value.pointer("/spec/url").and_then(Value::as_str).unwrap_or_default();
+    let Some(filter) = wasmplugin_filter(url, r.name()) else {
+        out.unsupported(r, "spec.url", &format!("{url:?} does not name a meshwasm filter module"));
+        return;
+    };
+    let config = r.value.pointer("/spec/pluginConfig").cloned().unwrap_or_else(|| json!({}));
+    set_plugin(out, &filter, config, &format!("WasmPlugin {}", r.name()));
+    if let Some(spec) = r.value.get("spec").and_then(Value::as_object) {
+        for k in spec.keys() {
+            if k != "pluginConfig" && k != "url" {
+                out.notes.push(format!("{}: spec.{k}: Istio's placement/loading of the plugin; in plain Envoy, the filter's position and vm_config", r.id()));
+            }
+        }
+    }
+}
+
+pub fn wasmplugin_filter(url: &str, name: &str) -> Option<String> {
+    let known = |s: &str| filters::FILTERS.iter().find(|f| f.name == s).map(|f| f.name.to_string());
+    let last = url.rsplit('/').next().unwrap_or_default();
+    let base = last.split([':', '@']).next().unwrap_or_default().trim_end_matches(".wasm");
+    known(base).or_else(|| name.strip_prefix("meshwasm-").and_then(known))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(spec: Value) -> Resource {
+        Resource {
+            file: "vs.yaml".into(),
+            value: json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                          "metadata": {"name": "ratings", "namespace": "bookinfo"}, "spec": spec}),
+        }
+    }
+
+    #[test]
+    fn virtual_service_faults_become_rules_and_route_overrides() {
+        let out = convert(&[vs(json!({
+            "hosts": ["ratings"],
+            "http": [{
+                "name": "jason",
+                "match": [{"headers": {"end-user": {"exact": "jason"}}, "sourceLabels": {"app": "x"}}],
+                "fault": {"abort": {"httpStatus": 500, "percentage": {"value": 100}}},
+                "retries": {"attempts": 3},
+                "route": [{"destination": {"host": "ratings"}}],
+            }]
+        }))]);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let rule = &out.plugins["fault"]["rules"][0];
+        assert_eq!(rule["name"], "ratings-jason");
+        assert_eq!(rule["match"][0]["headers"]["end-user"]["exact"], "jason");
+        assert!(rule["match"][0]["authority"]["regex"].as_str().unwrap().starts_with("^ratings(\\.bookinfo"));
+        assert_eq!(
+            out.routes[0]["metadata"]["filter_metadata"]["meshwasm"]["fault"]["rules"][0]["fault"]["abort"]
+                ["httpStatus"],
+            500
+        );
+        let unsupported = out.unsupported.join("\n");
+        assert!(unsupported.contains("spec.http[0].match[0].sourceLabels"), "{unsupported}");
+        assert!(unsupported.contains("spec.http[0].retries: not yet supported"), "{unsupported}");
+    }
+
+    #[test]
+    fn a_fault_after_an_unfaulted_route_is_only_a_route_override() {
+        let out = convert(&[vs(json!({"hosts": ["*"], "http": [
+            {"match": [{"uri": {"prefix": "/a"}}], "route": [{"destination": {"host": "a"}}]},
+            {"fault": {"abort": {"httpStatus": 503, "percentage": {"value": 100}}}, "route": [{"destination": {"host": "b"}}]},
+        ]}))]);
+        assert!(!out.plugins.contains_key("fault"), "{:?}", out.plugins);
+        assert_eq!(out.routes.len(), 1);
+        assert!(out
+            .unsupported
+            .iter()
+            .any(|u| u.contains("spec.http[1].fault: not a plugin-wide rule") && u.contains("spec.http[0]")));
+    }
+
+    #[test]
+    fn a_fault_the_filter_refuses_is_an_error_with_its_path() {
+        let out = convert(&[vs(json!({"hosts": ["*"], "http": [{"fault": {"abort": {"httpStatus": 700}}}]}))]);
+        assert!(
+            out.errors.iter().any(|e| e.contains("spec.http[0].fault") && e.contains("httpStatus")),
+            "{:?}",
+            out.errors
+        );
+    }
+
+    #[test]
+    fn authz_resources_are_packaged_as_printed_and_telemetry_is_reported() {
+        let ap = Resource {
+            file: "a.yaml".into(),
+            value: json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                          "metadata": {"name": "deny", "uid": "x"}, "spec": {"action": "DENY"}, "status": {}}),
+        };
+        let ra = Resource {
+            file: "a.yaml".into(),
+            value: json!({"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                          "metadata": {"name": "jwt"}, "spec": {"jwtRules": []}}),
+        };
+        let tel = Resource {
+            file: "t.yaml".into(),
+            value: json!({"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry", "metadata": {"name": "t"}, "spec": {}}),
+        };
+        let out = convert(&[ap, ra, tel]);
+        assert_eq!(
+            out.plugins["authz"],
+            json!({"policies": [{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                                 "metadata": {"name": "deny"}, "spec": {"action": "DENY"}}],
+                   "authentication": [{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                                       "metadata": {"name": "jwt"}, "spec": {"jwtRules": []}}]})
+        );
+        assert!(out.unsupported.iter().any(|u| u.contains("Telemetry") && u.contains("not yet supported")));
+    }
+
+    #[test]
+    fn wasmplugin_config_goes_to_its_filter() {
+        let wp = Resource {
+            file: "w.yaml".into(),
+            value: json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                          "metadata": {"name": "x"}, "spec": {"url": "oci://r.example/meshwasm/fault:0.1.0",
+                          "pluginConfig": {"headerControl": true}}}),
+        };
+        let out = convert(&[wp]);
+        assert_eq!(out.plugins["fault"], json!({"headerControl": true}));
+        assert!(out.errors.is_empty());
+    }
+
+    #[test]
+    fn host_regexes() {
+        assert_eq!(host_regex("a.example.com", "ns"), r"^a\.example\.com(:[0-9]+)?$");
+        assert_eq!(host_regex("*.example.com", "ns"), r"^[^:]+\.example\.com(:[0-9]+)?$");
+    }
+}

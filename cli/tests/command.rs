@@ -1,0 +1,76 @@
+//! The `meshwasm` binary as CI pipelines use it: exit status and messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // a test
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn meshwasm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshwasm")).current_dir(root()).args(args).output().unwrap()
+}
+
+fn scratch(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("meshwasm-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn check_exits_0_for_an_accepted_config_and_1_with_the_path_for_a_refused_one() {
+    let ok = meshwasm(&["check", "fault", "examples/fault/fault.json"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    let bad = scratch("bad.json", r#"{"rules":[{"fault":{"abort":{"httpStatus":700}}}]}"#);
+    let out = meshwasm(&["check", "fault", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rules[0].fault.abort.httpStatus: must be in 200..=599"));
+    let route = scratch("route.json", r#"{"maxActiveFaults": 1}"#);
+    assert_eq!(meshwasm(&["check", "fault", &route]).status.code(), Some(0));
+    assert_eq!(meshwasm(&["check", "fault", "--route", &route]).status.code(), Some(1));
+    assert_eq!(meshwasm(&["check", "nope", &route]).status.code(), Some(1));
+}
+
+#[test]
+fn from_istio_exits_2_when_something_is_not_converted() {
+    let out = meshwasm(&["from-istio", "examples/from-istio/virtualservice.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["plugins"]["fault"]["rules"][0]["name"], "ratings-jason");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.http[1].retries: not yet supported"));
+}
+
+#[test]
+fn validate_exits_1_on_a_wrong_manifest() {
+    let crds = root().join("../shared/istio/crds/crd-all.gen.yaml");
+    let crds = crds.to_string_lossy();
+    let good = meshwasm(&["validate", "--crds", &crds, "examples/fault/wasmplugin.yaml"]);
+    assert_eq!(good.status.code(), Some(0), "{}", String::from_utf8_lossy(&good.stdout));
+    let bad = scratch(
+        "wp.yaml",
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: meshwasm-fault}\n\
+         spec: {url: oci://r/meshwasm/fault:1, pluginConfig: {rules: [{fault: {abort: {httpStatus: 700}}}]}}\n",
+    );
+    let out = meshwasm(&["validate", "--crds", &crds, &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/spec/pluginConfig: refused by the fault filter: rules[0]"));
+}
+
+#[test]
+fn oci_build_is_reproducible_across_runs_of_the_command() {
+    let dist = root().join("dist").join("fault.wasm");
+    if !dist.exists() {
+        eprintln!("dist/fault.wasm not built; tests/tests/oci.rs covers the real modules");
+        return;
+    }
+    let dist = dist.to_string_lossy();
+    let a = meshwasm(&["oci", "build", &dist]);
+    let b = meshwasm(&["oci", "build", &dist]);
+    assert_eq!(a.status.code(), Some(0));
+    assert_eq!(a.stdout, b.stdout);
+    assert!(String::from_utf8_lossy(&a.stdout).contains("manifest digest  sha256:"));
+}
