@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod envoy;
+pub mod prometheus;
 pub mod ratelimit_service;
 pub mod redis;
 pub mod server;

@@ -24,6 +24,11 @@ pub const FILTERS: &[Filter] = &[
         krate: "meshwasm-ratelimit",
         smoke_config: r#"{"rules":[{"tokenBucket":{"maxTokens":10,"fillInterval":"1s"}}]}"#,
     },
+    Filter {
+        name: "telemetry",
+        krate: "meshwasm-telemetry",
+        smoke_config: r#"{"maxSeries":10000,"metrics":[{"overrides":[{"match":{"metric":"REQUEST_COUNT"},"tagOverrides":{"request_protocol":{"value":"request.protocol"}}}]}]}"#,
+    },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];

@@ -94,7 +94,10 @@ impl TelemetryPlugin {
             return r;
         }
         // envoy.config.core.v3.TrafficDirection: 1 INBOUND, 2 OUTBOUND.
-        let dir = host.property(&["listener_direction"]).and_then(|b| decode_int(&b));
+        let dir = host
+            .property(&["xds", "listener_direction"])
+            .or_else(|| host.property(&["listener_direction"]))
+            .and_then(|b| decode_int(&b));
         let r = if dir == Some(1) { Reporter::Server } else { Reporter::Client };
         self.reporter.set(Some(r));
         r
@@ -523,7 +526,8 @@ impl HttpFilter for TelemetryFilter {
         Flow::Continue
     }
 
-    fn on_done(&mut self, host: &dyn Host) {
+    /// Envoy's access-log phase: the final attributes are readable (Istio records here too).
+    fn on_log(&mut self, host: &dyn Host) {
         self.report(host);
     }
 }
@@ -592,8 +596,8 @@ mod tests {
         sf.on_response_headers(&sh, false);
         let answer = sh.header(HeaderMap::ResponseHeaders, peer::HEADER).unwrap();
         end(&sh, 200);
-        sf.on_done(&sh);
-        sf.on_done(&sh);
+        sf.on_log(&sh);
+        sf.on_log(&sh);
         let s = series(&sh, "istio_requests_total");
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1, 1, "reported once");
@@ -617,7 +621,7 @@ mod tests {
         cf.on_response_headers(&ch, false);
         assert!(ch.response_headers.borrow().is_empty(), "stripped before the app");
         end(&ch, 503);
-        cf.on_done(&ch);
+        cf.on_log(&ch);
         let c = series(&ch, "istio_requests_total");
         assert!(c[0].0.contains("reporter=.=source;.;source_workload=.=productpage-v1;.;"), "{}", c[0].0);
         assert!(c[0].0.contains("destination_workload=.=ratings-v1;.;"));
@@ -648,7 +652,7 @@ mod tests {
         f2.on_response_headers(&h2, false);
         assert!(h2.header(HeaderMap::ResponseHeaders, peer::HEADER).is_none());
         end(&h2, 200);
-        f2.on_done(&h2);
+        f2.on_log(&h2);
         let s = series(&h2, "istio_requests_total");
         assert!(s[0].0.contains("source_workload=.=unknown;.;source_canonical_service=.=unknown;.;source_canonical_revision=.=latest;.;"), "{}", s[0].0);
     }
@@ -665,7 +669,7 @@ mod tests {
         let mut f = client.new_filter(2, 0);
         f.on_request_headers(&h, true);
         end(&h, 200);
-        f.on_done(&h);
+        f.on_log(&h);
         let s = &series(&h, "istio_requests_total")[0].0;
         for want in [
             "destination_workload=.=ratings-v1;",
@@ -701,7 +705,7 @@ mod tests {
             *h.request_headers.borrow_mut() = vec![(":authority".into(), authority.into())];
             let mut f = client.new_filter(2, 0);
             f.on_request_headers(&h, true);
-            f.on_done(&h);
+            f.on_log(&h);
         };
         run("a");
         let s = &series(&h, "istio_requests_total")[0].0;

@@ -1,0 +1,508 @@
+//! Telemetry conformance: a client Envoy and a server Envoy, both running `telemetry.wasm`
+//! with the workload metadata of istio/proxy's own tests, and `/stats/prometheus` compared
+//! with istio/proxy's expected series (`../shared/istio/telemetry/metric/*.yaml.tmpl`, read and
+//! filled here at run time). The bootstrap `stats_config` is the one this project ships
+//! (`envoy-configs/telemetry-stats.yaml`).
+//!
+//! Topology (as istio/proxy's tests): client `127.0.0.1:<client>` (OUTBOUND listener, route
+//! `client_route`, cluster from `cluster/server.yaml.tmpl`) → server `127.0.0.2:<server>`
+//! (INBOUND listener, route `server_route`) → a real upstream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use meshwasm_tests::prometheus::{self, Sample};
+use meshwasm_tests::{eventually, wasm_module, workspace_root, Envoy, Request, Upstream};
+
+const REQUESTS: u64 = 10;
+const SERVER_IP: [u8; 4] = [127, 0, 0, 2];
+
+fn istio() -> PathBuf {
+    workspace_root().parent().expect("workspace parent").join("shared/istio/telemetry")
+}
+
+fn read(rel: &str) -> String {
+    let p = istio().join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+// === Go templates (the subset istio/proxy's test data uses) ===
+
+/// Fills `{{ .Vars.X }}`, `{{ .Ports.X }}`, `{{ .N }}` and `{{- if .Vars.X }}` / `{{- else if
+/// … }}` / `{{- else }}` / `{{- end }}` blocks; `{{-` trims the whitespace before the action.
+/// A missing key is empty (Go's zero value for a `map[string]string`).
+fn fill(tmpl: &str, vars: &HashMap<&str, String>) -> String {
+    let get = |expr: &str| vars.get(expr.trim().trim_start_matches('.')).cloned().unwrap_or_default();
+    let mut out = String::new();
+    // Stack of (this branch active, some branch of the chain already taken).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|(a, _)| *a);
+    let mut rest = tmpl;
+    while let Some(start) = rest.find("{{") {
+        let text = &rest[..start];
+        let after = &rest[start + 2..];
+        let trim_left = after.starts_with('-');
+        let end = after.find("}}").expect("unterminated action");
+        let action = after[..end].trim_start_matches('-').trim_end_matches('-').trim();
+        if active(&stack) {
+            out.push_str(if trim_left { text.trim_end() } else { text });
+        }
+        if let Some(cond) = action.strip_prefix("if ") {
+            let parent = active(&stack);
+            let v = parent && !get(cond).is_empty();
+            stack.push((v, v));
+        } else if let Some(cond) = action.strip_prefix("else if ") {
+            let (_, taken) = stack.pop().expect("else without if");
+            let parent = active(&stack);
+            let v = parent && !taken && !get(cond).is_empty();
+            stack.push((v, taken || v));
+        } else if action == "else" {
+            let (_, taken) = stack.pop().expect("else without if");
+            stack.push((!taken && active(&stack), true));
+        } else if action == "end" {
+            stack.pop().expect("end without if");
+        } else if active(&stack) {
+            out.push_str(&get(action));
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml_ng::from_str(text).unwrap_or_else(|e| panic!("YAML: {e}\n{text}"))
+}
+
+// === bootstrap ===
+
+fn node_metadata(which: &str, vars: &HashMap<&str, String>) -> Value {
+    let body = fill(&read(&format!("{which}_node_metadata.json.tmpl")), vars);
+    serde_json::from_str(&format!("{{{body}}}")).unwrap_or_else(|e| panic!("{which} node metadata: {e}"))
+}
+
+fn wasm_filter(config: &Value) -> Value {
+    json!({"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": "meshwasm.telemetry", "root_id": "meshwasm.telemetry",
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config.to_string()},
+            "vm_config": {"vm_id": "meshwasm.telemetry", "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": wasm_module("telemetry").display().to_string()}}}}}})
+}
+
+/// The shipped stats config, plus `stats_tags` for labels a scenario adds.
+fn stats_config(extra_tags: &[&str]) -> Value {
+    let path = workspace_root().join("envoy-configs/telemetry-stats.yaml");
+    let mut v = yaml(&std::fs::read_to_string(&path).expect("envoy-configs/telemetry-stats.yaml"));
+    let tags = v["stats_config"]["stats_tags"].as_array_mut().expect("stats_tags");
+    for t in extra_tags {
+        tags.push(json!({"tag_name": t, "regex": format!("({t}=\\.=(.*?);\\.;)")}));
+    }
+    v["stats_config"].take()
+}
+
+struct Side<'a> {
+    node_id: &'a str,
+    metadata: Value,
+    ip: IpAddr,
+    direction: &'a str,
+    route: &'a str,
+    cluster: Value,
+    /// `None`: no telemetry filter on this proxy.
+    filter: Option<Value>,
+    extra_tags: &'a [&'a str],
+}
+
+fn bootstrap(side: &Side<'_>, admin: u16, port: u16) -> String {
+    let mut filters = Vec::new();
+    if let Some(cfg) = &side.filter {
+        filters.push(wasm_filter(cfg));
+    }
+    filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
+    let cluster_name = side.cluster["name"].as_str().expect("cluster name").to_string();
+    json!({
+        "node": {"id": side.node_id, "cluster": "test-cluster", "metadata": side.metadata},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "stats_config": stats_config(side.extra_tags),
+        // Histograms reach /stats/prometheus at a stats flush (default 5 s).
+        "stats_flush_interval": "0.5s",
+        "static_resources": {
+            "listeners": [{"name": side.direction.to_lowercase(), "traffic_direction": side.direction,
+                "address": {"socket_address": {"address": side.ip.to_string(), "port_value": port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": side.direction.to_lowercase(), "codec_type": "AUTO",
+                    "route_config": {"name": "routes", "virtual_hosts": [{"name": "all", "domains": ["*"],
+                        "routes": [{"name": side.route, "match": {"prefix": "/"}, "route": {"cluster": cluster_name, "timeout": "10s"}}]}]},
+                    "http_filters": filters}}]}]}],
+            "clusters": [side.cluster],
+        },
+    })
+    .to_string()
+}
+
+fn start(side: &Side<'_>) -> Envoy {
+    Envoy::start_bootstrap(&[side.ip], 1, |admin, ports| bootstrap(side, admin, ports[0]))
+}
+
+/// `envoy --mode validate`: creates the VM and configures the plugin. `Err(log)` if refused.
+fn validate(side: &Side<'_>) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("meshwasm-telemetry-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, bootstrap(side, 1, 1)).expect("write");
+    let out = std::process::Command::new(meshwasm_tests::envoy_bin())
+        .args(["--mode", "validate", "--disable-hot-restart", "-l", "error", "-c"])
+        .arg(&path)
+        .output()
+        .expect("envoy --mode validate");
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(log)
+    }
+}
+
+// === scenarios ===
+
+#[derive(Default)]
+struct Scenario {
+    client_config: Value,
+    server_config: Value,
+    /// `.Vars.ServerClusterName`: a cluster without `istio` metadata.
+    server_cluster_name: Option<&'static str>,
+    /// The server's inbound cluster carries `filter_metadata.istio.services` (the service
+    /// the server reports as `destination_service`).
+    server_inbound_metadata: bool,
+    /// No server proxy: the client's cluster goes straight to the upstream, whose endpoint
+    /// carries this `istio.workload` metadata.
+    endpoint_workload: Option<&'static str>,
+    extra_tags: &'static [&'static str],
+}
+
+struct Run {
+    client: Envoy,
+    server: Option<Envoy>,
+    vars: HashMap<&'static str, String>,
+}
+
+fn client_cluster(s: &Scenario, vars: &HashMap<&str, String>) -> Value {
+    let mut cluster = yaml(&fill(&read("cluster/server.yaml.tmpl"), vars));
+    if let Some(w) = s.endpoint_workload {
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"] =
+            json!({"filter_metadata": {"istio": {"workload": w}}});
+    }
+    cluster
+}
+
+fn server_side<'a>(s: &'a Scenario, vars: &HashMap<&str, String>, upstream: SocketAddr) -> Side<'a> {
+    let name = "inbound|9080|http|server.default.svc.cluster.local";
+    let mut cluster = json!({"name": name, "type": "STATIC", "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+            "address": upstream.ip().to_string(), "port_value": upstream.port()}}}}]}]}});
+    if s.server_inbound_metadata {
+        cluster["metadata"] = json!({"filter_metadata": {"istio": {"services": [
+            {"host": "server.default.svc.cluster.local", "name": "server", "namespace": "default"}]}}});
+    }
+    Side {
+        node_id: "server",
+        metadata: node_metadata("server", vars),
+        ip: IpAddr::from(SERVER_IP),
+        direction: "INBOUND",
+        route: "server_route",
+        cluster,
+        filter: Some(s.server_config.clone()),
+        extra_tags: s.extra_tags,
+    }
+}
+
+fn client_side<'a>(s: &'a Scenario, vars: &HashMap<&str, String>) -> Side<'a> {
+    Side {
+        node_id: "client",
+        metadata: node_metadata("client", vars),
+        ip: IpAddr::from([127, 0, 0, 1]),
+        direction: "OUTBOUND",
+        route: "client_route",
+        cluster: client_cluster(s, vars),
+        filter: Some(s.client_config.clone()),
+        extra_tags: s.extra_tags,
+    }
+}
+
+fn base_vars() -> HashMap<&'static str, String> {
+    let mut vars = HashMap::new();
+    vars.insert("Vars.RequestCount", REQUESTS.to_string());
+    vars.insert("N", "1".to_string());
+    vars
+}
+
+fn requests_total(envoy: &Envoy) -> f64 {
+    prometheus::parse(&envoy.prometheus()).iter().filter(|s| s.name == "istio_requests_total").map(|s| s.value).sum()
+}
+
+fn run(s: &Scenario) -> Run {
+    let mut vars = base_vars();
+    if let Some(n) = s.server_cluster_name {
+        vars.insert("Vars.ServerClusterName", n.to_string());
+    }
+    let (upstream, server) = if s.endpoint_workload.is_some() {
+        let up = Upstream::start_on(SocketAddr::from((SERVER_IP, 0)));
+        vars.insert("Ports.ServerPort", up.addr().port().to_string());
+        (up, None)
+    } else {
+        let up = Upstream::start();
+        let side = server_side(s, &vars, up.addr());
+        let server = start(&side);
+        vars.insert("Ports.ServerPort", server.listener_addr().port().to_string());
+        (up, Some(server))
+    };
+    let client = start(&client_side(s, &vars));
+    let port = client.listener_addr().port();
+    vars.insert("Ports.ClientPort", port.to_string());
+    for _ in 0..REQUESTS {
+        let rsp = client.send(Request::get("/").authority(&format!("127.0.0.1:{port}")));
+        assert_eq!(rsp.status, 200, "{}", rsp.text());
+        assert!(rsp.header("x-envoy-peer-metadata").is_none(), "the client strips the exchange headers");
+        assert!(rsp.header("x-envoy-peer-metadata-id").is_none());
+    }
+    assert_eq!(upstream.requests(), REQUESTS);
+    // Stats are recorded in the log phase, after the response went out.
+    let want = REQUESTS as f64;
+    eventually("client istio_requests_total", Duration::from_secs(10), || {
+        (requests_total(&client) == want).then_some(())
+    });
+    if let Some(server) = &server {
+        eventually("server istio_requests_total", Duration::from_secs(10), || {
+            (requests_total(server) == want).then_some(())
+        });
+    }
+    drop(upstream);
+    Run { client, server, vars }
+}
+
+/// `/stats/prometheus` holds exactly the series of istio/proxy's expected file (every
+/// label, every value, nothing more for that metric name).
+fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) {
+    let expected = yaml(&fill(&read(&format!("metric/{expected_file}")), vars));
+    let name = expected["name"].as_str().expect("name");
+    let samples: Vec<Sample> = prometheus::parse(&envoy.prometheus()).into_iter().filter(|s| s.name == name).collect();
+    let want: Vec<(BTreeMap<String, String>, f64)> = expected["metric"]
+        .as_array()
+        .expect("metric list")
+        .iter()
+        .map(|m| {
+            let labels = m["label"]
+                .as_array()
+                .expect("labels")
+                .iter()
+                .map(|l| {
+                    let v = match &l["value"] {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (l["name"].as_str().expect("label name").to_string(), v)
+                })
+                .collect();
+            let value =
+                m["counter"]["value"].as_f64().or_else(|| m["counter"]["value"].as_str().and_then(|s| s.parse().ok()));
+            (labels, value.expect("counter value"))
+        })
+        .collect();
+    let show = || samples.iter().map(|s| format!("  {:?} {}", s.labels, s.value)).collect::<Vec<_>>().join("\n");
+    assert_eq!(samples.len(), want.len(), "{expected_file}: {name} series count; got:\n{}", show());
+    for (labels, value) in &want {
+        let Some(got) = samples.iter().find(|s| &s.labels == labels) else {
+            let nearest = samples.first().map(|s| {
+                let missing: Vec<_> = labels.iter().filter(|(k, v)| s.labels.get(*k) != Some(v)).collect();
+                let extra: Vec<_> = s.labels.iter().filter(|(k, _)| !labels.contains_key(*k)).collect();
+                format!("differs in {missing:?}; extra {extra:?}")
+            });
+            panic!("{expected_file}: no {name} series with labels {labels:?}\n{nearest:?}\ngot:\n{}", show());
+        };
+        assert_eq!(got.value, *value, "{expected_file}: value of {name}{labels:?}");
+    }
+}
+
+// === istio/proxy stats configs → Telemetry API overrides ===
+
+const METRIC_NAMES: &[(&str, &str)] = &[
+    ("requests_total", "REQUEST_COUNT"),
+    ("request_duration_milliseconds", "REQUEST_DURATION"),
+    ("request_bytes", "REQUEST_SIZE"),
+    ("response_bytes", "RESPONSE_SIZE"),
+    ("request_messages_total", "GRPC_REQUEST_MESSAGES"),
+    ("response_messages_total", "GRPC_RESPONSE_MESSAGES"),
+    ("tcp_connections_opened_total", "TCP_OPENED_CONNECTIONS"),
+    ("tcp_connections_closed_total", "TCP_CLOSED_CONNECTIONS"),
+    ("tcp_sent_bytes_total", "TCP_SENT_BYTES"),
+    ("tcp_received_bytes_total", "TCP_RECEIVED_BYTES"),
+];
+
+/// What istiod does in reverse: each `metrics[]` entry of istio/proxy's stats plugin config
+/// becomes one Telemetry API override (`name` → `match.metric`, `drop` → `disabled`,
+/// `tags_to_remove` → REMOVE, `dimensions` → UPSERT, later entries winning).
+/// `definitions` and entries for a custom metric have no Telemetry API form and are left
+/// out (istio/proxy's expected series for them are not asserted here).
+fn telemetry_api(stats: &Value) -> Value {
+    let mut overrides = Vec::new();
+    for m in stats["metrics"].as_array().into_iter().flatten() {
+        let metric = match m["name"].as_str() {
+            None | Some("") => "ALL_METRICS",
+            Some(n) => match METRIC_NAMES.iter().find(|(k, _)| *k == n) {
+                Some((_, api)) => api,
+                None => continue,
+            },
+        };
+        let mut o = json!({"match": {"metric": metric, "mode": "CLIENT_AND_SERVER"}});
+        if m["drop"].as_bool() == Some(true) {
+            o["disabled"] = json!(true);
+        }
+        let mut tags = serde_json::Map::new();
+        for t in m["tags_to_remove"].as_array().into_iter().flatten() {
+            tags.insert(t.as_str().expect("tag").into(), json!({"operation": "REMOVE"}));
+        }
+        for (k, v) in m["dimensions"].as_object().into_iter().flatten() {
+            tags.insert(k.clone(), json!({"operation": "UPSERT", "value": v.as_str().expect("expression")}));
+        }
+        if !tags.is_empty() {
+            o["tagOverrides"] = Value::Object(tags);
+        }
+        overrides.push(o);
+    }
+    let mut spec = json!({"metrics": [{"providers": [{"name": "prometheus"}], "overrides": overrides}]});
+    match &stats["disable_host_header_fallback"] {
+        Value::Bool(true) => spec["disableHostHeaderFallback"] = json!(true),
+        Value::String(s) if s == "true" => spec["disableHostHeaderFallback"] = json!(true),
+        _ => {}
+    }
+    spec
+}
+
+fn stats_file(name: &str, vars: &HashMap<&str, String>) -> Value {
+    telemetry_api(&yaml(&fill(&read(&format!("stats/{name}")), vars)))
+}
+
+// === tests ===
+
+#[test]
+fn shipped_stats_tags_cover_istios_standard_labels() {
+    let ours = stats_config(&[]);
+    let istio = yaml(&read("bootstrap/stats.yaml.tmpl"));
+    let find = |v: &Value, name: &str| {
+        v["stats_tags"].as_array().into_iter().flatten().find(|t| t["tag_name"] == name).map(|t| t["regex"].clone())
+    };
+    let expected = yaml(&fill(&read("metric/client_request_total.yaml.tmpl"), &base_vars()));
+    let labels: Vec<&str> =
+        expected["metric"][0]["label"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(labels.len(), 25);
+    for l in labels {
+        let theirs = find(&istio["stats_config"], l).unwrap_or_else(|| panic!("Istio has no tag {l}"));
+        // Istio's response_code entry also matches Envoy's own `_rq_<code>` names; ours only
+        // needs the filter's segment.
+        let ours =
+            find(&ours, l).unwrap_or_else(|| panic!("envoy-configs/telemetry-stats.yaml lacks a stats tag for {l}"));
+        let theirs = theirs.as_str().unwrap();
+        assert!(theirs.starts_with(ours.as_str().unwrap()), "{l}: ours {ours}, Istio's {theirs}");
+    }
+}
+
+#[test]
+fn client_and_server_request_totals() {
+    let r = run(&Scenario {
+        client_config: stats_file("client_config.yaml", &base_vars()),
+        server_config: stats_file("server_config.yaml", &base_vars()),
+        server_inbound_metadata: true,
+        ..Scenario::default()
+    });
+    assert_series(r.server.as_ref().unwrap(), "server_request_total.yaml.tmpl", &r.vars);
+    assert_series(&r.client, "client_request_total.yaml.tmpl", &r.vars);
+    // The durations and sizes carry the same labels; one series each, REQUESTS samples.
+    eventually("histograms flushed", Duration::from_secs(10), || {
+        let p = prometheus::parse(&r.client.prometheus());
+        p.iter().any(|s| s.name == "istio_response_bytes_count" && s.value == REQUESTS as f64).then_some(())
+    });
+    let prom = prometheus::parse(&r.client.prometheus());
+    for h in ["istio_request_duration_milliseconds_count", "istio_request_bytes_count", "istio_response_bytes_count"] {
+        let s: Vec<&Sample> = prom.iter().filter(|s| s.name == h).collect();
+        assert_eq!(s.len(), 1, "{h}: {s:?}");
+        assert_eq!(s[0].value, REQUESTS as f64, "{h}");
+        assert_eq!(s[0].labels.len(), 25, "{h}: {:?}", s[0].labels);
+    }
+}
+
+#[test]
+fn host_header_fallback() {
+    let r = run(&Scenario {
+        client_config: stats_file("client_config.yaml", &base_vars()),
+        server_config: stats_file("server_config.yaml", &base_vars()),
+        server_cluster_name: Some("server-outbound-cluster"),
+        server_inbound_metadata: true,
+        ..Scenario::default()
+    });
+    assert_series(&r.client, "host_header_fallback.yaml.tmpl", &r.vars);
+}
+
+#[test]
+fn host_header_fallback_disabled() {
+    let r = run(&Scenario {
+        client_config: stats_file("client_config_disable_header_fallback.yaml", &base_vars()),
+        server_config: stats_file("server_config_disable_header_fallback.yaml", &base_vars()),
+        server_cluster_name: Some("server-outbound-cluster"),
+        server_inbound_metadata: false,
+        ..Scenario::default()
+    });
+    assert_series(&r.client, "client_disable_host_header_fallback.yaml.tmpl", &r.vars);
+    assert_series(r.server.as_ref().unwrap(), "server_disable_host_header_fallback.yaml.tmpl", &r.vars);
+}
+
+#[test]
+fn endpoint_label_fallback() {
+    let r = run(&Scenario {
+        client_config: stats_file("client_config.yaml", &base_vars()),
+        endpoint_workload: Some("ratings-v1;default;ratings;version-1;server-cluster"),
+        ..Scenario::default()
+    });
+    assert_series(&r.client, "client_request_total_endpoint_labels.yaml.tmpl", &r.vars);
+}
+
+#[test]
+fn customized_overrides() {
+    let vars = base_vars();
+    let literal = stats_file("client_config_customized.yaml.tmpl", &vars);
+    let scenario = |client_config: Value| Scenario {
+        client_config,
+        server_config: stats_file("server_config.yaml", &vars),
+        server_inbound_metadata: true,
+        extra_tags: &["configurable_metric_a", "configurable_metric_b", "route_name"],
+        ..Scenario::default()
+    };
+    // istio/proxy's config holds a deliberately unparseable expression; istio/proxy drops that
+    // tag. meshwasm refuses a configuration that does not parse, naming the place:
+    let s = scenario(literal.clone());
+    let mut v = vars.clone();
+    v.insert("Ports.ServerPort", "1".into());
+    let log = validate(&client_side(&s, &v)).expect_err("an unparseable expression must be refused");
+    assert!(
+        log.contains("metrics[0].overrides[2].tagOverrides.destination_app.value: does not parse"),
+        "the error names the path:\n{log}"
+    );
+    // … so the operator writes what istio/proxy did with it: remove the tag.
+    let mut fixed = literal;
+    fixed["metrics"][0]["overrides"][2]["tagOverrides"]["destination_app"] = json!({"operation": "REMOVE"});
+    let r = run(&scenario(fixed));
+    assert_series(&r.client, "client_request_total_customized.yaml.tmpl", &r.vars);
+    let prom = r.client.prometheus();
+    assert!(!prom.contains("istio_request_duration_milliseconds"), "request_duration_milliseconds is dropped");
+    let bytes: Vec<Sample> =
+        prometheus::parse(&prom).into_iter().filter(|s| s.name == "istio_request_bytes_count").collect();
+    assert_eq!(bytes.len(), 1);
+    assert_eq!(bytes[0].labels.get("configurable_metric_b").map(String::as_str), Some("test"));
+    assert!(!bytes[0].labels.contains_key("reporter"), "reporter removed from request_bytes");
+}
