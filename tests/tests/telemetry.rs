@@ -506,3 +506,155 @@ fn customized_overrides() {
     assert_eq!(bytes[0].labels.get("configurable_metric_b").map(String::as_str), Some("test"));
     assert!(!bytes[0].labels.contains_key("reporter"), "reporter removed from request_bytes");
 }
+
+// === maxSeries: a label-cardinality flood ===
+
+/// RSS of a process in KiB (`/proc/<pid>/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Sends requests with `distinct` different Host values (then repeats the first) through
+/// `wrk`, until `distinct` responses came back; returns the number of requests sent.
+fn flood(envoy: &Envoy, distinct: u64) -> u64 {
+    let dir = std::env::temp_dir().join(format!("meshwasm-flood-{}-{distinct}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let script = dir.join("flood.lua");
+    std::fs::write(
+        &script,
+        format!(
+            r#"local n = 0
+local done = 0
+request = function()
+  n = n + 1
+  local h = n
+  if n > {distinct} then h = 1 end
+  return wrk.format("GET", "/", {{["Host"] = "flood-" .. h .. ".example"}})
+end
+response = function(status, headers, body)
+  done = done + 1
+  if done >= {distinct} then wrk.thread:stop() end
+end
+"#
+        ),
+    )
+    .expect("write script");
+    // wrk runs for its duration; it prints its report on SIGINT, sent once Envoy has
+    // completed `distinct` requests.
+    let child = std::process::Command::new("wrk")
+        .args(["-t1", "-c8", "-d300s", "-s"])
+        .arg(&script)
+        .arg(format!("http://{}/", envoy.listener_addr()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk (apt-get install wrk)");
+    eventually("flood completed", Duration::from_secs(240), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let t = envoy.admin_get("/stats?filter=^http.outbound.downstream_rq_completed$").text();
+        let done: u64 = t.rsplit(' ').next().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        (done >= distinct).then_some(())
+    });
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let out = child.wait_with_output().expect("wrk output");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "wrk: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    let sent = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("wrk output:\n{text}"));
+    assert!(sent >= distinct, "wrk stopped early:\n{text}");
+    sent
+}
+
+fn requests_series(envoy: &Envoy) -> Vec<Sample> {
+    let rsp = envoy.admin_get("/stats/prometheus?filter=istio_requests_total");
+    prometheus::parse(&rsp.text()).into_iter().filter(|s| s.name == "istio_requests_total").collect()
+}
+
+fn flood_client(config: Value, upstream: SocketAddr) -> Envoy {
+    let cluster = json!({"name": "flood", "type": "STATIC", "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": "flood", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+            "address": upstream.ip().to_string(), "port_value": upstream.port()}}}}]}]}});
+    let side = Side {
+        node_id: "client",
+        metadata: node_metadata("client", &base_vars()),
+        ip: IpAddr::from([127, 0, 0, 1]),
+        direction: "OUTBOUND",
+        route: "client_route",
+        cluster,
+        filter: Some(config),
+        extra_tags: &[],
+    };
+    start(&side)
+}
+
+#[test]
+#[allow(non_snake_case)]
+fn max_series_bounds_a_host_header_flood() {
+    // CI size by default (creating a series costs Envoy ~15 ms here: 25 tag regexes on a long
+    // name, for each of the four metrics); `MESHWASM_TELEMETRY_FLOOD=full` runs the issue's
+    // 100,000 hosts (about 100 s on the shared 2-core machine).
+    let full = std::env::var("MESHWASM_TELEMETRY_FLOOD").is_ok_and(|v| v == "full");
+    let (cap, hosts, uncapped): (usize, u64, u64) = if full { (1000, 100_000, 2000) } else { (100, 10_000, 800) };
+    let (CAP, HOSTS, UNCAPPED) = (cap, hosts, uncapped);
+    let up = Upstream::start();
+
+    // Uncapped: what unbounded cardinality costs (Wasm stats never expire).
+    let t = std::time::Instant::now();
+    let open = flood_client(json!({}), up.addr());
+    let before = rss_kib(open.pid().unwrap());
+    flood(&open, UNCAPPED);
+    eprintln!("uncapped flood done after {:?}", t.elapsed());
+    eventually("uncapped series", Duration::from_secs(60), || {
+        let n = requests_series(&open).len();
+        (n == UNCAPPED as usize).then_some(())
+    });
+    eprintln!("uncapped counted after {:?}", t.elapsed());
+    let uncapped_growth = rss_kib(open.pid().unwrap()).saturating_sub(before);
+    drop(open);
+
+    // Capped at 1,000 per metric, 100,000 hosts.
+    let capped = flood_client(json!({"maxSeries": CAP}), up.addr());
+    let before = rss_kib(capped.pid().unwrap());
+    let sent = flood(&capped, HOSTS);
+    eprintln!("capped flood done after {:?}", t.elapsed());
+    // wrk counts the responses it read before stopping; a few more may have completed.
+    eventually("every request counted", Duration::from_secs(60), || {
+        let total: f64 = requests_series(&capped).iter().map(|s| s.value).sum();
+        (total >= sent as f64).then_some(())
+    });
+    let capped_growth = rss_kib(capped.pid().unwrap()).saturating_sub(before);
+    let prom = prometheus::parse(&capped.prometheus());
+    let series: Vec<&Sample> = prom.iter().filter(|s| s.name == "istio_requests_total").collect();
+    let total: f64 = series.iter().map(|s| s.value).sum();
+    assert_eq!(series.len(), CAP + 1, "the cap plus one overflow series");
+    let overflow: Vec<&&Sample> =
+        series.iter().filter(|s| s.labels.get("destination_service").map(String::as_str) == Some("overflow")).collect();
+    assert_eq!(overflow.len(), 1);
+    assert_eq!(overflow[0].labels["reporter"], "source", "the reporter survives the fold");
+    assert_eq!(overflow[0].labels.len(), 25, "same label names as every other series");
+    let folded = overflow[0].value;
+    assert!(folded >= (HOSTS - CAP as u64) as f64, "{folded} records folded");
+    assert!(folded <= total - CAP as f64, "{folded} records folded of {total}");
+    let counter = prom.iter().find(|s| s.name == "meshwasm_telemetry_series_overflow").expect("overflow counter").value;
+    assert_eq!(counter, 4.0 * folded, "every folded record of the four HTTP metrics is counted");
+    eprintln!(
+        "maxSeries flood: {sent} requests, {HOSTS} distinct hosts, cap {CAP}: Envoy RSS +{capped_growth} KiB; \
+         uncapped {UNCAPPED} hosts ({UNCAPPED} series per metric): RSS +{uncapped_growth} KiB"
+    );
+    assert!(
+        capped_growth < uncapped_growth,
+        "{HOSTS} hosts under the cap (+{capped_growth} KiB) must cost less than {UNCAPPED} uncapped (+{uncapped_growth} KiB)"
+    );
+}
