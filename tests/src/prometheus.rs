@@ -98,3 +98,99 @@ mod tests {
         assert_eq!(parse("# TYPE x counter\nx 1\n\ny{a=\"b\"} 2\n").len(), 2);
     }
 }
+
+// === a real Prometheus ===
+
+/// Debian's `prometheus` binary on a free loopback port, scraping the given Envoy admin
+/// addresses (`/stats/prometheus`) every second; killed on drop.
+pub struct Prometheus {
+    child: Option<std::process::Child>,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(envoy_admins: &[std::net::SocketAddr]) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!(
+            "meshwasm-prometheus-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let targets: Vec<String> = envoy_admins.iter().map(|a| format!("'{a}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: [{}]\n",
+            targets.join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+        let port = crate::envoy::free_port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
+        let child = std::process::Command::new(std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into()))
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus (apt-get install --no-install-recommends prometheus)");
+        let p = Prometheus { child: Some(child), addr, dir };
+        let n = envoy_admins.len();
+        crate::eventually("prometheus scraping every Envoy (up == 1)", std::time::Duration::from_secs(30), || {
+            let r = p.try_query("sum(up)").ok()?;
+            let v = r["data"]["result"][0]["value"][1].as_str()?.parse::<f64>().ok()?;
+            (v == n as f64).then_some(())
+        });
+        p
+    }
+
+    /// An instant query; `Err` with Prometheus' error for a failed one.
+    pub fn try_query(&self, promql: &str) -> Result<serde_json::Value, String> {
+        let mut enc = String::new();
+        for b in promql.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                enc.push(char::from(b));
+            } else {
+                enc.push_str(&format!("%{b:02X}"));
+            }
+        }
+        let req = crate::Request::get(&format!("/api/v1/query?query={enc}")).authority(&self.addr.to_string());
+        let rsp = crate::client::try_send(self.addr, &req)?;
+        let v: serde_json::Value = serde_json::from_slice(&rsp.body).map_err(|e| format!("{e}: {}", rsp.text()))?;
+        if v["status"] == "success" {
+            Ok(v)
+        } else {
+            Err(format!("{}: {}", v["errorType"], v["error"]))
+        }
+    }
+
+    /// The query's result vector as (labels, value) pairs.
+    pub fn vector(&self, promql: &str) -> Result<Vec<(serde_json::Value, f64)>, String> {
+        let v = self.try_query(promql)?;
+        let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        Ok(result
+            .into_iter()
+            .map(|r| {
+                let value = r["value"][1].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(f64::NAN);
+                (r["metric"].clone(), value)
+            })
+            .collect())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- prometheus log ---\n{}",
+                std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

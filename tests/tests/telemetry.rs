@@ -658,3 +658,155 @@ fn max_series_bounds_a_host_header_flood() {
         "{HOSTS} hosts under the cap (+{capped_growth} KiB) must cost less than {UNCAPPED} uncapped (+{uncapped_growth} KiB)"
     );
 }
+
+// === a real Prometheus and Istio's dashboards ===
+
+/// Grafana's substitution for the dashboards' variables, for this test's traffic.
+fn substitute(expr: &str) -> String {
+    let vars = [
+        ("$__rate_interval", "30s"),
+        ("$qrep", "source|destination"),
+        ("$service", "server.default.svc.cluster.local"),
+        ("$namespace", "default"),
+        ("$workload", "ratings-v1"),
+        ("$srccluster", ".*"),
+        ("$dstcluster", ".*"),
+        ("$srcns", ".*"),
+        ("$srcwl", ".*"),
+        ("$dstns", ".*"),
+        ("$dstwl", ".*"),
+        ("$dstsvc", ".*"),
+    ];
+    let mut out = expr.to_string();
+    for (k, v) in vars {
+        out = out.replace(k, v);
+    }
+    out
+}
+
+#[test]
+fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
+    let vars = base_vars();
+    let s = Scenario {
+        client_config: json!({}),
+        server_config: json!({}),
+        server_inbound_metadata: true,
+        ..Scenario::default()
+    };
+    let up = Upstream::start();
+    let server = start(&server_side(&s, &vars, up.addr()));
+    let mut v = vars.clone();
+    v.insert("Ports.ServerPort", server.listener_addr().port().to_string());
+    let client = start(&client_side(&s, &v));
+    let prom = meshwasm_tests::prometheus::Prometheus::start(&[client.admin_addr(), server.admin_addr()]);
+    let port = client.listener_addr().port();
+    let send = |status: u16| {
+        let rsp = client.send(
+            Request::get("/").authority(&format!("127.0.0.1:{port}")).header("x-upstream-status", &status.to_string()),
+        );
+        assert_eq!(rsp.status, status);
+    };
+    // Traffic across several scrapes: 4 of 5 requests succeed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let mut sent = 0u64;
+    while std::time::Instant::now() < deadline {
+        for st in [200, 200, 200, 200, 503] {
+            send(st);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Both reporters' totals reach Prometheus.
+    eventually("Prometheus has every request from both reporters", Duration::from_secs(20), || {
+        let r = prom.vector("sum(istio_requests_total) by (reporter)").ok()?;
+        (r.len() == 2 && r.iter().all(|(_, v)| *v == sent as f64)).then_some(())
+    });
+    let ok = prom.vector(r#"sum(istio_requests_total{reporter="destination",response_code="200"})"#).expect("query");
+    assert_eq!(ok[0].1, (sent / 5 * 4) as f64, "200s as sent");
+
+    // Traffic keeps flowing while the dashboards are evaluated (their rates use `irate`, the
+    // last two scrapes), in groups of four 200s and one 503.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = {
+        let stop = stop.clone();
+        let addr = client.listener_addr();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for st in ["200", "200", "200", "200", "503"] {
+                    let req = Request::get("/")
+                        .authority(&format!("127.0.0.1:{}", addr.port()))
+                        .header("x-upstream-status", st);
+                    let _ = meshwasm_tests::client::try_send(addr, &req);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let text = std::fs::read_to_string(workspace_root().parent().unwrap().join("shared/istio/dashboards/queries.txt"))
+        .expect("queries.txt");
+    let mut failures = Vec::new();
+    let mut evaluated = 0;
+    let mut results: Vec<(String, String, Vec<(Value, f64)>)> = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.starts_with("VAR") && !l.trim().is_empty()) {
+        let parts: Vec<&str> = line.splitn(6, " | ").collect();
+        let [dashboard, _row, panel, _ref, _legend, expr] = parts.as_slice() else { continue };
+        let q = substitute(expr.trim());
+        evaluated += 1;
+        match prom.vector(&q) {
+            Ok(r) => results.push((dashboard.to_string(), panel.to_string(), r)),
+            Err(e) => failures.push(format!("{dashboard} / {panel}: {e}\n  {q}")),
+        }
+    }
+    // Template-variable queries (`query_result(...)`) evaluate too.
+    for line in text.lines().filter(|l| l.starts_with("VAR")) {
+        let parts: Vec<&str> = line.split(" | ").collect();
+        if let Some(q) = parts.get(4).and_then(|q| q.strip_prefix("query_result(")).and_then(|q| q.strip_suffix(')')) {
+            evaluated += 1;
+            if let Err(e) = prom.vector(&substitute(q)) {
+                failures.push(format!("variable {}: {e}", parts.get(2).unwrap_or(&"")));
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    background.join().expect("traffic thread");
+    assert!(
+        failures.is_empty(),
+        "{} of {evaluated} dashboard queries failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(evaluated > 150, "{evaluated} queries");
+    let panel = |dash: &str, name: &str| -> Vec<(Value, f64)> {
+        results.iter().filter(|(d, p, _)| d == dash && p == name).flat_map(|(_, _, r)| r.clone()).collect()
+    };
+    // Request volume: traffic was flowing at the time of the query.
+    for name in ["Client Request Volume", "Server Request Volume"] {
+        let vol = panel("Istio Service Dashboard", name);
+        assert!(vol.len() == 1 && vol[0].1 > 0.0, "{name}: {vol:?}");
+    }
+    // Success rate: 4 of 5 (the last scrape interval may split a group of five: a few
+    // requests either way).
+    for name in ["Client Success Rate (non-5xx responses)", "Server Success Rate (non-5xx responses)"] {
+        let r = panel("Istio Service Dashboard", name);
+        assert_eq!(r.len(), 1, "{name}: {r:?}");
+        assert!((0.7..=0.9).contains(&r[0].1), "{name}: {} (traffic implies 0.8)", r[0].1);
+    }
+    // Sizes and durations: the P50 size lies in the bucket of the mean Envoy measured.
+    let mean_resp = prom
+        .vector(r#"sum(istio_response_bytes_sum{reporter="destination"}) / sum(istio_response_bytes_count{reporter="destination"})"#)
+        .expect("mean")[0]
+        .1;
+    let p50 = prom
+        .vector(
+            r#"histogram_quantile(0.50, sum(rate(istio_response_bytes_bucket{reporter="destination"}[1m])) by (le))"#,
+        )
+        .expect("p50")[0]
+        .1;
+    let bucket_hi = [1.0, 10.0, 100.0, 1000.0, 10000.0].into_iter().find(|b| *b >= mean_resp).unwrap();
+    assert!(
+        p50 <= bucket_hi && p50 >= bucket_hi / 10.0,
+        "P50 response size {p50} in the bucket of the mean {mean_resp}"
+    );
+    // No TCP traffic: the TCP panels are empty.
+    assert!(panel("Istio Service Dashboard", "TCP Received Bytes").is_empty());
+}
