@@ -78,27 +78,6 @@ pub fn parse_line(line: &str) -> Result<Sample, String> {
     Ok(Sample { name, labels, value })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines() {
-        let s = parse_line(r#"istio_requests_total{route_name="a,b=c",x="q\"z",e=""} 10"#).unwrap();
-        assert_eq!(s.name, "istio_requests_total");
-        assert_eq!(s.labels["route_name"], "a,b=c");
-        assert_eq!(s.labels["x"], "q\"z");
-        assert_eq!(s.labels["e"], "");
-        assert_eq!(s.value, 10.0);
-        let s = parse_line("envoy_server_live{} 1").unwrap();
-        assert!(s.labels.is_empty());
-        assert_eq!(parse_line("up 1").unwrap().value, 1.0);
-        assert_eq!(parse_line(r#"h_bucket{le="+Inf"} 3"#).unwrap().labels["le"], "+Inf");
-        assert!(parse_line(r#"x{a="1} 2"#).is_err());
-        assert_eq!(parse("# TYPE x counter\nx 1\n\ny{a=\"b\"} 2\n").len(), 2);
-    }
-}
-
 // === a real Prometheus ===
 
 /// Debian's `prometheus` binary on a free loopback port, scraping the given Envoy admin
@@ -192,5 +171,26 @@ impl Drop for Prometheus {
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines() {
+        let s = parse_line(r#"istio_requests_total{route_name="a,b=c",x="q\"z",e=""} 10"#).unwrap();
+        assert_eq!(s.name, "istio_requests_total");
+        assert_eq!(s.labels["route_name"], "a,b=c");
+        assert_eq!(s.labels["x"], "q\"z");
+        assert_eq!(s.labels["e"], "");
+        assert_eq!(s.value, 10.0);
+        let s = parse_line("envoy_server_live{} 1").unwrap();
+        assert!(s.labels.is_empty());
+        assert_eq!(parse_line("up 1").unwrap().value, 1.0);
+        assert_eq!(parse_line(r#"h_bucket{le="+Inf"} 3"#).unwrap().labels["le"], "+Inf");
+        assert!(parse_line(r#"x{a="1} 2"#).is_err());
+        assert_eq!(parse("# TYPE x counter\nx 1\n\ny{a=\"b\"} 2\n").len(), 2);
     }
 }
