@@ -661,6 +661,9 @@ fn max_series_bounds_a_host_header_flood() {
 
 // === a real Prometheus and Istio's dashboards ===
 
+/// A query's result vector: (labels, value) pairs.
+type PanelResult = Vec<(Value, f64)>;
+
 /// Grafana's substitution for the dashboards' variables, for this test's traffic.
 fn substitute(expr: &str) -> String {
     let vars = [
@@ -746,7 +749,7 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
         .expect("queries.txt");
     let mut failures = Vec::new();
     let mut evaluated = 0;
-    let mut results: Vec<(String, String, Vec<(Value, f64)>)> = Vec::new();
+    let mut results: Vec<(String, String, PanelResult)> = Vec::new();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.starts_with("VAR") && !l.trim().is_empty()) {
         let parts: Vec<&str> = line.splitn(6, " | ").collect();
         let [dashboard, _row, panel, _ref, _legend, expr] = parts.as_slice() else { continue };
@@ -776,7 +779,7 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
         failures.join("\n")
     );
     assert!(evaluated > 150, "{evaluated} queries");
-    let panel = |dash: &str, name: &str| -> Vec<(Value, f64)> {
+    let panel = |dash: &str, name: &str| -> PanelResult {
         results.iter().filter(|(d, p, _)| d == dash && p == name).flat_map(|(_, _, r)| r.clone()).collect()
     };
     // Request volume: traffic was flowing at the time of the query.
