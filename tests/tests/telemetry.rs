@@ -813,3 +813,12 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
     // No TCP traffic: the TCP panels are empty.
     assert!(panel("Istio Service Dashboard", "TCP Received Bytes").is_empty());
 }
+
+#[test]
+fn examples_embed_the_shipped_stats_config() {
+    let shipped = stats_config(&[]);
+    for f in ["examples/telemetry/envoy.yaml", "examples/telemetry-server/envoy.yaml"] {
+        let v = yaml(&std::fs::read_to_string(workspace_root().join(f)).expect(f));
+        assert_eq!(v["stats_config"], shipped, "{f}: stats_config differs from envoy-configs/telemetry-stats.yaml");
+    }
+}
