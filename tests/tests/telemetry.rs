@@ -822,3 +822,27 @@ fn examples_embed_the_shipped_stats_config() {
         assert_eq!(v["stats_config"], shipped, "{f}: stats_config differs from envoy-configs/telemetry-stats.yaml");
     }
 }
+
+#[test]
+fn response_flags_and_unknown_peer_on_upstream_failure() {
+    // Nothing listens on the upstream port: Envoy answers 503 with flag UF (after its
+    // connection attempt failed, possibly with URX from retries: none are configured).
+    let closed = SocketAddr::from(([127, 0, 0, 1], meshwasm_tests::envoy::free_port()));
+    let client = flood_client(json!({}), closed);
+    let port = client.listener_addr().port();
+    for _ in 0..3 {
+        let rsp = client.send(Request::get("/").authority(&format!("127.0.0.1:{port}")));
+        assert_eq!(rsp.status, 503);
+    }
+    let series = eventually("the failures counted", Duration::from_secs(10), || {
+        let s = requests_series(&client);
+        (s.iter().map(|s| s.value).sum::<f64>() == 3.0).then_some(s)
+    });
+    assert_eq!(series.len(), 1, "{series:?}");
+    let l = &series[0].labels;
+    assert_eq!(l["response_flags"], "UF");
+    assert_eq!(l["response_code"], "503");
+    assert_eq!(l["destination_workload"], "unknown", "no peer answered");
+    assert_eq!(l["destination_canonical_revision"], "latest");
+    assert_eq!(l["destination_service"], format!("127.0.0.1:{port}"), "Host header fallback");
+}

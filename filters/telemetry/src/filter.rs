@@ -216,6 +216,7 @@ impl Plugin for TelemetryPlugin {
             peer: None,
             peer_asked: false,
             reported: false,
+            status: None,
         }
     }
 }
@@ -231,6 +232,8 @@ pub struct TelemetryFilter {
     /// Server side: the request carried peer metadata, so the response answers with ours.
     peer_asked: bool,
     reported: bool,
+    /// `:status` of the response headers this filter saw.
+    status: Option<u64>,
 }
 
 fn prop_string(host: &dyn Host, path: &[&str]) -> String {
@@ -406,17 +409,23 @@ impl TelemetryFilter {
             &cluster,
             istio_md,
         );
-        let (peer_san, local_san) = match reporter {
-            Reporter::Server => (
-                prop_string(host, &["connection", "uri_san_peer_certificate"]),
-                prop_string(host, &["connection", "uri_san_local_certificate"]),
-            ),
-            Reporter::Client => (
-                prop_string(host, &["upstream", "uri_san_peer_certificate"]),
-                prop_string(host, &["upstream", "uri_san_local_certificate"]),
-            ),
+        // Certificates exist only on a TLS connection: one read decides whether to look.
+        let side = match reporter {
+            Reporter::Server => "connection",
+            Reporter::Client => "upstream",
         };
-        let response_code = prop_int(host, &["response", "code"]).unwrap_or(0);
+        let (peer_san, local_san) = if host.property(&[side, "tls_version"]).is_some_and(|v| !v.is_empty()) {
+            (
+                prop_string(host, &[side, "uri_san_peer_certificate"]),
+                prop_string(host, &[side, "uri_san_local_certificate"]),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let response_code = match self.status {
+            Some(code) => code,
+            None => prop_int(host, &["response", "code"]).unwrap_or(0),
+        };
         let grpc_status = if self.grpc { prop_int(host, &["response", "grpc_status"]) } else { None };
         let flags = prop_int(host, &["response", "flags"]).unwrap_or(0);
         let standard = labels::standard(&Inputs {
@@ -516,6 +525,8 @@ impl HttpFilter for TelemetryFilter {
     }
 
     fn on_response_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
+        // `response.code` as a header read (cheaper than the property at the log phase).
+        self.status = host.header(HeaderMap::ResponseHeaders, ":status").and_then(|s| s.parse().ok());
         match self.reporter(host) {
             Reporter::Client => {
                 self.take_peer(host, HeaderMap::ResponseHeaders);
@@ -655,6 +666,39 @@ mod tests {
         f2.on_log(&h2);
         let s = series(&h2, "istio_requests_total");
         assert!(s[0].0.contains("source_workload=.=unknown;.;source_canonical_service=.=unknown;.;source_canonical_revision=.=latest;.;"), "{}", s[0].0);
+    }
+
+    #[test]
+    fn tls_principals_and_status_header() {
+        let server = plugin(json!({}), "SERVER", node_md("ratings-v1", "ratings", "c2"));
+        let h = FakeHost::new();
+        end(&h, 500);
+        h.set_property(&["connection", "tls_version"], b"TLSv1.3");
+        h.set_property(&["connection", "uri_san_peer_certificate"], b"spiffe://cluster.local/ns/foo/sa/client");
+        h.set_property(&["connection", "uri_san_local_certificate"], b"spiffe://cluster.local/ns/default/sa/ratings");
+        *h.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+        let mut f = server.new_filter(2, 0);
+        f.on_request_headers(&h, true);
+        f.on_response_headers(&h, false);
+        f.on_log(&h);
+        let s = &series(&h, "istio_requests_total")[0].0;
+        for want in [
+            "source_workload_namespace=.=foo;",
+            "source_principal=.=spiffe://cluster.local/ns/foo/sa/client;",
+            "destination_principal=.=spiffe://cluster.local/ns/default/sa/ratings;",
+            "connection_security_policy=.=mutual_tls;",
+            "response_code=.=201;",
+        ] {
+            assert!(s.contains(want), "{want} in {s}");
+        }
+        // Without TLS the SANs are not read (and not used).
+        let h = FakeHost::new();
+        end(&h, 200);
+        h.set_property(&["connection", "uri_san_peer_certificate"], b"spiffe://x/ns/foo/sa/y");
+        let mut f = server.new_filter(3, 0);
+        f.on_request_headers(&h, true);
+        f.on_log(&h);
+        assert!(series(&h, "istio_requests_total")[0].0.contains("source_principal=.=unknown;"));
     }
 
     #[test]
