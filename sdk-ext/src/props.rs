@@ -158,6 +158,45 @@ fn encode_value(v: &Value) -> Vec<u8> {
     out
 }
 
+/// Decode a serialized `google.protobuf.Struct` as a JSON object (peer metadata exchange).
+pub fn struct_from_bytes(bytes: &[u8]) -> Result<Value, String> {
+    decode_struct(bytes, 0)
+}
+
+/// Serialize a JSON object as a `google.protobuf.Struct` (a non-object encodes as an empty
+/// `Struct`): the inverse of `struct_from_bytes`.
+pub fn struct_to_bytes(value: &Value) -> Vec<u8> {
+    encode_struct(value)
+}
+
+/// Decode a serialized `envoy.config.core.v3.Metadata` whole, as
+/// `{"filter_metadata": {<namespace>: <Struct as JSON>, ...}}` (for expressions over
+/// `xds.cluster_metadata`, `xds.route_metadata`, `xds.upstream_host_metadata`).
+pub fn metadata_json(bytes: &[u8]) -> Result<Value, String> {
+    let mut namespaces = Map::new();
+    let mut r = Reader::new(bytes);
+    while let Some((field, wire)) = r.key()? {
+        if field == 1 && wire == 2 {
+            let mut entry = Reader::new(r.bytes()?);
+            let mut key = String::new();
+            let mut value = Value::Object(Map::new());
+            while let Some((f, w)) = entry.key()? {
+                match (f, w) {
+                    (1, 2) => key = entry.string()?,
+                    (2, 2) => value = decode_struct(entry.bytes()?, 0)?,
+                    _ => entry.skip(w)?,
+                }
+            }
+            namespaces.insert(key, value);
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    let mut out = Map::new();
+    out.insert("filter_metadata".into(), Value::Object(namespaces));
+    Ok(Value::Object(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +220,17 @@ mod tests {
         }
         let bytes = encode_metadata("meshwasm", &v);
         assert!(metadata_namespace(&bytes, "meshwasm").unwrap_err().contains("nested deeper"));
+    }
+
+    #[test]
+    fn struct_and_metadata_json_roundtrip() {
+        let v = serde_json::json!({"NAME": "a", "LABELS": {"app": "x"}, "n": 2, "l": ["p", true]});
+        assert_eq!(struct_from_bytes(&struct_to_bytes(&v)).unwrap(), v);
+        let md = encode_metadata("istio", &serde_json::json!({"services": [{"host": "h"}]}));
+        assert_eq!(
+            metadata_json(&md).unwrap(),
+            serde_json::json!({"filter_metadata": {"istio": {"services": [{"host": "h"}]}}})
+        );
     }
 
     proptest! {

@@ -1006,3 +1006,55 @@ fn list_item(yaml: &str, indent: usize) -> String {
     }
     out
 }
+
+// === impl Envoy: a caller-rendered bootstrap ===
+
+impl Envoy {
+    /// Starts Envoy with a bootstrap the caller renders (YAML or JSON) for an admin port and
+    /// one free port per entry of `listener_ips` (listeners that bind another loopback
+    /// address, node metadata, cluster metadata: what the builder does not model). Waits
+    /// for admin `/ready` like [`EnvoyBuilder::start`].
+    pub fn start_bootstrap(
+        listener_ips: &[std::net::IpAddr],
+        concurrency: u32,
+        render: impl FnOnce(u16, &[u16]) -> String,
+    ) -> Envoy {
+        let dir = temp_dir();
+        let admin_port = free_port();
+        let ports: Vec<u16> = listener_ips.iter().map(|_| free_port()).collect();
+        let config = render(admin_port, &ports);
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, &config).expect("write bootstrap");
+        let log_path = dir.join("envoy.log");
+        let log = std::fs::File::create(&log_path).expect("create log");
+        let mut cmd = Command::new(crate::envoy_bin());
+        cmd.arg("-c")
+            .arg(&config_path)
+            .arg("--concurrency")
+            .arg(concurrency.to_string())
+            .arg("--disable-hot-restart")
+            .arg("--base-id")
+            .arg(unique_base_id().to_string())
+            .arg("-l")
+            .arg("info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let mut envoy = Envoy {
+            child: Some(child),
+            dir,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            listeners: listener_ips.iter().zip(&ports).map(|(ip, p)| SocketAddr::new(*ip, *p)).collect(),
+            log_path,
+            config,
+        };
+        envoy.wait_ready();
+        envoy
+    }
+
+    /// The process id (for memory measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}

@@ -21,6 +21,7 @@ pub mod certs;
 pub mod client;
 pub mod envoy;
 pub mod ext_authz;
+pub mod prometheus;
 pub mod ratelimit_service;
 pub mod redis;
 pub mod registry;

@@ -34,6 +34,11 @@ pub const FILTERS: &[Filter] = &[
         krate: "meshwasm-retry",
         smoke_config: r#"{"rules":[{"retries":{"attempts":2,"retryOn":"5xx"},"budget":{}}]}"#,
     },
+    Filter {
+        name: "telemetry",
+        krate: "meshwasm-telemetry",
+        smoke_config: r#"{"maxSeries":10000,"metrics":[{"overrides":[{"match":{"metric":"REQUEST_COUNT"},"tagOverrides":{"request_protocol":{"value":"request.protocol"}}}]}]}"#,
+    },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
 ];

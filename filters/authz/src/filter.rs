@@ -98,7 +98,7 @@ impl Plugin for AuthzPlugin {
     }
 
     fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> AuthzFilter {
-        AuthzFilter { plugin: Rc::clone(self), state: State::Start, attrs: Attrs::default(), downstream: Vec::new() }
+        AuthzFilter { plugin: Rc::clone(self), state: State::Start, attrs: Attrs::default(), downstream: Downstream::default() }
     }
 }
 
@@ -267,8 +267,42 @@ pub struct AuthzFilter {
     plugin: Rc<AuthzPlugin>,
     state: State,
     attrs: Attrs,
-    /// Headers the authorizer asked to add to the response.
-    downstream: Vec<(String, String)>,
+    /// Headers the authorizer asked to put on the response.
+    downstream: Downstream,
+}
+
+/// Response header mutations from an allowing authorizer, applied in Envoy's order.
+#[derive(Debug, Default)]
+struct Downstream {
+    add: Vec<(String, String)>,
+    set: Vec<(String, String)>,
+    add_if_absent: Vec<(String, String)>,
+    overwrite_if_exists: Vec<(String, String)>,
+}
+
+/// `path` with query parameters set (replaced or appended) and removed.
+fn rewrite_query(path: &str, set: &[(String, String)], remove: &[String]) -> String {
+    let (base, query) = path.split_once('?').unwrap_or((path, ""));
+    let mut params: Vec<(String, String)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (p.to_string(), String::new()),
+        })
+        .collect();
+    params.retain(|(k, _)| !remove.contains(k));
+    for (k, v) in set {
+        match params.iter_mut().find(|(pk, _)| pk == k) {
+            Some(p) => p.1 = v.clone(),
+            None => params.push((k.clone(), v.clone())),
+        }
+    }
+    if params.is_empty() {
+        return base.to_string();
+    }
+    let q: Vec<String> = params.iter().map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") }).collect();
+    format!("{base}?{}", q.join("&"))
 }
 
 impl AuthzFilter {
@@ -363,6 +397,13 @@ impl AuthzFilter {
             source_principal: prop_string(host, &["connection", "uri_san_peer_certificate"]),
             destination_principal: prop_string(host, &["connection", "uri_san_local_certificate"]),
             sni: prop_string(host, &["connection", "requested_server_name"]).filter(|s| !s.is_empty()),
+            protocol: prop_string(host, &["request", "protocol"]),
+            request_id: host.header(HeaderMap::RequestHeaders, "x-request-id"),
+            time_unix_nanos: host
+                .now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_nanos()).ok()),
         }
     }
 
@@ -403,23 +444,53 @@ impl AuthzFilter {
         let plugin = Rc::clone(&self.plugin);
         let Some(p) = plugin.config.provider.as_ref() else { return self.rbac(host) };
         match outcome {
-            Outcome::Allow { upstream_set, upstream_append, upstream_remove, downstream } => {
+            Outcome::Allow {
+                upstream_set,
+                upstream_append,
+                upstream_remove,
+                downstream,
+                downstream_set,
+                downstream_add_if_absent,
+                downstream_overwrite_if_exists,
+                query_set,
+                query_remove,
+            } => {
                 plugin.count_provider(host, ProviderStat::Ok);
-                let mutated = !(upstream_set.is_empty() && upstream_append.is_empty() && upstream_remove.is_empty());
+                let mutated = !(upstream_set.is_empty()
+                    && upstream_append.is_empty()
+                    && upstream_remove.is_empty()
+                    && query_set.is_empty()
+                    && query_remove.is_empty());
                 for (k, v) in &upstream_set {
                     let _ = host.set_header(HeaderMap::RequestHeaders, k, Some(v));
                 }
                 for (k, v) in &upstream_append {
-                    let _ = host.add_header(HeaderMap::RequestHeaders, k, v);
+                    if let Some(old) = host.header(HeaderMap::RequestHeaders, k) {
+                        let _ = host.set_header(HeaderMap::RequestHeaders, k, Some(&format!("{old},{v}")));
+                    }
                 }
                 for k in &upstream_remove {
                     let _ = host.set_header(HeaderMap::RequestHeaders, k, None);
+                }
+                if !(query_set.is_empty() && query_remove.is_empty()) {
+                    if let Some(path) = host.header(HeaderMap::RequestHeaders, ":path") {
+                        let _ = host.set_header(
+                            HeaderMap::RequestHeaders,
+                            ":path",
+                            Some(&rewrite_query(&path, &query_set, &query_remove)),
+                        );
+                    }
                 }
                 if mutated {
                     // Later policies see the request as the authorizer left it.
                     self.attrs.headers = None;
                 }
-                self.downstream = downstream;
+                self.downstream = Downstream {
+                    add: downstream,
+                    set: downstream_set,
+                    add_if_absent: downstream_add_if_absent,
+                    overwrite_if_exists: downstream_overwrite_if_exists,
+                };
                 self.rbac(host)
             }
             Outcome::Deny { status, body, headers } => {
@@ -527,8 +598,23 @@ impl HttpFilter for AuthzFilter {
     }
 
     fn on_response_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
-        for (k, v) in std::mem::take(&mut self.downstream) {
-            let _ = host.add_header(HeaderMap::ResponseHeaders, &k, &v);
+        let d = std::mem::take(&mut self.downstream);
+        let map = HeaderMap::ResponseHeaders;
+        for (k, v) in &d.add {
+            let _ = host.add_header(map, k, v);
+        }
+        for (k, v) in &d.set {
+            let _ = host.set_header(map, k, Some(v));
+        }
+        for (k, v) in &d.add_if_absent {
+            if host.header(map, k).is_none() {
+                let _ = host.add_header(map, k, v);
+            }
+        }
+        for (k, v) in &d.overwrite_if_exists {
+            if host.header(map, k).is_some() {
+                let _ = host.set_header(map, k, Some(v));
+            }
         }
         Flow::Continue
     }

@@ -1,0 +1,776 @@
+//! The telemetry stream and root: peer metadata exchange on the headers, the standard
+//! labels and the tag overrides at the end of the stream, and the stats.
+//!
+//! Cost model (a hostcall ≈ 1 µs, a property read ≈ 3 µs): node metadata is read once per
+//! VM at configure time; a peer's exchange header is decoded once and cached by its value;
+//! an upstream cluster's metadata is decoded once per cluster name; a series' metric ids
+//! are defined once per VM. Per request: a few header reads and writes, and the final
+//! attributes (code, flags, duration, sizes, cluster, TLS SANs) at the end.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use serde_json::Value;
+
+use meshwasm_sdk_ext::props::{decode_int, metadata_json};
+use meshwasm_sdk_ext::{ConfigError, Flow, HeaderMap, Host, HttpFilter, LogLevel, MetricKind, Plugin};
+
+use crate::config::{Config, Metric, Reporter, Source};
+use crate::expr::{walk, Attributes, Seg, Val};
+use crate::labels::{self, escape, Inputs};
+use crate::peer::{self, Workload};
+
+pub const NAME: &str = "telemetry";
+
+/// The counter of records folded into an overflow series (`maxSeries`):
+/// Prometheus `meshwasm_telemetry_series_overflow`.
+pub const OVERFLOW_STAT: &str = "meshwasm.telemetry.series_overflow";
+/// The value every label but `reporter` takes in the overflow series.
+pub const OVERFLOW_VALUE: &str = "overflow";
+
+/// Decoded peers kept per VM; past this the cache starts over (peers are few in practice,
+/// and a client sending random metadata must not grow memory without bound).
+const PEER_CACHE_MAX: usize = 1024;
+const CLUSTER_CACHE_MAX: usize = 1024;
+
+/// The HTTP metrics this filter records, with their stat kind.
+const HTTP_METRICS: [(Metric, MetricKind); 4] = [
+    (Metric::RequestCount, MetricKind::Counter),
+    (Metric::RequestDuration, MetricKind::Histogram),
+    (Metric::RequestSize, MetricKind::Histogram),
+    (Metric::ResponseSize, MetricKind::Histogram),
+];
+
+// === impl TelemetryPlugin ===
+
+/// Metric ids of the series this VM has seen, and how many per metric (for `maxSeries`).
+#[derive(Default)]
+struct Series {
+    ids: HashMap<String, u32>,
+    counts: [usize; 10],
+    overflow_id: Option<u32>,
+}
+
+pub struct TelemetryPlugin {
+    config: Config,
+    /// `{"id": …, "metadata": {…}}` of this proxy's node (for `xds.node.*` expressions).
+    node: Value,
+    local: Workload,
+    node_id: String,
+    /// The `x-envoy-peer-metadata` value this proxy sends.
+    exchange: String,
+    reporter: Cell<Option<Reporter>>,
+    peers: RefCell<HashMap<String, Rc<Workload>>>,
+    clusters: RefCell<HashMap<String, Rc<Value>>>,
+    series: RefCell<Series>,
+}
+
+impl TelemetryPlugin {
+    pub fn new(config: Config, node_id: String, node_metadata: Value) -> Self {
+        let local = Workload::from_metadata(&node_metadata);
+        let exchange = peer::encode_exchange(&node_metadata);
+        let node = serde_json::json!({"id": node_id, "metadata": node_metadata});
+        Self {
+            reporter: Cell::new(config.reporter),
+            config,
+            node,
+            local,
+            node_id,
+            exchange,
+            peers: RefCell::default(),
+            clusters: RefCell::default(),
+            series: RefCell::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The reporter: configured, or from the listener's direction (read once per VM).
+    fn reporter(&self, host: &dyn Host) -> Reporter {
+        if let Some(r) = self.reporter.get() {
+            return r;
+        }
+        // envoy.config.core.v3.TrafficDirection: 1 INBOUND, 2 OUTBOUND.
+        let dir = host
+            .property(&["xds", "listener_direction"])
+            .or_else(|| host.property(&["listener_direction"]))
+            .and_then(|b| decode_int(&b));
+        let r = if dir == Some(1) { Reporter::Server } else { Reporter::Client };
+        self.reporter.set(Some(r));
+        r
+    }
+
+    fn peer(&self, host: &dyn Host, header: &str) -> Option<Rc<Workload>> {
+        if let Some(w) = self.peers.borrow().get(header) {
+            return Some(w.clone());
+        }
+        match peer::decode_exchange(header) {
+            Ok(w) => {
+                let w = Rc::new(w);
+                let mut peers = self.peers.borrow_mut();
+                if peers.len() >= PEER_CACHE_MAX {
+                    peers.clear();
+                }
+                peers.insert(header.to_string(), w.clone());
+                Some(w)
+            }
+            Err(e) => {
+                host.log(LogLevel::Debug, &format!("meshwasm.telemetry: ignoring undecodable {}: {e}", peer::HEADER));
+                None
+            }
+        }
+    }
+
+    /// `xds.cluster_metadata` as JSON, decoded once per cluster name.
+    fn cluster_metadata(&self, host: &dyn Host, cluster: &str) -> Rc<Value> {
+        if let Some(v) = self.clusters.borrow().get(cluster) {
+            return v.clone();
+        }
+        let v = host.property(&["xds", "cluster_metadata"]).and_then(|b| metadata_json(&b).ok()).unwrap_or(Value::Null);
+        let v = Rc::new(v);
+        let mut clusters = self.clusters.borrow_mut();
+        if clusters.len() >= CLUSTER_CACHE_MAX {
+            clusters.clear();
+        }
+        clusters.insert(cluster.to_string(), v.clone());
+        v
+    }
+
+    /// The metric id for series `name` of `metric`, or the overflow series' past `maxSeries`.
+    fn series_id(
+        &self,
+        host: &dyn Host,
+        metric: Metric,
+        kind: MetricKind,
+        name: &str,
+        overflow_name: impl FnOnce() -> String,
+    ) -> Option<u32> {
+        let mut s = self.series.borrow_mut();
+        if let Some(id) = s.ids.get(name) {
+            return Some(*id);
+        }
+        let count = s.counts.get(metric.index()).copied().unwrap_or(0);
+        if self.config.max_series.is_some_and(|max| count >= max) {
+            let overflow = overflow_name();
+            let id = match s.ids.get(&overflow) {
+                Some(id) => Some(*id),
+                None => {
+                    let id = meshwasm_sdk_ext::metrics::define(host, kind, &overflow)?;
+                    s.ids.insert(overflow, id);
+                    Some(id)
+                }
+            };
+            if s.overflow_id.is_none() {
+                s.overflow_id = meshwasm_sdk_ext::metrics::define(host, MetricKind::Counter, OVERFLOW_STAT);
+            }
+            if let Some(oid) = s.overflow_id {
+                let _ = host.increment_metric(oid, 1);
+            }
+            return id;
+        }
+        let id = meshwasm_sdk_ext::metrics::define(host, kind, name)?;
+        s.ids.insert(name.to_string(), id);
+        if let Some(c) = s.counts.get_mut(metric.index()) {
+            *c += 1;
+        }
+        Some(id)
+    }
+}
+
+impl Plugin for TelemetryPlugin {
+    const NAME: &'static str = NAME;
+    type Filter = TelemetryFilter;
+
+    fn configure(bytes: &[u8], host: &dyn Host) -> Result<Self, ConfigError> {
+        let config = Config::from_json(bytes)?;
+        let node = host.property(&["xds", "node"]).or_else(|| host.property(&["node"]));
+        let (id, md) = match node.map(|b| peer::decode_node(&b)) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
+                host.log(
+                    LogLevel::Warn,
+                    &format!("meshwasm.telemetry: node metadata unreadable ({e}); labels will be empty"),
+                );
+                (String::new(), Value::Object(Default::default()))
+            }
+            None => (String::new(), Value::Object(Default::default())),
+        };
+        let plugin = TelemetryPlugin::new(config, id, md);
+        if plugin.config.max_series.is_some() {
+            // Show the overflow counter at 0 from the start.
+            let id = meshwasm_sdk_ext::metrics::define(host, MetricKind::Counter, OVERFLOW_STAT);
+            plugin.series.borrow_mut().overflow_id = id;
+        }
+        Ok(plugin)
+    }
+
+    fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> TelemetryFilter {
+        TelemetryFilter {
+            plugin: self.clone(),
+            reporter: None,
+            host: None,
+            grpc: false,
+            peer: None,
+            peer_asked: false,
+            reported: false,
+            status: None,
+        }
+    }
+}
+
+// === impl TelemetryFilter ===
+
+pub struct TelemetryFilter {
+    plugin: Rc<TelemetryPlugin>,
+    reporter: Option<Reporter>,
+    host: Option<String>,
+    grpc: bool,
+    peer: Option<Rc<Workload>>,
+    /// Server side: the request carried peer metadata, so the response answers with ours.
+    peer_asked: bool,
+    reported: bool,
+    /// `:status` of the response headers this filter saw.
+    status: Option<u64>,
+}
+
+fn prop_string(host: &dyn Host, path: &[&str]) -> String {
+    host.property(path).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default()
+}
+
+fn prop_int(host: &dyn Host, path: &[&str]) -> Option<u64> {
+    host.property(path).and_then(|b| decode_int(&b)).and_then(|v| u64::try_from(v).ok())
+}
+
+/// Attributes whose property value is an integer (8 bytes little-endian).
+const INT_ATTRIBUTES: &[&str] = &[
+    "request.size",
+    "request.total_size",
+    "request.duration",
+    "response.code",
+    "response.size",
+    "response.total_size",
+    "response.flags",
+    "response.grpc_status",
+    "source.port",
+    "destination.port",
+    "upstream.port",
+    "connection.id",
+];
+const PROPERTY_ROOTS: &[&str] = &[
+    "request",
+    "response",
+    "connection",
+    "upstream",
+    "source",
+    "destination",
+    "xds",
+    "plugin_name",
+    "plugin_root_id",
+    "plugin_vm_id",
+    "node",
+    "cluster_name",
+    "route_name",
+    "listener_direction",
+];
+
+/// The attribute view tag override expressions evaluate against.
+struct View<'a> {
+    host: &'a dyn Host,
+    plugin: &'a TelemetryPlugin,
+    peer: Option<&'a Workload>,
+    reporter: Reporter,
+    cluster_md: Option<Rc<Value>>,
+}
+
+impl Attributes for View<'_> {
+    fn lookup(&mut self, root: &str, path: &[Seg]) -> Option<Val> {
+        let first = path.first().map(Seg::as_key);
+        match (root, first.as_deref()) {
+            ("xds", Some("node")) => walk(&self.plugin.node, path.get(1..)?),
+            ("node", _) => walk(&self.plugin.node, path),
+            ("xds", Some("cluster_metadata")) => {
+                let md = match &self.cluster_md {
+                    Some(m) => m.clone(),
+                    None => {
+                        let name = prop_string(self.host, &["xds", "cluster_name"]);
+                        let m = self.plugin.cluster_metadata(self.host, &name);
+                        self.cluster_md = Some(m.clone());
+                        m
+                    }
+                };
+                walk(&md, path.get(1..)?)
+            }
+            ("xds", Some(which @ ("route_metadata" | "upstream_host_metadata" | "listener_metadata"))) => {
+                let md = metadata_json(&self.host.property(&["xds", which])?).ok()?;
+                walk(&md, path.get(1..)?)
+            }
+            ("filter_state", Some(which @ ("upstream_peer" | "downstream_peer"))) => {
+                let mine = match self.reporter {
+                    Reporter::Client => "upstream_peer",
+                    Reporter::Server => "downstream_peer",
+                };
+                if which != mine {
+                    return None;
+                }
+                walk(&self.peer?.json, path.get(1..)?)
+            }
+            ("filter_state", Some(key)) => {
+                let b = self.host.property(&["filter_state", key])?;
+                String::from_utf8(b).ok().map(Val::Str)
+            }
+            ("request" | "response", Some("headers")) => {
+                let map = if root == "request" { HeaderMap::RequestHeaders } else { HeaderMap::ResponseHeaders };
+                let name = path.get(1)?.as_key();
+                if path.len() > 2 {
+                    return None;
+                }
+                self.host.header(map, &name).map(Val::Str)
+            }
+            _ if PROPERTY_ROOTS.contains(&root) => {
+                let keys: Vec<String> = path.iter().map(Seg::as_key).collect();
+                let mut full: Vec<&str> = vec![root];
+                full.extend(keys.iter().map(String::as_str));
+                let bytes = self.host.property(&full)?;
+                let dotted = full.join(".");
+                if INT_ATTRIBUTES.contains(&dotted.as_str()) {
+                    decode_int(&bytes).map(Val::Int)
+                } else if dotted == "connection.mtls" {
+                    Some(Val::Bool(bytes.first().is_some_and(|b| *b != 0)))
+                } else {
+                    String::from_utf8(bytes).ok().map(Val::Str)
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+impl TelemetryFilter {
+    fn reporter(&mut self, host: &dyn Host) -> Reporter {
+        match self.reporter {
+            Some(r) => r,
+            None => {
+                let r = self.plugin.reporter(host);
+                self.reporter = Some(r);
+                r
+            }
+        }
+    }
+
+    /// Read (and strip) the peer's exchange headers from `map`.
+    fn take_peer(&mut self, host: &dyn Host, map: HeaderMap) -> bool {
+        let Some(value) = host.header(map, peer::HEADER) else {
+            if host.header(map, peer::HEADER_ID).is_some() {
+                let _ = host.set_header(map, peer::HEADER_ID, None);
+            }
+            return false;
+        };
+        let _ = host.set_header(map, peer::HEADER, None);
+        let _ = host.set_header(map, peer::HEADER_ID, None);
+        self.peer = self.plugin.peer(host, &value);
+        true
+    }
+
+    fn send_exchange(&self, host: &dyn Host, map: HeaderMap) {
+        let _ = host.set_header(map, peer::HEADER_ID, Some(&self.plugin.node_id));
+        let _ = host.set_header(map, peer::HEADER, Some(&self.plugin.exchange));
+    }
+
+    /// The end of the stream: derive the labels and record the four HTTP metrics.
+    fn report(&mut self, host: &dyn Host) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        let reporter = self.reporter(host);
+        let plugin = self.plugin.clone();
+        let config = &plugin.config;
+
+        // Client side without exchange: the endpoint's `istio.workload` metadata.
+        if self.peer.is_none() && reporter == Reporter::Client {
+            self.peer = host
+                .property(&["xds", "upstream_host_metadata"])
+                .and_then(|b| meshwasm_sdk_ext::props::metadata_namespace(&b, "istio").ok().flatten())
+                .and_then(|v| v.get("workload").and_then(Value::as_str).and_then(Workload::from_endpoint))
+                .map(Rc::new);
+        }
+
+        let route = prop_string(host, &["xds", "route_name"]);
+        let cluster = prop_string(host, &["xds", "cluster_name"]);
+        let cluster_md = if cluster.is_empty() { None } else { Some(plugin.cluster_metadata(host, &cluster)) };
+        let istio_md = cluster_md.as_deref().and_then(|m| m.get("filter_metadata")).and_then(|m| m.get("istio"));
+        let (service_host, service_name) = labels::destination_service(
+            self.host.as_deref(),
+            config.disable_host_header_fallback,
+            &route,
+            &cluster,
+            istio_md,
+        );
+        // Certificates exist only on a TLS connection: one read decides whether to look.
+        let side = match reporter {
+            Reporter::Server => "connection",
+            Reporter::Client => "upstream",
+        };
+        let (peer_san, local_san) = if host.property(&[side, "tls_version"]).is_some_and(|v| !v.is_empty()) {
+            (
+                prop_string(host, &[side, "uri_san_peer_certificate"]),
+                prop_string(host, &[side, "uri_san_local_certificate"]),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let response_code = match self.status {
+            Some(code) => code,
+            None => prop_int(host, &["response", "code"]).unwrap_or(0),
+        };
+        let grpc_status = if self.grpc { prop_int(host, &["response", "grpc_status"]) } else { None };
+        let flags = prop_int(host, &["response", "flags"]).unwrap_or(0);
+        let standard = labels::standard(&Inputs {
+            reporter,
+            local: &plugin.local,
+            peer: self.peer.as_deref(),
+            service_host: &service_host,
+            service_name: &service_name,
+            peer_san: &peer_san,
+            local_san: &local_san,
+            grpc: self.grpc,
+            response_code,
+            grpc_status,
+            response_flags: flags,
+        });
+
+        // Tag override expressions: each evaluated once per request.
+        let values: Vec<String> = if config.has_exprs() {
+            let mut view =
+                View { host, plugin: &plugin, peer: self.peer.as_deref(), reporter, cluster_md: cluster_md.clone() };
+            config
+                .exprs
+                .iter()
+                .map(|e| e.eval(&mut view).map_or_else(|| labels::UNKNOWN.to_string(), |v| v.render()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+
+        let mut measured: [Option<u64>; 3] = [None; 3];
+        for (metric, kind) in HTTP_METRICS {
+            let Some(plan) = config.plan(reporter, metric) else { continue };
+            if !plan.enabled {
+                continue;
+            }
+            let value = match metric {
+                Metric::RequestCount => 1,
+                Metric::RequestDuration => *measured[0]
+                    .get_or_insert_with(|| prop_int(host, &["request", "duration"]).map_or(0, |ns| ns / 1_000_000)),
+                Metric::RequestSize => {
+                    *measured[1].get_or_insert_with(|| prop_int(host, &["request", "total_size"]).unwrap_or(0))
+                }
+                _ => *measured[2].get_or_insert_with(|| prop_int(host, &["response", "total_size"]).unwrap_or(0)),
+            };
+            let mut name = String::with_capacity(1024);
+            name.push_str(metric.prom_name());
+            for (tag, src) in &plan.tags {
+                let v = match src {
+                    Source::Standard(i) => standard.get(*i).map(String::as_str),
+                    Source::Expr(i) => values.get(*i).map(String::as_str),
+                };
+                push_tag(&mut name, tag, v.unwrap_or(labels::UNKNOWN));
+            }
+            let overflow = || {
+                let mut o = String::from(metric.prom_name());
+                for (tag, src) in &plan.tags {
+                    let v = if *src == Source::Standard(0) {
+                        standard.first().map_or("", String::as_str)
+                    } else {
+                        OVERFLOW_VALUE
+                    };
+                    push_tag(&mut o, tag, v);
+                }
+                o
+            };
+            let Some(id) = plugin.series_id(host, metric, kind, &name, overflow) else { continue };
+            let r = match kind {
+                MetricKind::Counter => host.increment_metric(id, 1),
+                _ => host.record_metric(id, value),
+            };
+            if let Err(e) = r {
+                host.log(LogLevel::Debug, &format!("meshwasm.telemetry: cannot record {}: {e}", metric.prom_name()));
+            }
+        }
+    }
+}
+
+/// `<tag>=.=<value>;.;`: the segment the bootstrap `stats_tags` turn into a label.
+fn push_tag(name: &mut String, tag: &str, value: &str) {
+    name.push_str(tag);
+    name.push_str("=.=");
+    name.push_str(&escape(value));
+    name.push_str(";.;");
+}
+
+impl HttpFilter for TelemetryFilter {
+    fn on_request_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
+        let reporter = self.reporter(host);
+        self.host = host.header(HeaderMap::RequestHeaders, ":authority");
+        self.grpc =
+            host.header(HeaderMap::RequestHeaders, "content-type").is_some_and(|c| c.starts_with("application/grpc"));
+        match reporter {
+            Reporter::Server => self.peer_asked = self.take_peer(host, HeaderMap::RequestHeaders),
+            Reporter::Client => self.send_exchange(host, HeaderMap::RequestHeaders),
+        }
+        Flow::Continue
+    }
+
+    fn on_response_headers(&mut self, host: &dyn Host, _end_of_stream: bool) -> Flow {
+        // `response.code` as a header read (cheaper than the property at the log phase).
+        self.status = host.header(HeaderMap::ResponseHeaders, ":status").and_then(|s| s.parse().ok());
+        match self.reporter(host) {
+            Reporter::Client => {
+                self.take_peer(host, HeaderMap::ResponseHeaders);
+            }
+            Reporter::Server if self.peer_asked => self.send_exchange(host, HeaderMap::ResponseHeaders),
+            Reporter::Server => {}
+        }
+        Flow::Continue
+    }
+
+    /// Envoy's access-log phase: the final attributes are readable (Istio records here too).
+    fn on_log(&mut self, host: &dyn Host) {
+        self.report(host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwasm_sdk_ext::fake::FakeHost;
+    use meshwasm_sdk_ext::props::encode_metadata;
+    use serde_json::json;
+
+    fn node_md(workload: &str, app: &str, cluster: &str) -> Value {
+        json!({"NAME": format!("{workload}-pod"), "NAMESPACE": "default", "WORKLOAD_NAME": workload, "CLUSTER_ID": cluster,
+               "LABELS": {"app": app, "version": "v1", "service.istio.io/canonical-name": app,
+                          "service.istio.io/canonical-revision": "version-1"}})
+    }
+
+    fn plugin(config: Value, reporter: &str, md: Value) -> Rc<TelemetryPlugin> {
+        let mut c = config;
+        c["reporter"] = json!(reporter);
+        Rc::new(TelemetryPlugin::new(Config::from_value(&c).unwrap(), format!("sidecar~{reporter}"), md))
+    }
+
+    fn end(host: &FakeHost, code: i64) {
+        host.set_property(&["response", "code"], &code.to_le_bytes());
+        host.set_property(&["response", "flags"], &0i64.to_le_bytes());
+        host.set_property(&["request", "duration"], &7_500_000i64.to_le_bytes());
+        host.set_property(&["request", "total_size"], &100i64.to_le_bytes());
+        host.set_property(&["response", "total_size"], &200i64.to_le_bytes());
+        host.set_property(&["xds", "cluster_name"], b"outbound");
+        host.set_property(&["xds", "route_name"], b"r");
+    }
+
+    fn series(host: &FakeHost, prefix: &str) -> Vec<(String, i64)> {
+        host.metrics
+            .borrow()
+            .iter()
+            .filter(|(_, n, _)| n.starts_with(prefix))
+            .map(|(_, n, v)| (n.clone(), *v))
+            .collect()
+    }
+
+    #[test]
+    fn exchange_between_client_and_server_and_labels() {
+        let client = plugin(json!({}), "CLIENT", node_md("productpage-v1", "productpage", "c1"));
+        let server = plugin(json!({}), "SERVER", node_md("ratings-v1", "ratings", "c2"));
+
+        // Client request: the exchange headers go out.
+        let ch = FakeHost::with_request(&[(":authority", "ratings:9080"), ("x-envoy-peer-metadata", "spoofed")]);
+        let mut cf = client.new_filter(2, 0);
+        cf.on_request_headers(&ch, true);
+        let sent = ch.header(HeaderMap::RequestHeaders, peer::HEADER).unwrap();
+        assert_eq!(sent, client.exchange, "the client replaces what the app sent");
+        assert_eq!(ch.header(HeaderMap::RequestHeaders, peer::HEADER_ID).unwrap(), "sidecar~CLIENT");
+
+        // Server: reads and strips, answers.
+        let sh = FakeHost::with_request(&[
+            (":authority", "ratings:9080"),
+            (peer::HEADER, &sent),
+            (peer::HEADER_ID, "sidecar~CLIENT"),
+        ]);
+        let mut sf = server.new_filter(2, 0);
+        sf.on_request_headers(&sh, true);
+        assert!(sh.header(HeaderMap::RequestHeaders, peer::HEADER).is_none(), "stripped before the app");
+        assert!(sh.header(HeaderMap::RequestHeaders, peer::HEADER_ID).is_none());
+        sf.on_response_headers(&sh, false);
+        let answer = sh.header(HeaderMap::ResponseHeaders, peer::HEADER).unwrap();
+        end(&sh, 200);
+        sf.on_log(&sh);
+        sf.on_log(&sh);
+        let s = series(&sh, "istio_requests_total");
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1, 1, "reported once");
+        assert!(
+            s[0].0.starts_with("istio_requests_total")
+                && s[0].0.contains("reporter=.=destination;.;source_workload=.=productpage-v1;.;"),
+            "{}",
+            s[0].0
+        );
+        assert!(s[0].0.contains("destination_service=.=ratings:9080;.;"));
+        assert!(s[0].0.contains("connection_security_policy=.=none;.;"));
+        assert!(s[0].0.ends_with("response_code=.=200;.;grpc_response_status=.=;.;"));
+        let d = series(&sh, "istio_request_duration_milliseconds");
+        assert_eq!(d[0].1, 7, "ns → ms");
+        assert_eq!(series(&sh, "istio_request_bytes")[0].1, 100);
+        assert_eq!(series(&sh, "istio_response_bytes")[0].1, 200);
+
+        // Client: reads and strips the answer.
+        *ch.response_headers.borrow_mut() =
+            vec![(peer::HEADER.into(), answer.clone()), (peer::HEADER_ID.into(), "x".into())];
+        cf.on_response_headers(&ch, false);
+        assert!(ch.response_headers.borrow().is_empty(), "stripped before the app");
+        end(&ch, 503);
+        cf.on_log(&ch);
+        let c = series(&ch, "istio_requests_total");
+        assert!(c[0].0.contains("reporter=.=source;.;source_workload=.=productpage-v1;.;"), "{}", c[0].0);
+        assert!(c[0].0.contains("destination_workload=.=ratings-v1;.;"));
+        assert!(c[0].0.contains("destination_cluster=.=c2;.;"));
+        assert!(c[0].0.contains("response_code=.=503;.;"));
+        assert!(c[0].0.contains("connection_security_policy=.=unknown;.;"));
+        assert_eq!(client.peers.borrow().len(), 1, "decoded peer cached");
+        // A second request with the same peer reuses the cached decode.
+        let ch2 = FakeHost::new();
+        let mut cf2 = client.new_filter(3, 0);
+        cf2.on_request_headers(&ch2, true);
+        *ch2.response_headers.borrow_mut() = vec![(peer::HEADER.into(), answer)];
+        cf2.on_response_headers(&ch2, false);
+        assert!(Rc::ptr_eq(cf2.peer.as_ref().unwrap(), cf.peer.as_ref().unwrap()));
+    }
+
+    #[test]
+    fn server_does_not_answer_without_peer_metadata_and_garbage_is_ignored() {
+        let server = plugin(json!({}), "SERVER", node_md("ratings-v1", "ratings", "c2"));
+        let h = FakeHost::with_request(&[(peer::HEADER, "%%%not base64")]);
+        let mut f = server.new_filter(2, 0);
+        f.on_request_headers(&h, true);
+        assert!(f.peer.is_none());
+        assert!(h.header(HeaderMap::RequestHeaders, peer::HEADER).is_none(), "still stripped");
+        let h2 = FakeHost::new();
+        let mut f2 = server.new_filter(3, 0);
+        f2.on_request_headers(&h2, true);
+        f2.on_response_headers(&h2, false);
+        assert!(h2.header(HeaderMap::ResponseHeaders, peer::HEADER).is_none());
+        end(&h2, 200);
+        f2.on_log(&h2);
+        let s = series(&h2, "istio_requests_total");
+        assert!(s[0].0.contains("source_workload=.=unknown;.;source_canonical_service=.=unknown;.;source_canonical_revision=.=latest;.;"), "{}", s[0].0);
+    }
+
+    #[test]
+    fn tls_principals_and_status_header() {
+        let server = plugin(json!({}), "SERVER", node_md("ratings-v1", "ratings", "c2"));
+        let h = FakeHost::new();
+        end(&h, 500);
+        h.set_property(&["connection", "tls_version"], b"TLSv1.3");
+        h.set_property(&["connection", "uri_san_peer_certificate"], b"spiffe://cluster.local/ns/foo/sa/client");
+        h.set_property(&["connection", "uri_san_local_certificate"], b"spiffe://cluster.local/ns/default/sa/ratings");
+        *h.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+        let mut f = server.new_filter(2, 0);
+        f.on_request_headers(&h, true);
+        f.on_response_headers(&h, false);
+        f.on_log(&h);
+        let s = &series(&h, "istio_requests_total")[0].0;
+        for want in [
+            "source_workload_namespace=.=foo;",
+            "source_principal=.=spiffe://cluster.local/ns/foo/sa/client;",
+            "destination_principal=.=spiffe://cluster.local/ns/default/sa/ratings;",
+            "connection_security_policy=.=mutual_tls;",
+            "response_code=.=201;",
+        ] {
+            assert!(s.contains(want), "{want} in {s}");
+        }
+        // Without TLS the SANs are not read (and not used).
+        let h = FakeHost::new();
+        end(&h, 200);
+        h.set_property(&["connection", "uri_san_peer_certificate"], b"spiffe://x/ns/foo/sa/y");
+        let mut f = server.new_filter(3, 0);
+        f.on_request_headers(&h, true);
+        f.on_log(&h);
+        assert!(series(&h, "istio_requests_total")[0].0.contains("source_principal=.=unknown;"));
+    }
+
+    #[test]
+    fn endpoint_metadata_and_cluster_metadata_on_the_client() {
+        let client = plugin(json!({}), "CLIENT", node_md("productpage-v1", "productpage", "c1"));
+        let h = FakeHost::with_request(&[(":authority", "127.0.0.1:1")]);
+        h.set_property(
+            &["xds", "upstream_host_metadata"],
+            &encode_metadata("istio", &json!({"workload": "ratings-v1;default;ratings;version-1;server-cluster"})),
+        );
+        h.set_property(&["xds", "cluster_metadata"], &encode_metadata("istio", &json!({"services": [{"host": "server.default.svc.cluster.local", "name": "server", "namespace": "default"}]})));
+        let mut f = client.new_filter(2, 0);
+        f.on_request_headers(&h, true);
+        end(&h, 200);
+        f.on_log(&h);
+        let s = &series(&h, "istio_requests_total")[0].0;
+        for want in [
+            "destination_workload=.=ratings-v1;",
+            "destination_app=.=unknown;",
+            "destination_canonical_service=.=ratings;",
+            "destination_service=.=server.default.svc.cluster.local;",
+            "destination_service_name=.=server;",
+            "destination_cluster=.=server-cluster;",
+        ] {
+            assert!(s.contains(want), "{want} in {s}");
+        }
+    }
+
+    #[test]
+    fn overrides_and_max_series() {
+        let cfg = json!({"maxSeries": 2, "metrics": [{"overrides": [
+            {"match": {"metric": "REQUEST_COUNT"}, "tagOverrides": {
+                "request_protocol": {"value": "request.protocol"},
+                "source_app": {"value": "'_' + xds.node.metadata['LABELS'].app"},
+                "route_name": {"value": "xds.route_name + ',' + xds.cluster_name + ',' + xds.cluster_metadata.filter_metadata.istio.services[0].name"},
+                "destination_workload": {"value": "cannot_evaluate"},
+                "grpc_response_status": {"operation": "REMOVE"}}},
+            {"match": {"metric": "REQUEST_DURATION"}, "disabled": true}]}]});
+        let client = plugin(cfg, "CLIENT", node_md("productpage-v1", "productpage", "c1"));
+        let h = FakeHost::new();
+        h.set_property(&["request", "protocol"], b"HTTP/1.1");
+        h.set_property(
+            &["xds", "cluster_metadata"],
+            &encode_metadata("istio", &json!({"services": [{"name": "server"}]})),
+        );
+        end(&h, 200);
+        let run = |authority: &str| {
+            *h.request_headers.borrow_mut() = vec![(":authority".into(), authority.into())];
+            let mut f = client.new_filter(2, 0);
+            f.on_request_headers(&h, true);
+            f.on_log(&h);
+        };
+        run("a");
+        let s = &series(&h, "istio_requests_total")[0].0;
+        assert!(s.contains("request_protocol=.=HTTP/1.1;"));
+        assert!(s.contains("source_app=.=_productpage;"));
+        assert!(s.contains("destination_workload=.=unknown;"));
+        assert!(s.ends_with("route_name=.=r,outbound,server;.;"), "{s}");
+        assert!(!s.contains("grpc_response_status"));
+        assert!(series(&h, "istio_request_duration_milliseconds").is_empty(), "disabled");
+        assert!(!series(&h, "istio_request_bytes").is_empty());
+        // Host fallback makes each authority a new series: 2 fit, the rest overflow.
+        for a in ["b", "c", "d", "b"] {
+            run(a);
+        }
+        let names = series(&h, "istio_requests_total");
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(names[1].1, 2, "b counted twice");
+        assert!(names[2].0.contains("destination_service=.=overflow;"), "{names:?}");
+        assert!(names[2].0.contains("reporter=.=source;"));
+        assert_eq!(names[2].1, 2, "c and d folded");
+        assert_eq!(h.metric_value(OVERFLOW_STAT), 6, "2 records of each of 3 metrics folded");
+        assert!(client.series.borrow().counts.iter().all(|c| *c <= 2));
+    }
+}

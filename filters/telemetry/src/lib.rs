@@ -1,0 +1,25 @@
+//! meshwasm telemetry: Istio's standard metrics (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`) with
+//! every label Istio derives, peer metadata exchange over Istio's headers, and the Telemetry
+//! API's metric overrides.
+//!
+//! `config` (Telemetry spec → validated config) → `expr` (tag override expressions) →
+//! `peer` (node metadata, workload identity, the exchange headers) → `labels` (the 25 labels,
+//! as Istio derives them) → `filter` (host effects: headers, properties, stats).
+
+pub mod base64;
+pub mod config;
+pub mod expr;
+pub mod filter;
+pub mod labels;
+pub mod peer;
+
+pub use filter::{TelemetryFilter, TelemetryPlugin};
+
+// Request headers (peer metadata in, Host, content type), response headers (peer metadata
+// out/in) and the end of the stream (the final attributes).
+#[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)] // the ABI exports are #[no_mangle]
+mod entry {
+    meshwasm_sdk_ext::export_http_filter!(crate::TelemetryPlugin, request, response_headers);
+}
