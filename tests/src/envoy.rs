@@ -401,7 +401,15 @@ impl Listener {
 
     /// A listener on a free port; with no routes it gets one route `default` for `/`.
     pub fn new() -> Self {
-        Self { name: None, port: None, filters: Vec::new(), routes: Vec::new(), tls: None, hcm: Vec::new(), hcm_yaml: None }
+        Self {
+            name: None,
+            port: None,
+            filters: Vec::new(),
+            routes: Vec::new(),
+            tls: None,
+            hcm: Vec::new(),
+            hcm_yaml: None,
+        }
     }
 
     /// Serves downstream TLS on this listener (plaintext when not set).

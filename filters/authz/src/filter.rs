@@ -98,7 +98,12 @@ impl Plugin for AuthzPlugin {
     }
 
     fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> AuthzFilter {
-        AuthzFilter { plugin: Rc::clone(self), state: State::Start, attrs: Attrs::default(), downstream: Downstream::default() }
+        AuthzFilter {
+            plugin: Rc::clone(self),
+            state: State::Start,
+            attrs: Attrs::default(),
+            downstream: Downstream::default(),
+        }
     }
 }
 
@@ -301,7 +306,8 @@ fn rewrite_query(path: &str, set: &[(String, String)], remove: &[String]) -> Str
     if params.is_empty() {
         return base.to_string();
     }
-    let q: Vec<String> = params.iter().map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") }).collect();
+    let q: Vec<String> =
+        params.iter().map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") }).collect();
     format!("{base}?{}", q.join("&"))
 }
 
