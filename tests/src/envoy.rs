@@ -228,6 +228,15 @@ typed_config:
         Self { name, yaml }
     }
 
+    /// Sets the wasm plugin's `allow_on_headers_stop_iteration` (Envoy ≥ 1.35): a filter that
+    /// pauses in its request-headers callback still gets the body callbacks (without it Envoy
+    /// turns the pause into StopAllIteration and buffers the body out of the filter's sight).
+    #[must_use]
+    pub fn allow_on_headers_stop_iteration(mut self) -> Self {
+        self.yaml = self.yaml.replacen("    root_id:", "    allow_on_headers_stop_iteration: true\n    root_id:", 1);
+        self
+    }
+
     /// Sets the wasm plugin's `config.name` (default `meshwasm.<module>`): filters keep state
     /// shared across workers (rate-limit buckets) under it, so two listeners with distinct
     /// plugin names have distinct state.

@@ -337,7 +337,10 @@ pub fn grpc_check(provider: &Provider, input: &CheckInput) -> Vec<u8> {
     put_str(5, get(":authority"), &mut http);
     put_str(6, get(":scheme"), &mut http);
     if let Some(b) = &input.body {
-        put_uint(9, b.len() as u64, &mut http);
+        // Envoy reports the whole body's size (its content-length) even when the check
+        // carries only the first `maxRequestBytes` of it.
+        let size = get("content-length").trim().parse::<u64>().unwrap_or(b.len() as u64);
+        put_uint(9, size, &mut http);
     }
     put_str(10, input.protocol.as_deref().unwrap_or(""), &mut http);
     if let Some(b) = input.body.as_ref().filter(|b| !b.is_empty()) {
