@@ -99,11 +99,7 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
 
 /// Deserialize a `serde_json::Value` (e.g. from route metadata) into `T`.
 pub fn from_value<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ConfigError::new(path, e.inner().to_string())
-    })
+    crate::value_de::from_value(value).map_err(|e| ConfigError::new(e.path(), e.message()))
 }
 
 /// Parse and validate: JSON → `Raw` → `TryFrom` → `Config`.

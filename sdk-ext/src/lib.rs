@@ -22,6 +22,7 @@ pub mod rng;
 pub mod route;
 pub mod scheduler;
 pub mod shared;
+pub mod value_de;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
 

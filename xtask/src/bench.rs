@@ -58,9 +58,11 @@ const HEADLINE: &[&str] = &[
     "retry",
     "retry_budget",
     "telemetry",
+    "authz",
     "noop_sdk",
     "native_fault",
     "native_local_ratelimit",
+    "native_rbac",
 ];
 
 /// Rows shown for comparison only: no target applies to them.
@@ -94,6 +96,18 @@ const RETRY_COUNTERS: Counters = Counters {
 /// The telemetry filter as an outbound sidecar: the exchange headers out and in, the 25
 /// standard labels, the four HTTP metrics per request.
 const TELEMETRY_CLIENT: &str = r#"{"reporter":"CLIENT"}"#;
+/// A header every benchmark request carries (wrk and the probes), so a policy can match one.
+const BENCH_HEADER: (&str, &str) = ("x-bench-client", "wrk");
+/// A typical ALLOW policy (issue 7): methods, paths (one exact, one prefix) and a header
+/// condition, all matching the benchmark's `GET /` with `BENCH_HEADER`.
+/// `envoy-configs/filters/native-rbac.yaml` is istiod's translation of it.
+const AUTHZ_POLICY: &str = r#"{"policies":[{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"bench","namespace":"default"},"spec":{"action":"ALLOW","rules":[{"to":[{"operation":{"methods":["GET","HEAD"],"paths":["/","/api/*"]}}],"when":[{"key":"request.headers[x-bench-client]","values":["wrk"]}]}]}}]}"#;
+/// The authz filter's counters: every measured request allowed, none denied after the probes.
+const AUTHZ_COUNTERS: Counters =
+    Counters { admitted: "wasmcustom.meshwasm.authz.allowed", rejected: "wasmcustom.meshwasm.authz.denied" };
+/// Envoy's RBAC counters (stat_prefix `ingress` in bench.yaml).
+const NATIVE_RBAC_COUNTERS: Counters =
+    Counters { admitted: "http.ingress.rbac.allowed", rejected: "http.ingress.rbac.denied" };
 /// The counters of `RATELIMIT_ALLOW`'s rule (as Envoy stores the module's metrics).
 const RATELIMIT_COUNTERS: Counters = Counters {
     admitted: "wasmcustom.meshwasm.ratelimit.rule.bench.ok",
@@ -171,6 +185,7 @@ fn setups() -> Result<Vec<Setup>> {
     let ratelimit = build::module_path("ratelimit");
     let retry = build::module_path("retry");
     let telemetry = build::module_path("telemetry");
+    let authz = build::module_path("authz");
     Ok(vec![
         Setup {
             key: "bare",
@@ -257,6 +272,21 @@ fn setups() -> Result<Vec<Setup>> {
             counters: None,
         },
         Setup {
+            key: "authz",
+            label: "meshwasm authz, ALLOW policy (methods, paths, a header), allowed",
+            filters: envoy::wasm_filter("authz", &authz, AUTHZ_POLICY)?,
+            // Without the header the policy does not match: the default deny proves it enforces.
+            must_fault: Some(("/", &[], 403)),
+            counters: Some(AUTHZ_COUNTERS),
+        },
+        Setup {
+            key: "native_rbac",
+            label: "Envoy native RBAC, istiod's translation of the same policy",
+            filters: envoy::template("filters/native-rbac.yaml")?,
+            must_fault: Some(("/", &[], 403)),
+            counters: Some(NATIVE_RBAC_COUNTERS),
+        },
+        Setup {
             key: "native_local_ratelimit",
             label: "Envoy native local_ratelimit, allowed",
             filters: envoy::template("filters/native-local-ratelimit.yaml")?,
@@ -288,6 +318,8 @@ struct Running {
     envoy: Envoy,
     addr: SocketAddr,
     samples: Vec<Sample>,
+    /// The rejected counter after the probes.
+    rejected_before: u64,
 }
 
 pub fn run(opts: Options) -> Result<()> {
@@ -340,8 +372,13 @@ pub fn run(opts: Options) -> Result<()> {
         let envoy = Envoy::start(&envoy_bin, Launch { name: &name, config: &config, concurrency: 1, cpus: proxy_cpu })?;
         let addr = envoy.listener("ingress")?;
         probe(&setup, &envoy, addr)?;
+        // The probes may have been rejected on purpose: only later rejections invalidate.
+        let rejected_before = match setup.counters {
+            Some(c) => counter(&envoy, c.rejected)?.unwrap_or(0),
+            None => 0,
+        };
         println!("    {:<22} {addr}  pid {}  ({})", setup.key, envoy.proc.pid(), setup.label);
-        runs.push(Running { setup, envoy, addr, samples: Vec::new() });
+        runs.push(Running { setup, envoy, addr, samples: Vec::new(), rejected_before });
     }
 
     let per_round = opts.warmup + opts.duration;
@@ -434,7 +471,7 @@ fn probe(setup: &Setup, envoy: &Envoy, addr: SocketAddr) -> Result<()> {
         Some(c) => counter(envoy, c.admitted)?.unwrap_or(0),
         None => 0,
     };
-    let rsp = http::get(addr, "/", &[])?;
+    let rsp = http::get(addr, "/", &[BENCH_HEADER])?;
     if rsp.status != 200 {
         bail!("{}: GET / returned {} (expected 200): {}", setup.key, rsp.status, rsp.text());
     }
@@ -465,7 +502,7 @@ fn probe(setup: &Setup, envoy: &Envoy, addr: SocketAddr) -> Result<()> {
 /// every request wrk measured (so every measured request really went through it).
 fn check_counters(r: &Running) -> Result<()> {
     let Some(c) = r.setup.counters else { return Ok(()) };
-    let rejected = counter(&r.envoy, c.rejected)?.unwrap_or(0);
+    let rejected = counter(&r.envoy, c.rejected)?.unwrap_or(0).saturating_sub(r.rejected_before);
     let admitted = counter(&r.envoy, c.admitted)?.unwrap_or(0);
     let measured: u64 = r.samples.iter().map(|s| s.requests).sum();
     println!("    {:<22} {} = {admitted}, {} = {rejected}", r.setup.key, c.admitted, c.rejected);
@@ -507,7 +544,10 @@ fn wrk_run(wrk: &Path, addr: SocketAddr, secs: u64, connections: u32, cpus: Opti
         }
         _ => Command::new(wrk),
     };
-    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"]).arg(format!("http://{addr}/"));
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"])
+        .arg("-H")
+        .arg(format!("{}: {}", BENCH_HEADER.0, BENCH_HEADER.1))
+        .arg(format!("http://{addr}/"));
     let out = output(&mut cmd)?;
     parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
 }
@@ -819,12 +859,17 @@ impl Report {
         md.push_str("`\n- retry_budget plugin config: `");
         md.push_str(RETRY_BUDGET);
         md.push_str("`\n- native local_ratelimit: envoy-configs/filters/native-local-ratelimit.yaml (the same bucket, filter_enabled and filter_enforced 100%)\n");
-        md.push_str("`\n- telemetry plugin config: `");
+        md.push_str("- telemetry plugin config: `");
         md.push_str(TELEMETRY_CLIENT);
-        md.push_str("` (target ratio 2×)");
-        md.push_str("\n- native local_ratelimit: envoy-configs/filters/native-local-ratelimit.yaml (the same bucket, filter_enabled and filter_enforced 100%)\n");
-        md.push_str("- every configuration was probed before measuring: GET / → 200, and the faulting request → 503 where a fault filter is configured; where a rate limiter is configured, GET / must add one to its `ok` counter\n");
-        md.push_str("- every wrk run (warm-ups included) saw only 2xx responses, and each rate limiter's `rate_limited` counter was 0 after the run with its `ok` counter covering every measured request\n");
+        md.push_str("` (target ratio 2×)\n");
+        md.push_str("- authz plugin config: `");
+        md.push_str(AUTHZ_POLICY);
+        md.push_str("`; every request carries `x-bench-client: wrk`\n");
+        md.push_str(
+            "- native RBAC: envoy-configs/filters/native-rbac.yaml (istiod's translation of the same policy)\n",
+        );
+        md.push_str("- every configuration was probed before measuring: GET / → 200, and the faulting request → 503 where a fault filter is configured (authz and RBAC: GET / without the header → 403); where a limiter or authorizer is configured, GET / must add one to its `ok`/`allowed` counter\n");
+        md.push_str("- every wrk run (warm-ups included) saw only 2xx responses, and each limiter's `rate_limited` (authorizer's `denied`) counter did not move after the probes, with its `ok` (`allowed`) counter covering every measured request\n");
         md.push_str("\nA ratio's denominator (no-op overhead) is small, so ratios are noisy: read them with the rounds table.\n");
         md.push_str("\n![chart](chart.svg)\n");
         md
@@ -918,7 +963,9 @@ impl Report {
             "noop_sdk" => "#90caf9",
             "ratelimit" => "#2e7d32",
             "ratelimit_tuned" => "#66bb6a",
-            "telemetry" => "#8e24aa",
+            "telemetry" => "#6a1b9a",
+            "authz" => "#00897b",
+            "native_rbac" => "#d84315",
             "native_local_ratelimit" => "#bf360c",
             "retry" => "#8e24aa",
             "retry_budget" => "#ba68c8",
