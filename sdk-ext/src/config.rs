@@ -91,10 +91,15 @@ impl Path {
 /// route-metadata overrides are: one instantiation of the typed deserializers instead of two
 /// keeps the module smaller (configuration is parsed once, so the extra tree costs nothing).
 pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    from_value(&parse_json(bytes)?)
+}
+
+/// Parse `bytes` as JSON (empty or blank is `{}`), for configurations read with
+/// [`crate::obj::Obj`].
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ConfigError> {
     let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| ConfigError::new("", format!("invalid JSON: {}", strip_position(&e.to_string()))))?;
-    from_value(&value)
+    serde_json::from_slice(bytes)
+        .map_err(|e| ConfigError::new("", format!("invalid JSON: {}", strip_position(&e.to_string()))))
 }
 
 /// Deserialize a `serde_json::Value` (e.g. from route metadata) into `T`.

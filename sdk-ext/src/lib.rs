@@ -15,6 +15,7 @@ pub mod filter;
 pub mod host;
 pub mod matcher;
 pub mod metrics;
+pub mod obj;
 pub mod percent;
 pub mod props;
 pub mod proto;

@@ -480,3 +480,274 @@ pub fn direct_address(v: Option<&str>, path: &Path) -> Result<DirectAddress, Con
         Some(o) => Err(path.err(format!("must be \"filterState\" or \"sourceAddress\", got {o:?}"))),
     }
 }
+
+// === reading (the module's path) ===
+//
+// The structs above derive `Deserialize` for host-side users (tests, fuzz targets, tools);
+// the module reads them with these functions instead, through `meshwasm_sdk_ext::obj`: the
+// derived visitors cost about 80 KiB of module size (see `obj`), these one non-generic copy.
+// `tests::read_matches_serde` proves both readers agree, errors included.
+
+use meshwasm_sdk_ext::obj::Obj;
+
+fn list<T>(o: &Obj<'_>, k: &str, read: fn(&Value, &Path) -> Result<T, ConfigError>) -> Result<Vec<T>, ConfigError> {
+    o.list(k)?.into_iter().map(|(p, v)| read(v, &p)).collect()
+}
+
+fn opt<T>(o: &Obj<'_>, k: &str, read: fn(&Value, &Path) -> Result<T, ConfigError>) -> Result<Option<T>, ConfigError> {
+    o.get(k).map(|v| read(v, &o.path(k))).transpose()
+}
+
+impl AuthzConfigJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(
+            v,
+            path,
+            "struct AuthzConfigJson",
+            &[
+                "policies",
+                "extensionProviders",
+                "trustDomain",
+                "trustDomainAliases",
+                "directRemoteAddress",
+                "authentication",
+            ],
+        )?;
+        Ok(Self {
+            policies: list(&o, "policies", ResourceJson::read)?,
+            extension_providers: list(&o, "extensionProviders", ProviderJson::read)?,
+            trust_domain: o.opt_string("trustDomain")?,
+            trust_domain_aliases: o.strings("trustDomainAliases")?,
+            direct_remote_address: o.opt_string("directRemoteAddress")?,
+            authentication: o.get("authentication").cloned(),
+        })
+    }
+}
+
+impl ResourceJson<PolicySpecJson> {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(v, path, "struct ResourceJson", &["apiVersion", "kind", "metadata", "spec", "status"])?;
+        Ok(Self {
+            api_version: o.str("apiVersion")?.to_string(),
+            kind: o.str("kind")?.to_string(),
+            metadata: MetadataJson::read(o.required("metadata")?, &o.path("metadata"))?,
+            spec: PolicySpecJson::read(o.required("spec")?, &o.path("spec"))?,
+            status: o.get("status").cloned(),
+        })
+    }
+}
+
+impl MetadataJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::open(v, path, "struct MetadataJson")?;
+        Ok(Self {
+            name: o.str("name")?.to_string(),
+            namespace: o.opt_string("namespace")?,
+            annotations: o.string_map("annotations")?,
+        })
+    }
+}
+
+impl PolicySpecJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(
+            v,
+            path,
+            "struct PolicySpecJson",
+            &["selector", "targetRef", "targetRefs", "action", "provider", "rules"],
+        )?;
+        let rules = match o.get("rules") {
+            None => None,
+            Some(_) => Some(list(&o, "rules", RuleJson::read)?),
+        };
+        Ok(Self {
+            selector: o.get("selector").cloned(),
+            target_ref: o.get("targetRef").cloned(),
+            target_refs: o.get("targetRefs").cloned(),
+            action: o.opt_string("action")?,
+            provider: opt(&o, "provider", |v, p| {
+                let o = Obj::new(v, p, "struct ProviderRefJson", &["name"])?;
+                Ok(ProviderRefJson { name: o.str("name")?.to_string() })
+            })?,
+            rules,
+        })
+    }
+}
+
+impl RuleJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(v, path, "struct RuleJson", &["from", "to", "when"])?;
+        Ok(Self {
+            from: list(&o, "from", |v, p| {
+                let o = Obj::new(v, p, "struct FromJson", &["source"])?;
+                Ok(FromJson { source: opt(&o, "source", SourceJson::read)? })
+            })?,
+            to: list(&o, "to", |v, p| {
+                let o = Obj::new(v, p, "struct ToJson", &["operation"])?;
+                Ok(ToJson { operation: opt(&o, "operation", OperationJson::read)? })
+            })?,
+            when: list(&o, "when", |v, p| {
+                let o = Obj::new(v, p, "struct ConditionJson", &["key", "values", "notValues"])?;
+                Ok(ConditionJson {
+                    key: o.str("key")?.to_string(),
+                    values: o.strings("values")?,
+                    not_values: o.strings("notValues")?,
+                })
+            })?,
+        })
+    }
+}
+
+impl SourceJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        const FIELDS: [&str; 14] = [
+            "principals",
+            "notPrincipals",
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "namespaces",
+            "notNamespaces",
+            "serviceAccounts",
+            "notServiceAccounts",
+            "trustDomains",
+            "notTrustDomains",
+            "ipBlocks",
+            "notIpBlocks",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+        ];
+        let o = Obj::new(v, path, "struct SourceJson", &FIELDS)?;
+        let [a, b, c, d, e, f, g, h, i, j, k, l, m, n] = FIELDS.map(|name| o.strings(name));
+        Ok(Self {
+            principals: a?,
+            not_principals: b?,
+            request_principals: c?,
+            not_request_principals: d?,
+            namespaces: e?,
+            not_namespaces: f?,
+            service_accounts: g?,
+            not_service_accounts: h?,
+            trust_domains: i?,
+            not_trust_domains: j?,
+            ip_blocks: k?,
+            not_ip_blocks: l?,
+            remote_ip_blocks: m?,
+            not_remote_ip_blocks: n?,
+        })
+    }
+}
+
+impl OperationJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        const FIELDS: [&str; 8] =
+            ["hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"];
+        let o = Obj::new(v, path, "struct OperationJson", &FIELDS)?;
+        let [a, b, c, d, e, f, g, h] = FIELDS.map(|name| o.strings(name));
+        Ok(Self {
+            hosts: a?,
+            not_hosts: b?,
+            ports: c?,
+            not_ports: d?,
+            methods: e?,
+            not_methods: f?,
+            paths: g?,
+            not_paths: h?,
+        })
+    }
+}
+
+impl ProviderJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(v, path, "struct ProviderJson", &["name", "envoyExtAuthzHttp", "envoyExtAuthzGrpc"])?;
+        Ok(Self {
+            name: o.str("name")?.to_string(),
+            envoy_ext_authz_http: opt(&o, "envoyExtAuthzHttp", HttpProviderJson::read)?,
+            envoy_ext_authz_grpc: opt(&o, "envoyExtAuthzGrpc", GrpcProviderJson::read)?,
+        })
+    }
+}
+
+impl HttpProviderJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(
+            v,
+            path,
+            "struct HttpProviderJson",
+            &[
+                "service",
+                "port",
+                "cluster",
+                "timeout",
+                "pathPrefix",
+                "failOpen",
+                "statusOnError",
+                "includeRequestHeadersInCheck",
+                "includeHeadersInCheck",
+                "includeAdditionalHeadersInCheck",
+                "includeRequestBodyInCheck",
+                "headersToUpstreamOnAllow",
+                "headersToDownstreamOnAllow",
+                "headersToDownstreamOnDeny",
+                "maxResponseBytes",
+            ],
+        )?;
+        Ok(Self {
+            service: o.str("service")?.to_string(),
+            port: o.opt_i64("port")?,
+            cluster: o.opt_string("cluster")?,
+            timeout: o.opt_string("timeout")?,
+            path_prefix: o.opt_string("pathPrefix")?,
+            fail_open: o.opt_bool("failOpen")?,
+            status_on_error: o.opt_string("statusOnError")?,
+            include_request_headers_in_check: o.strings("includeRequestHeadersInCheck")?,
+            include_headers_in_check: o.strings("includeHeadersInCheck")?,
+            include_additional_headers_in_check: o.string_map("includeAdditionalHeadersInCheck")?,
+            include_request_body_in_check: opt(&o, "includeRequestBodyInCheck", BodyJson::read)?,
+            headers_to_upstream_on_allow: o.strings("headersToUpstreamOnAllow")?,
+            headers_to_downstream_on_allow: o.strings("headersToDownstreamOnAllow")?,
+            headers_to_downstream_on_deny: o.strings("headersToDownstreamOnDeny")?,
+            max_response_bytes: o.opt_u64("maxResponseBytes")?,
+        })
+    }
+}
+
+impl GrpcProviderJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(
+            v,
+            path,
+            "struct GrpcProviderJson",
+            &[
+                "service",
+                "port",
+                "cluster",
+                "timeout",
+                "failOpen",
+                "statusOnError",
+                "includeRequestBodyInCheck",
+                "maxResponseBytes",
+            ],
+        )?;
+        Ok(Self {
+            service: o.str("service")?.to_string(),
+            port: o.opt_i64("port")?,
+            cluster: o.opt_string("cluster")?,
+            timeout: o.opt_string("timeout")?,
+            fail_open: o.opt_bool("failOpen")?,
+            status_on_error: o.opt_string("statusOnError")?,
+            include_request_body_in_check: opt(&o, "includeRequestBodyInCheck", BodyJson::read)?,
+            max_response_bytes: o.opt_u64("maxResponseBytes")?,
+        })
+    }
+}
+
+impl BodyJson {
+    pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let o = Obj::new(v, path, "struct BodyJson", &["maxRequestBytes", "allowPartialMessage", "packAsBytes"])?;
+        Ok(Self {
+            max_request_bytes: o.opt_u64("maxRequestBytes")?,
+            allow_partial_message: o.opt_bool("allowPartialMessage")?,
+            pack_as_bytes: o.opt_bool("packAsBytes")?,
+        })
+    }
+}

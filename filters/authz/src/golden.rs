@@ -158,3 +158,87 @@ fn translation_matches_istiod_golden_output() {
     assert!(compared >= 17, "compared {compared} cases");
     eprintln!("compared {compared} golden cases");
 }
+
+/// The module reads its configuration with `AuthzConfigJson::read`; the host-side types keep
+/// serde's derived reader. Both must agree on every golden case and on broken variants of
+/// them (each field replaced by a value of the wrong type, an unknown field added, a
+/// required one removed): the same value or the same error, path and message.
+#[test]
+fn hand_reader_matches_serde() {
+    use crate::config::AuthzConfigJson;
+    use meshwasm_sdk_ext::config::{from_value, Path};
+
+    fn variants(v: &Value, out: &mut Vec<Value>, root: &Value, at: &mut Vec<Value>) {
+        // Every container below `root` gets mutated once per child.
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    for bad in [json!(7), json!("s"), json!(null), json!([1]), json!({"x": 1}), json!(-1), json!(true)]
+                    {
+                        out.push(replace(root, at, |p| {
+                            p[k] = bad.clone();
+                        }));
+                    }
+                    out.push(replace(root, at, |p| {
+                        p.as_object_mut().map(|o| o.remove(k));
+                    }));
+                    at.push(json!(k));
+                    variants(child, out, root, at);
+                    at.pop();
+                }
+                out.push(replace(root, at, |p| {
+                    p["unexpectedField"] = json!(1);
+                }));
+            }
+            Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    out.push(replace(root, at, |p| {
+                        p[i] = json!(3);
+                    }));
+                    at.push(json!(i));
+                    variants(child, out, root, at);
+                    at.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+    fn replace(root: &Value, at: &[Value], f: impl FnOnce(&mut Value)) -> Value {
+        let mut r = root.clone();
+        let mut p = &mut r;
+        for s in at {
+            p = match s {
+                Value::String(k) => &mut p[k.as_str()],
+                Value::Number(i) => &mut p[i.as_u64().unwrap() as usize],
+                _ => unreachable!(),
+            };
+        }
+        f(p);
+        r
+    }
+
+    let (cases, providers) = cases();
+    let mut compared = 0;
+    let mut errors = 0;
+    for case in &cases {
+        let cfg = case_config(case, &providers);
+        let mut all = vec![cfg.clone()];
+        variants(&cfg, &mut all, &cfg, &mut Vec::new());
+        for v in &all {
+            let ours = AuthzConfigJson::read(v, &Path::root()).map(|c| format!("{c:?}"));
+            let theirs = from_value::<AuthzConfigJson>(v).map(|c| format!("{c:?}"));
+            match &ours {
+                // serde fills a struct from an array by position; the reader refuses arrays
+                // (no configuration means that). Both must still reject the value.
+                Err(e) if e.message.starts_with("invalid type: sequence, expected struct") => {
+                    assert!(theirs.is_err(), "{v}: serde accepted {theirs:?}");
+                }
+                _ => assert_eq!(ours, theirs, "{v}"),
+            }
+            compared += 1;
+            errors += usize::from(ours.is_err());
+        }
+    }
+    assert!(compared > 1000 && errors > compared / 2, "{compared} configurations, {errors} errors");
+    eprintln!("{compared} configurations read alike ({errors} errors)");
+}

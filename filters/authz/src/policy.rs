@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use meshwasm_sdk_ext::config::{from_json, ConfigError, Path};
+use meshwasm_sdk_ext::config::{parse_json, ConfigError, Path};
 use meshwasm_sdk_ext::metrics::sanitize_label;
 
 use crate::config::{direct_address, Action, AuthzConfigJson, DirectAddress, PolicySpecJson, Provider, ResourceJson};
@@ -240,7 +240,7 @@ impl TryFrom<AuthzConfigJson> for Config {
 }
 
 pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-    Config::try_from(from_json::<AuthzConfigJson>(bytes)?)
+    Config::try_from(AuthzConfigJson::read(&parse_json(bytes)?, &Path::root())?)
 }
 
 /// The first policy (in Envoy's name order) that matches.
