@@ -42,8 +42,13 @@ pub struct AuthzConfigJson {
     /// `source.address`, equal to the peer only when the connection manager does not derive
     /// the client address from `x-forwarded-for`).
     pub direct_remote_address: Option<String>,
-    /// RequestAuthentication resources: the JWT half, not implemented yet.
-    pub authentication: Option<Value>,
+    /// RequestAuthentication resources (JWT), as kubectl prints them.
+    #[serde(default)]
+    pub authentication: Vec<ResourceJson<crate::authn::RequestAuthSpecJson>>,
+    /// Where each remote `jwksUri` is fetched through: `{"<jwksUri>": {"cluster": "...",
+    /// "cacheDuration": "5m"}}` (meshwasm addition; istiod derives the cluster).
+    #[serde(default)]
+    pub jwks: BTreeMap<String, crate::authn::JwksSourceJson>,
 }
 
 /// A Kubernetes resource as kubectl prints it. `status` and metadata fields other than

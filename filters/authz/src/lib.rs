@@ -5,10 +5,13 @@
 //! `rbac` (Envoy's matchers) → `policy` (the filter chain istiod emits, as pure decisions)
 //! → `filter` (host effects); `x509` reads the peer certificate's SANs.
 
+pub mod authn;
 pub mod config;
 pub mod extauthz;
 pub mod filter;
 pub mod istio;
+pub mod jwks;
+pub mod jwt;
 pub mod policy;
 pub mod rbac;
 pub mod x509;
