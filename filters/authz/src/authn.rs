@@ -251,7 +251,10 @@ impl Authn {
                     }
                 };
                 used.push(uri.clone());
-                Keys::Remote(Remote { uri: uri.clone(), cluster, authority, path: p, cache_duration })
+                let _ = Remote { uri: uri.clone(), cluster, authority, path: p, cache_duration };
+                // The root-context fetch, shared-data cache and refresh are the next step;
+                // until then a remote key set is refused rather than failing every token.
+                return Err(upath.err("remote JWKS (jwksUri) is not implemented yet; put the key set inline in jwks"));
             }
         };
         let mut headers = Vec::new();
@@ -1041,6 +1044,10 @@ mod tests {
         .unwrap();
         let e = Authn::parse(&res, &BTreeMap::new(), &Path::root()).unwrap_err().to_string();
         assert!(e.contains("authentication[0].spec.jwtRules[0].jwksUri"), "{e}");
+        let sources: BTreeMap<String, JwksSourceJson> =
+            serde_json::from_value(json!({"https://keys/jwks.json": {"cluster": "keys"}})).unwrap();
+        let e = Authn::parse(&res, &sources, &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("jwksUri") && e.contains("not implemented yet"), "{e}");
         let res2: Vec<ResourceJson<RequestAuthSpecJson>> = serde_json::from_value(json!([{
             "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
             "metadata": {"name": "ra"}, "spec": {"jwtRules": [{"issuer": "i", "jwks": "{\"keys\":[]}"}]}}]))
