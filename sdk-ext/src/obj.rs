@@ -88,6 +88,11 @@ impl<'a> Obj<'a> {
         self.map.get(k).filter(|v| !v.is_null())
     }
 
+    /// Field `k` as written (`null` included), for fields read another way.
+    pub fn raw(&self, k: &str) -> Option<&'a Value> {
+        self.map.get(k)
+    }
+
     /// Field `k`, which must be present and not `null`.
     pub fn required(&self, k: &str) -> Result<&'a Value, ConfigError> {
         match self.map.get(k) {

@@ -42,8 +42,13 @@ pub struct AuthzConfigJson {
     /// `source.address`, equal to the peer only when the connection manager does not derive
     /// the client address from `x-forwarded-for`).
     pub direct_remote_address: Option<String>,
-    /// RequestAuthentication resources: the JWT half, not implemented yet.
-    pub authentication: Option<Value>,
+    /// RequestAuthentication resources (JWT), as kubectl prints them.
+    #[serde(default)]
+    pub authentication: Vec<ResourceJson<crate::authn::RequestAuthSpecJson>>,
+    /// Where each remote `jwksUri` is fetched through: `{"<jwksUri>": {"cluster": "...",
+    /// "cacheDuration": "5m"}}` (meshwasm addition; istiod derives the cluster).
+    #[serde(default)]
+    pub jwks: BTreeMap<String, crate::authn::JwksSourceJson>,
 }
 
 /// A Kubernetes resource as kubectl prints it. `status` and metadata fields other than
@@ -511,15 +516,26 @@ impl AuthzConfigJson {
                 "trustDomainAliases",
                 "directRemoteAddress",
                 "authentication",
+                "jwks",
             ],
         )?;
+        // The JWT half is read with serde (its crypto dwarfs its readers' size).
+        let serde_field = |k: &str| -> Option<Result<&Value, ConfigError>> { o.raw(k).map(Ok) };
+        let within = |k: &str, e: ConfigError| e.within(o.path(k).as_str());
         Ok(Self {
             policies: list(&o, "policies", ResourceJson::read)?,
             extension_providers: list(&o, "extensionProviders", ProviderJson::read)?,
             trust_domain: o.opt_string("trustDomain")?,
             trust_domain_aliases: o.strings("trustDomainAliases")?,
             direct_remote_address: o.opt_string("directRemoteAddress")?,
-            authentication: o.get("authentication").cloned(),
+            authentication: match serde_field("authentication") {
+                None => Vec::new(),
+                Some(v) => meshwasm_sdk_ext::config::from_value(v?).map_err(|e| within("authentication", e))?,
+            },
+            jwks: match serde_field("jwks") {
+                None => BTreeMap::new(),
+                Some(v) => meshwasm_sdk_ext::config::from_value(v?).map_err(|e| within("jwks", e))?,
+            },
         })
     }
 }

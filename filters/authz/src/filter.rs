@@ -3,8 +3,11 @@
 //! callout to the authorizer), then AUDIT, DENY and ALLOW, and replies as Envoy's RBAC and
 //! ext_authz filters do.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use meshwasm_sdk_ext::config::ConfigError;
 use meshwasm_sdk_ext::host::plugin_name;
@@ -14,8 +17,10 @@ use meshwasm_sdk_ext::{
     Plugin,
 };
 
+use crate::authn::{self, Env, KeyState, Keys, Op};
 use crate::config::{DirectAddress, ProviderKind, DIRECT_ADDRESS_FILTER_STATE};
 use crate::extauthz::{self, CheckInput, Outcome};
+use crate::jwt::{Jwt, Status};
 use crate::policy::{self, Config, NamedPolicy, Verdict};
 use crate::rbac::{Attributes, PeerIdentity};
 
@@ -35,6 +40,36 @@ struct Ids {
     policies: Vec<(String, [Option<u32>; 5])>,
     /// [ok, denied, error, failure_mode_allowed]
     provider: [Option<u32>; 4],
+    /// JWT: [allowed, denied, cache_hits, verified, jwks_fetch_success, jwks_fetch_failed]
+    jwt: [Option<u32>; 6],
+    /// JWT denials by reason (`Status::reason`).
+    jwt_denied: Vec<(&'static str, Option<u32>)>,
+}
+
+const JWT_STATS: [&str; 6] = ["allowed", "denied", "cache_hits", "verified", "jwks_fetch_success", "jwks_fetch_failed"];
+const JWT_REASONS: [&str; 10] = [
+    "missing",
+    "not_yet_valid",
+    "expired",
+    "unknown_issuer",
+    "audience",
+    "signature",
+    "no_key",
+    "jwks_fetch",
+    "malformed",
+    "ok",
+];
+
+#[derive(Clone, Copy)]
+enum JwtStat {
+    Allowed = 0,
+    Denied = 1,
+    CacheHits = 2,
+    Verified = 3,
+    #[allow(dead_code)]
+    FetchSuccess = 4,
+    #[allow(dead_code)]
+    FetchFailed = 5,
 }
 
 const POLICY_STATS: [&str; 5] = ["allowed", "denied", "shadow_allowed", "shadow_denied", "audited"];
@@ -71,6 +106,55 @@ pub struct AuthzPlugin {
     pub config: Config,
     ids: Ids,
     name: String,
+    /// Verified tokens of this worker (an optimisation: every time check still runs).
+    cache: RefCell<TokenCache>,
+}
+
+// === impl TokenCache ===
+
+/// Most tokens remembered per worker.
+pub const TOKEN_CACHE_SIZE: usize = 1024;
+
+/// Verified tokens keyed by a SHA-256 of provider and token, each valid for the key set
+/// generation that verified it (a rotation forgets them) and dropped after its `exp`.
+#[derive(Default)]
+pub struct TokenCache {
+    entries: HashMap<[u8; 32], (u64, Rc<Jwt>)>,
+}
+
+fn cache_key(provider: usize, token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update((provider as u64).to_le_bytes());
+    h.update(token.as_bytes());
+    h.finalize().into()
+}
+
+impl TokenCache {
+    fn get(&self, provider: usize, token: &str, generation: u64, now: u64) -> Option<Rc<Jwt>> {
+        let (g, jwt) = self.entries.get(&cache_key(provider, token))?;
+        (*g == generation && (jwt.exp == 0 || now <= jwt.exp.saturating_add(crate::jwt::CLOCK_SKEW_SECONDS)))
+            .then(|| Rc::clone(jwt))
+    }
+
+    fn put(&mut self, provider: usize, token: &str, generation: u64, jwt: Rc<Jwt>, now: u64) {
+        if self.entries.len() >= TOKEN_CACHE_SIZE {
+            let skew = crate::jwt::CLOCK_SKEW_SECONDS;
+            self.entries.retain(|_, (_, j)| j.exp == 0 || now <= j.exp.saturating_add(skew));
+            if self.entries.len() >= TOKEN_CACHE_SIZE {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(cache_key(provider, token), (generation, jwt));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 impl Plugin for AuthzPlugin {
@@ -94,14 +178,22 @@ impl Plugin for AuthzPlugin {
             ids.provider = PROVIDER_STATS
                 .map(|s| define(host, MetricKind::Counter, &format!("meshwasm.authz.provider.{}.{s}", p.name)));
         }
-        Ok(Self { config, ids, name: plugin_name(host) })
+        if !config.authn.is_empty() {
+            ids.jwt = JWT_STATS.map(|s| define(host, MetricKind::Counter, &format!("meshwasm.authz.jwt.{s}")));
+            ids.jwt_denied = JWT_REASONS
+                .iter()
+                .filter(|r| **r != "ok")
+                .map(|r| (*r, define(host, MetricKind::Counter, &format!("meshwasm.authz.jwt.denied_{r}"))))
+                .collect();
+        }
+        Ok(Self { config, ids, name: plugin_name(host), cache: RefCell::default() })
     }
 
     fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> AuthzFilter {
         AuthzFilter {
             plugin: Rc::clone(self),
             state: State::Start,
-            attrs: Attrs::default(),
+            attrs: Attrs { own_jwt: !self.config.authn.is_empty(), ..Attrs::default() },
             downstream: Downstream::default(),
         }
     }
@@ -116,6 +208,14 @@ impl AuthzPlugin {
             .find(|(l, _)| *l == p.label)
             .and_then(|(_, s)| s.get(stat as usize).copied().flatten());
         bump(host, id);
+    }
+
+    fn count_jwt(&self, host: &dyn Host, stat: JwtStat, n: u32) {
+        if n > 0 {
+            if let Some(id) = self.ids.jwt.get(stat as usize).copied().flatten() {
+                let _ = host.increment_metric(id, i64::from(n));
+            }
+        }
     }
 
     fn count_provider(&self, host: &dyn Host, stat: ProviderStat) {
@@ -139,6 +239,10 @@ struct Attrs {
     sni: Option<String>,
     peer: Option<Option<PeerIdentity>>,
     metadata: Option<Vec<u8>>,
+    /// This filter's `jwt_authn` result: `{"payload": {...}}` after a verified token.
+    jwt: Option<serde_json::Value>,
+    /// RequestAuthentication is configured: `jwt_authn` metadata is `jwt`, not the host's.
+    own_jwt: bool,
 }
 
 /// `1.2.3.4:80`, `[::1]:80` or a bare address.
@@ -223,6 +327,13 @@ impl Attributes for HostAttrs<'_> {
         self.cache.peer.get_or_insert_with(|| read_peer(host)).clone()
     }
     fn metadata(&mut self, filter: &str, path: &[String]) -> Option<serde_json::Value> {
+        if self.cache.own_jwt && filter == crate::istio::JWT_FILTER {
+            let mut v = self.cache.jwt.as_ref()?;
+            for k in path {
+                v = v.get(k)?;
+            }
+            return Some(v.clone());
+        }
         let host = self.host;
         let raw = self.cache.metadata.get_or_insert_with(|| host.property(&["metadata"]).unwrap_or_default());
         if raw.is_empty() {
@@ -256,6 +367,43 @@ fn read_peer(host: &dyn Host) -> Option<PeerIdentity> {
     Some(PeerIdentity { uri_sans, dns_sans, subject })
 }
 
+// === impl HostEnv ===
+
+/// How often a request waiting for a remote JWKS looks again.
+const KEY_POLL: Duration = Duration::from_millis(20);
+
+/// What verification reads from the worker: keys, the clock, the token cache.
+struct HostEnv<'a> {
+    plugin: &'a AuthzPlugin,
+    host: &'a dyn Host,
+    /// The request has waited its `timeout`: keys still missing are a fetch failure.
+    give_up: bool,
+}
+
+fn unix_now(host: &dyn Host) -> u64 {
+    host.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Env for HostEnv<'_> {
+    fn keys(&self, provider: usize) -> KeyState<'_> {
+        match self.plugin.config.authn.providers.get(provider).map(|p| &p.keys) {
+            Some(Keys::Inline(jwks)) => KeyState::Ready(jwks, 0),
+            Some(Keys::Remote(_)) if self.give_up => KeyState::Failed,
+            Some(Keys::Remote(_)) => KeyState::Pending,
+            None => KeyState::Failed,
+        }
+    }
+    fn now(&self) -> u64 {
+        unix_now(self.host)
+    }
+    fn cached(&mut self, provider: usize, token: &str, generation: u64) -> Option<Rc<Jwt>> {
+        self.plugin.cache.borrow().get(provider, token, generation, unix_now(self.host))
+    }
+    fn remember(&mut self, provider: usize, token: &str, generation: u64, jwt: Rc<Jwt>) {
+        self.plugin.cache.borrow_mut().put(provider, token, generation, jwt, unix_now(self.host));
+    }
+}
+
 // === impl AuthzFilter ===
 
 #[derive(Debug)]
@@ -265,6 +413,8 @@ enum State {
     AwaitBody(Box<CheckInput>),
     /// The check is in flight.
     Checking(u32),
+    /// Waiting for a remote JWKS until this monotonic deadline (ns).
+    AwaitKeys(u64),
     Done,
 }
 
@@ -328,7 +478,63 @@ impl AuthzFilter {
         Flow::Pause
     }
 
-    /// AUDIT, DENY and ALLOW (after CUSTOM allowed, or when no CUSTOM policy matched).
+    /// RequestAuthentication (after CUSTOM allowed, or when no CUSTOM policy matched), then
+    /// AUDIT, DENY and ALLOW; a rejected token pre-empts the policies.
+    fn authenticate(&mut self, host: &dyn Host) -> Flow {
+        let plugin = Rc::clone(&self.plugin);
+        let authn = &plugin.config.authn;
+        if authn.is_empty() {
+            return self.rbac(host);
+        }
+        let now_ns = host.monotonic_ns();
+        let deadline = match self.state {
+            State::AwaitKeys(d) => d,
+            _ => now_ns.saturating_add(u64::try_from(authn.max_timeout().as_nanos()).unwrap_or(u64::MAX)),
+        };
+        let headers = self.attrs(host).all_headers().clone();
+        let mut env = HostEnv { plugin: &plugin, host, give_up: now_ns >= deadline };
+        let outcome = match authn::authenticate(authn, headers, &mut env) {
+            Ok(o) => o,
+            Err(authn::Pending) => {
+                self.state = State::AwaitKeys(deadline);
+                let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
+                return Flow::Delay(left.min(KEY_POLL));
+            }
+        };
+        plugin.count_jwt(host, JwtStat::CacheHits, outcome.cache_hits);
+        plugin.count_jwt(host, JwtStat::Verified, outcome.verified);
+        for op in &outcome.ops {
+            let _ = match op {
+                Op::Remove(h) => host.set_header(HeaderMap::RequestHeaders, h, None),
+                Op::Add(h, v) => host.add_header(HeaderMap::RequestHeaders, h, v),
+                Op::SetPath(p) => host.set_header(HeaderMap::RequestHeaders, ":path", Some(p)),
+            };
+        }
+        if !outcome.ops.is_empty() {
+            // The policies see the request as jwt_authn left it.
+            self.attrs.headers = None;
+        }
+        self.attrs.jwt = outcome.payload.map(|p| serde_json::json!({ "payload": p }));
+        if outcome.status == Status::Ok {
+            plugin.count_jwt(host, JwtStat::Allowed, 1);
+            return self.rbac(host);
+        }
+        plugin.count_jwt(host, JwtStat::Denied, 1);
+        let reason = outcome.status.reason();
+        if let Some((_, id)) = plugin.ids.jwt_denied.iter().find(|(r, _)| *r == reason) {
+            bump(host, *id);
+        }
+        bump(host, plugin.ids.denied);
+        let uri = authn::Request::new(self.attrs(host).all_headers().clone()).original_uri();
+        let (status, body, www, details) = authn::rejection(outcome.status, &uri);
+        plugin.log(host, LogLevel::Debug, &format!("jwt rejected: {body}"));
+        self.deny(
+            host,
+            LocalReply { status, body, headers: vec![("www-authenticate".into(), www)], grpc_status: None, details },
+        )
+    }
+
+    /// AUDIT, DENY and ALLOW.
     fn rbac(&mut self, host: &dyn Host) -> Flow {
         let plugin = Rc::clone(&self.plugin);
         let cfg = &plugin.config;
@@ -415,7 +621,7 @@ impl AuthzFilter {
 
     fn send_check(&mut self, host: &dyn Host, input: &CheckInput) -> Flow {
         let plugin = Rc::clone(&self.plugin);
-        let Some(p) = plugin.config.provider.as_ref() else { return self.rbac(host) };
+        let Some(p) = plugin.config.provider.as_ref() else { return self.authenticate(host) };
         let started = match &p.kind {
             ProviderKind::Http(http) => {
                 let (headers, body) = extauthz::http_check(p, http, input);
@@ -448,7 +654,7 @@ impl AuthzFilter {
     /// Apply the authorizer's answer.
     fn outcome(&mut self, host: &dyn Host, outcome: Outcome) -> Flow {
         let plugin = Rc::clone(&self.plugin);
-        let Some(p) = plugin.config.provider.as_ref() else { return self.rbac(host) };
+        let Some(p) = plugin.config.provider.as_ref() else { return self.authenticate(host) };
         match outcome {
             Outcome::Allow {
                 upstream_set,
@@ -497,7 +703,7 @@ impl AuthzFilter {
                     add_if_absent: downstream_add_if_absent,
                     overwrite_if_exists: downstream_overwrite_if_exists,
                 };
-                self.rbac(host)
+                self.authenticate(host)
             }
             Outcome::Deny { status, body, headers } => {
                 plugin.count_provider(host, ProviderStat::Denied);
@@ -512,7 +718,7 @@ impl AuthzFilter {
                 plugin.log(host, LogLevel::Warn, &format!("provider {}: {why}", p.name));
                 if p.fail_open {
                     plugin.count_provider(host, ProviderStat::FailureModeAllowed);
-                    return self.rbac(host);
+                    return self.authenticate(host);
                 }
                 bump(host, plugin.ids.denied);
                 self.deny(
@@ -541,7 +747,7 @@ impl HttpFilter for AuthzFilter {
             policy::custom(&plugin.config, &mut a).is_some()
         };
         if !custom {
-            return self.rbac(host);
+            return self.authenticate(host);
         }
         let input = self.check_input(host);
         let wants_body = plugin.config.provider.as_ref().is_some_and(|p| p.body.is_some());
@@ -555,7 +761,7 @@ impl HttpFilter for AuthzFilter {
     fn on_request_body(&mut self, host: &dyn Host, size: usize, end_of_stream: bool) -> Flow {
         match &self.state {
             State::AwaitBody(_) => {}
-            State::Checking(_) => return Flow::Pause,
+            State::Checking(_) | State::AwaitKeys(_) => return Flow::Pause,
             _ => return Flow::Continue,
         }
         let plugin = Rc::clone(&self.plugin);
@@ -597,7 +803,7 @@ impl HttpFilter for AuthzFilter {
             input.body = Some(host.request_body(max));
             return self.send_check(host, &input);
         }
-        if matches!(self.state, State::Checking(_)) {
+        if matches!(self.state, State::Checking(_) | State::AwaitKeys(_)) {
             return Flow::Pause;
         }
         Flow::Continue
@@ -647,6 +853,13 @@ impl HttpFilter for AuthzFilter {
             _ => Outcome::Error("gRPC reply for an HTTP provider".into()),
         };
         self.outcome(host, outcome)
+    }
+
+    fn on_timer(&mut self, host: &dyn Host) -> Flow {
+        if matches!(self.state, State::AwaitKeys(_)) {
+            return self.authenticate(host);
+        }
+        Flow::Continue
     }
 
     fn on_done(&mut self, _host: &dyn Host) {

@@ -3,12 +3,16 @@
 //!
 //! `config` (Istio resources as JSON) → `istio` (istiod's translation into RBAC trees) →
 //! `rbac` (Envoy's matchers) → `policy` (the filter chain istiod emits, as pure decisions)
-//! → `filter` (host effects); `x509` reads the peer certificate's SANs.
+//! → `filter` (host effects); `x509` reads the peer certificate's SANs; `authn` (RequestAuthentication,
+//! `jwt_authn` as istiod configures it) with `jwt` (token parsing) and `jwks` (keys, signatures).
 
+pub mod authn;
 pub mod config;
 pub mod extauthz;
 pub mod filter;
 pub mod istio;
+pub mod jwks;
+pub mod jwt;
 pub mod policy;
 pub mod rbac;
 pub mod x509;

@@ -43,6 +43,9 @@ pub struct Config {
     pub needs_peer: bool,
     /// Every stats label, once.
     pub labels: Vec<String>,
+    /// RequestAuthentication (`jwt_authn` as istiod configures it); empty: the policies read
+    /// the metadata of a native `jwt_authn` filter instead, if one runs before this one.
+    pub authn: crate::authn::Authn,
 }
 
 const API_VERSIONS: [&str; 3] = ["security.istio.io/v1", "security.istio.io/v1beta1", "security.istio.io/v1alpha1"];
@@ -70,11 +73,7 @@ impl TryFrom<AuthzConfigJson> for Config {
 
     fn try_from(raw: AuthzConfigJson) -> Result<Self, ConfigError> {
         let root = Path::root();
-        if raw.authentication.is_some() {
-            return Err(root
-                .field("authentication")
-                .err("RequestAuthentication (JWT) is not supported yet; remove it (policies on request principals then match no request)"));
-        }
+        let authn = crate::authn::Authn::parse(&raw.authentication, &raw.jwks, &root)?;
         let td = raw.trust_domain.clone().unwrap_or_else(|| "cluster.local".into());
         if td.is_empty() {
             return Err(root.field("trustDomain").err("must not be empty"));
@@ -100,7 +99,7 @@ impl TryFrom<AuthzConfigJson> for Config {
             providers.push(parsed);
         }
 
-        let mut cfg = Config { direct_address: None, ..Config::default() };
+        let mut cfg = Config { direct_address: None, authn, ..Config::default() };
         let mut seen_resources = HashSet::new();
         let mut labels = HashSet::new();
         for (i, r) in raw.policies.iter().enumerate() {

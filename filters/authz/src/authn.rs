@@ -1,0 +1,1058 @@
+//! RequestAuthentication: the `jwt_authn` configuration istiod generates from the resources
+//! (`origins-<i>` providers sorted by issuer, `requires_any` of each provider or missing,
+//! `bypass_cors_preflight`, payload in metadata `payload` with space-delimited claims), and
+//! Envoy's `jwt_authn` run on it as a pure function: token extraction, the verifier tree
+//! with its status aggregation, the header effects (output headers sanitized then added,
+//! the token removed) in Envoy's order, the payload the policies see, and the local reply.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use meshwasm_sdk_ext::config::{ConfigError, Path};
+use meshwasm_sdk_ext::duration::parse_duration;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::ResourceJson;
+use crate::jwks::Jwks;
+use crate::jwt::{sanitize_audience, Jwt, Status, CLOCK_SKEW_SECONDS};
+
+// === JSON ===
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthSpecJson {
+    /// Accepted and ignored: this plugin's placement is the selection.
+    #[allow(dead_code)]
+    pub selector: Option<Value>,
+    #[allow(dead_code)]
+    pub target_ref: Option<Value>,
+    #[allow(dead_code)]
+    pub target_refs: Option<Value>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRuleJson>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRuleJson {
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<String>,
+    pub jwks: Option<String>,
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeaderJson>,
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+    pub output_payload_to_header: Option<String>,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeaderJson>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    pub timeout: Option<String>,
+    pub space_delimited_claims: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeaderJson {
+    pub name: String,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeaderJson {
+    pub header: String,
+    pub claim: String,
+}
+
+/// Where a `jwksUri` is fetched through (meshwasm addition: istiod derives the cluster).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwksSourceJson {
+    pub cluster: Option<String>,
+    pub cache_duration: Option<String>,
+}
+
+// === validated ===
+
+/// Where a provider's keys come from.
+#[derive(Debug, Clone)]
+pub enum Keys {
+    Inline(Jwks),
+    Remote(Remote),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub uri: String,
+    pub cluster: String,
+    /// `:authority` and `:path` of the fetch.
+    pub authority: String,
+    pub path: String,
+    pub cache_duration: Duration,
+}
+
+/// One `jwt_authn` provider (`origins-<i>`): a jwtRule.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub issuer: String,
+    /// Sanitized (`sanitizeAudience`).
+    pub audiences: Vec<String>,
+    pub keys: Keys,
+    /// `(lower-cased name, prefix)`.
+    pub headers: Vec<(String, String)>,
+    pub params: Vec<String>,
+    pub cookies: Vec<String>,
+    pub payload_header: Option<String>,
+    /// `(lower-cased header, claim path)`.
+    pub claim_headers: Vec<(String, String)>,
+    pub forward: bool,
+    pub space_delimited: Vec<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Authn {
+    /// Sorted by issuer (stable), as istiod sorts the rules.
+    pub providers: Vec<Provider>,
+}
+
+/// istiod's default `timeout` of a rule.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// istiod's `cache_duration` of a remote JWKS.
+pub const DEFAULT_CACHE_DURATION: Duration = Duration::from_secs(300);
+
+const API_VERSIONS: [&str; 3] = ["security.istio.io/v1", "security.istio.io/v1beta1", "security.istio.io/v1alpha1"];
+
+fn header_name(name: &str, path: &Path) -> Result<String, ConfigError> {
+    if name.is_empty() {
+        return Err(path.err("must not be empty"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        return Err(path.err(format!("{name:?} is not a valid HTTP header name")));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// `scheme://authority/path` → (authority, path).
+fn split_uri(uri: &str, path: &Path) -> Result<(String, String), ConfigError> {
+    let rest = uri
+        .strip_prefix("https://")
+        .or_else(|| uri.strip_prefix("http://"))
+        .ok_or_else(|| path.err(format!("must be an http:// or https:// URI, got {uri:?}")))?;
+    let (authority, p) = match rest.find('/') {
+        Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("/")),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(path.err(format!("has no host: {uri:?}")));
+    }
+    Ok((authority.to_string(), p.to_string()))
+}
+
+impl Authn {
+    pub fn parse(
+        resources: &[ResourceJson<RequestAuthSpecJson>],
+        sources: &BTreeMap<String, JwksSourceJson>,
+        root: &Path,
+    ) -> Result<Self, ConfigError> {
+        let mut rules = Vec::new();
+        for (i, r) in resources.iter().enumerate() {
+            let path = root.field("authentication").index(i);
+            if !API_VERSIONS.contains(&r.api_version.as_str()) {
+                return Err(path
+                    .field("apiVersion")
+                    .err(format!("must be security.istio.io/v1 (or v1beta1), got {:?}", r.api_version)));
+            }
+            if r.kind != "RequestAuthentication" {
+                return Err(path.field("kind").err(format!("must be RequestAuthentication, got {:?}", r.kind)));
+            }
+            for (j, rule) in r.spec.jwt_rules.iter().enumerate() {
+                rules.push((rule, path.field("spec").field("jwtRules").index(j)));
+            }
+        }
+        // istiod sorts the rules by issuer (a stable sort) and names them origins-<index>.
+        rules.sort_by(|a, b| a.0.issuer.cmp(&b.0.issuer));
+        let mut used_sources = Vec::new();
+        let mut providers = Vec::new();
+        for (i, (rule, path)) in rules.iter().enumerate() {
+            let p = Self::rule(rule, path, sources, &mut used_sources)?;
+            providers.push(Provider { name: format!("origins-{i}"), ..p });
+        }
+        for uri in sources.keys() {
+            if !used_sources.contains(uri) {
+                return Err(root.field("jwks").key(uri).err("no jwtRule has this jwksUri"));
+            }
+        }
+        Ok(Self { providers })
+    }
+
+    fn rule(
+        rule: &JwtRuleJson,
+        path: &Path,
+        sources: &BTreeMap<String, JwksSourceJson>,
+        used: &mut Vec<String>,
+    ) -> Result<Provider, ConfigError> {
+        if rule.issuer.is_empty() {
+            return Err(path.field("issuer").err("is required"));
+        }
+        for (k, a) in rule.audiences.iter().enumerate() {
+            if a.is_empty() {
+                return Err(path.field("audiences").index(k).err("must not be empty"));
+            }
+        }
+        let timeout = match &rule.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(t) => {
+                let d = parse_duration(t).map_err(|e| path.field("timeout").err(e))?;
+                if d.is_zero() {
+                    return Err(path.field("timeout").err("must be greater than 0"));
+                }
+                d
+            }
+        };
+        let keys = match (&rule.jwks, &rule.jwks_uri) {
+            (Some(_), Some(_)) => return Err(path.field("jwks").err("set either jwks or jwksUri, not both")),
+            (None, None) => return Err(path.err("needs jwks (inline keys) or jwksUri")),
+            (Some(inline), None) => {
+                let (jwks, _skipped) = Jwks::parse(inline.as_bytes()).map_err(|e| path.field("jwks").err(e.0))?;
+                Keys::Inline(jwks)
+            }
+            (None, Some(uri)) => {
+                let upath = path.field("jwksUri");
+                let (authority, p) = split_uri(uri, &upath)?;
+                let src = sources.get(uri).ok_or_else(|| {
+                    upath.err(format!(
+                        "needs an entry in the top-level \"jwks\" map naming the Envoy cluster to fetch it through: \"jwks\": {{{uri:?}: {{\"cluster\": \"...\"}}}}"
+                    ))
+                })?;
+                let spath = Path::root().field("jwks").key(uri);
+                let cluster = src
+                    .cluster
+                    .clone()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| spath.field("cluster").err("is required"))?;
+                let cache_duration = match &src.cache_duration {
+                    None => DEFAULT_CACHE_DURATION,
+                    Some(d) => {
+                        let d = parse_duration(d).map_err(|e| spath.field("cacheDuration").err(e))?;
+                        if d < Duration::from_secs(1) {
+                            return Err(spath.field("cacheDuration").err("must be at least 1s"));
+                        }
+                        d
+                    }
+                };
+                used.push(uri.clone());
+                let _ = Remote { uri: uri.clone(), cluster, authority, path: p, cache_duration };
+                // The root-context fetch, shared-data cache and refresh are the next step;
+                // until then a remote key set is refused rather than failing every token.
+                return Err(upath.err("remote JWKS (jwksUri) is not implemented yet; put the key set inline in jwks"));
+            }
+        };
+        let mut headers = Vec::new();
+        for (k, h) in rule.from_headers.iter().enumerate() {
+            let name = header_name(&h.name, &path.field("fromHeaders").index(k).field("name"))?;
+            if !headers.contains(&(name.clone(), h.prefix.clone())) {
+                headers.push((name, h.prefix.clone()));
+            }
+        }
+        for (k, p) in rule.from_params.iter().enumerate() {
+            if p.is_empty() {
+                return Err(path.field("fromParams").index(k).err("must not be empty"));
+            }
+        }
+        for (k, c) in rule.from_cookies.iter().enumerate() {
+            if c.is_empty() {
+                return Err(path.field("fromCookies").index(k).err("must not be empty"));
+            }
+        }
+        let mut params = rule.from_params.clone();
+        if headers.is_empty() && params.is_empty() && rule.from_cookies.is_empty() {
+            headers.push(("authorization".into(), "Bearer ".into()));
+            params.push("access_token".into());
+        }
+        let payload_header = match &rule.output_payload_to_header {
+            None => None,
+            Some(h) if h.is_empty() => None,
+            Some(h) => Some(header_name(h, &path.field("outputPayloadToHeader"))?),
+        };
+        let mut claim_headers = Vec::new();
+        for (k, c) in rule.output_claim_to_headers.iter().enumerate() {
+            let cp = path.field("outputClaimToHeaders").index(k);
+            let h = header_name(&c.header, &cp.field("header"))?;
+            if c.claim.is_empty() {
+                return Err(cp.field("claim").err("must not be empty"));
+            }
+            claim_headers.push((h, c.claim.clone()));
+        }
+        // istiod: the user's claims plus `permission` and `scope`, deduplicated and sorted.
+        let mut space_delimited: Vec<String> = rule.space_delimited_claims.clone().unwrap_or_default();
+        space_delimited.extend(["permission".to_string(), "scope".to_string()]);
+        space_delimited.sort();
+        space_delimited.dedup();
+        Ok(Provider {
+            name: String::new(),
+            issuer: rule.issuer.clone(),
+            audiences: rule.audiences.iter().map(|a| sanitize_audience(a).to_string()).collect(),
+            keys,
+            headers,
+            params,
+            cookies: rule.from_cookies.clone(),
+            payload_header,
+            claim_headers,
+            forward: rule.forward_original_token,
+            space_delimited,
+            timeout,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.providers.is_empty()
+    }
+
+    /// Every header name some provider writes (removed from client requests first).
+    pub fn output_headers(&self) -> impl Iterator<Item = &str> {
+        self.providers.iter().flat_map(|p| {
+            p.payload_header.iter().map(String::as_str).chain(p.claim_headers.iter().map(|(h, _)| h.as_str()))
+        })
+    }
+
+    /// The longest `timeout` of the remote providers (how long a request may wait for keys).
+    pub fn max_timeout(&self) -> Duration {
+        self.providers
+            .iter()
+            .filter(|p| matches!(p.keys, Keys::Remote(_)))
+            .map(|p| p.timeout)
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+// === the request model ===
+
+/// A header effect, applied to the real request in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Remove(String),
+    Add(String, String),
+    SetPath(String),
+}
+
+/// The request headers as `jwt_authn` sees and changes them.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub headers: Vec<(String, String)>,
+    pub ops: Vec<Op>,
+}
+
+impl Request {
+    pub fn new(headers: Vec<(String, String)>) -> Self {
+        Self { headers, ops: Vec::new() }
+    }
+
+    fn values(&self, name: &str) -> Vec<String> {
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    }
+
+    fn first(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.ops.push(Op::Remove(name.to_string()));
+    }
+
+    fn add(&mut self, name: &str, value: String) {
+        self.headers.push((name.to_string(), value.clone()));
+        self.ops.push(Op::Add(name.to_string(), value));
+    }
+
+    fn set_path(&mut self, path: String) {
+        for (k, v) in self.headers.iter_mut() {
+            if k == ":path" {
+                v.clone_from(&path);
+            }
+        }
+        self.ops.push(Op::SetPath(path));
+    }
+
+    /// Envoy's `isCorsPreflightRequest`.
+    pub fn is_cors_preflight(&self) -> bool {
+        self.first(":method") == Some("OPTIONS")
+            && self.first("origin").is_some_and(|v| !v.is_empty())
+            && self.first("access-control-request-method").is_some_and(|v| !v.is_empty())
+    }
+
+    /// `Http::Utility::buildOriginalUri(headers, 256)`: for the `realm` of `www-authenticate`.
+    pub fn original_uri(&self) -> String {
+        let Some(path) = self.first("x-envoy-original-path").or_else(|| self.first(":path")) else {
+            return String::new();
+        };
+        let mut end = path.len().min(256);
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!(
+            "{}://{}{}",
+            self.first("x-forwarded-proto").unwrap_or(""),
+            self.first(":authority").unwrap_or(""),
+            path.get(..end).unwrap_or("")
+        )
+    }
+}
+
+// === extraction ===
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    Header(String),
+    Param(String),
+    Cookie,
+}
+
+#[derive(Debug, Clone)]
+struct Token {
+    token: String,
+    location: Location,
+}
+
+const B64URL_DOT: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.";
+
+/// `ExtractorImpl::extractJWT`: from the first base64url-or-dot character at or after
+/// `after` to the end; the whole value when there is none.
+fn extract_jwt(value: &str, after: usize) -> &str {
+    let start = value.as_bytes().iter().enumerate().skip(after).find(|(_, b)| B64URL_DOT.contains(b)).map(|(i, _)| i);
+    match start {
+        Some(i) => value.get(i..).unwrap_or(value),
+        None => value,
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Envoy's `PercentEncoding::decode`: valid `%XX` decoded, everything else kept.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            if let (Some(h), Some(l)) = (b.get(i + 1).and_then(|x| hex(*x)), b.get(i + 2).and_then(|x| hex(*x))) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `QueryParamsMulti::parseAndDecodeQueryString`: sorted by key, values in order.
+fn query_params(path: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let Some((_, q)) = path.split_once('?') else { return out };
+    for p in q.split('&') {
+        if p.is_empty() {
+            continue;
+        }
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        out.entry(percent_decode(k)).or_default().push(percent_decode(v));
+    }
+    out
+}
+
+/// `Http::Utility::parseCookies`: the first occurrence of each name, quotes stripped.
+fn cookie(req: &Request, name: &str) -> Option<String> {
+    for v in req.values("cookie") {
+        for part in v.split(';') {
+            let part = part.trim_start();
+            let Some((k, val)) = part.split_once('=') else { continue };
+            if k != name {
+                continue;
+            }
+            let val = if val.len() >= 2 && val.starts_with('"') && val.ends_with('"') {
+                val.get(1..val.len() - 1).unwrap_or(val)
+            } else {
+                val
+            };
+            return Some(val.to_string());
+        }
+    }
+    None
+}
+
+fn extract(p: &Provider, req: &Request) -> Vec<Token> {
+    let mut tokens = Vec::new();
+    // Header locations, in the order of Envoy's map keyed by name + prefix.
+    let mut headers: Vec<&(String, String)> = p.headers.iter().collect();
+    headers.sort_by(|a, b| format!("{}{}", a.0, a.1).cmp(&format!("{}{}", b.0, b.1)));
+    for (name, prefix) in headers {
+        for value in req.values(name) {
+            let token = if prefix.is_empty() {
+                value.clone()
+            } else {
+                let Some(pos) = value.find(prefix.as_str()) else { continue };
+                extract_jwt(&value, pos + prefix.len()).to_string()
+            };
+            tokens.push(Token { token, location: Location::Header(name.clone()) });
+        }
+    }
+    if !p.params.is_empty() {
+        if let Some(path) = req.first(":path") {
+            let params = query_params(path);
+            let mut names: Vec<&String> = p.params.iter().collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                if let Some(v) = params.get(name).and_then(|v| v.first()) {
+                    tokens.push(Token { token: v.clone(), location: Location::Param(name.clone()) });
+                }
+            }
+        }
+    }
+    let mut cookies: Vec<&String> = p.cookies.iter().collect();
+    cookies.sort();
+    cookies.dedup();
+    for name in cookies {
+        if let Some(v) = cookie(req, name) {
+            tokens.push(Token { token: v, location: Location::Cookie });
+        }
+    }
+    tokens
+}
+
+/// `JwtParamLocation::removeJwt`: the parameter dropped, the rest re-emitted sorted by key.
+fn remove_param(req: &mut Request, name: &str) {
+    let Some(path) = req.first(":path").map(str::to_string) else { return };
+    let mut params = query_params(&path);
+    params.remove(name);
+    let base = path.split_once('?').map_or(path.as_str(), |(b, _)| b).to_string();
+    let mut out = base;
+    let mut delim = '?';
+    for (k, vs) in &params {
+        for v in vs {
+            out.push(delim);
+            out.push_str(k);
+            out.push('=');
+            out.push_str(v);
+            delim = '&';
+        }
+    }
+    req.set_path(out);
+}
+
+// === verification ===
+
+/// A provider's keys right now.
+pub enum KeyState<'a> {
+    Ready(&'a Jwks, u64),
+    /// Not fetched yet: the request waits.
+    Pending,
+    /// Cannot be had: `Jwks remote fetch is failed`.
+    Failed,
+}
+
+/// What verification needs from its environment: keys, the clock, the token cache.
+pub trait Env {
+    fn keys(&self, provider: usize) -> KeyState<'_>;
+    fn now(&self) -> u64;
+    /// A token this provider verified before, under keys of `generation`.
+    fn cached(&mut self, provider: usize, token: &str, generation: u64) -> Option<std::rc::Rc<Jwt>>;
+    fn remember(&mut self, provider: usize, token: &str, generation: u64, jwt: std::rc::Rc<Jwt>);
+}
+
+/// Verification stopped to wait for a JWKS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending;
+
+/// The result of `jwt_authn` on one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub status: Status,
+    /// The payload of the last verified token, normalized (the `payload` metadata).
+    pub payload: Option<Map<String, Value>>,
+    /// Header effects in order.
+    pub ops: Vec<Op>,
+    /// Signature verifications performed (0 when every token came from the cache).
+    pub verified: u32,
+    pub cache_hits: u32,
+}
+
+struct Run<'a, E: Env> {
+    authn: &'a Authn,
+    env: &'a mut E,
+    req: Request,
+    payload: Option<Map<String, Value>>,
+    verified: u32,
+    cache_hits: u32,
+}
+
+/// `convertClaimDoubleToString`.
+fn number_string(d: f64) -> String {
+    if d < 0.0 || d >= u64::MAX as f64 || d.fract() != 0.0 {
+        format!("{d:.6}")
+    } else {
+        format!("{}", d as u64)
+    }
+}
+
+/// `StructUtils::GetValue` with a dotted path.
+fn claim<'a>(payload: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut cur = payload;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, k) in parts.iter().enumerate() {
+        let v = cur.get(*k)?;
+        if i + 1 == parts.len() {
+            return Some(v);
+        }
+        cur = v.as_object()?;
+    }
+    None
+}
+
+fn claim_header_value(v: &Value) -> Option<String> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => number_string(n.as_f64().unwrap_or(0.0)),
+        Value::Bool(b) => b.to_string(),
+        Value::Array(_) | Value::Object(_) => crate::jwt::b64_encode(serde_json::to_string(v).ok()?.as_bytes()),
+        Value::Null => return None,
+    };
+    (!s.is_empty()).then_some(s)
+}
+
+/// `setPayloadMetadata`: space-delimited string claims become lists.
+pub fn normalize(payload: &Map<String, Value>, claims: &[String]) -> Map<String, Value> {
+    let mut out = payload.clone();
+    for c in claims {
+        if let Some(Value::String(s)) = payload.get(c) {
+            let list: Vec<Value> = s.split(' ').filter(|x| !x.is_empty()).map(|x| Value::String(x.into())).collect();
+            if !list.is_empty() {
+                out.insert(c.clone(), Value::Array(list));
+            }
+        }
+    }
+    out
+}
+
+impl<E: Env> Run<'_, E> {
+    /// `ProviderVerifierImpl::verify` with `AuthenticatorImpl` (no allow-failed, no
+    /// allow-missing): every token of the provider must verify.
+    fn provider(&mut self, i: usize) -> Result<Status, Pending> {
+        let authn = self.authn;
+        let Some(p) = authn.providers.get(i) else { return Ok(Status::JwtMissed) };
+        if let Some(h) = &p.payload_header {
+            self.req.remove(h);
+        }
+        for (h, _) in &p.claim_headers {
+            self.req.remove(h);
+        }
+        let mut tokens = extract(p, &self.req);
+        if tokens.is_empty() {
+            return Ok(Status::JwtMissed);
+        }
+        while let Some(t) = tokens.pop() {
+            let status = self.token(i, p, &t)?;
+            if status != Status::Ok || tokens.is_empty() {
+                return Ok(status);
+            }
+        }
+        Ok(Status::JwtMissed)
+    }
+
+    fn token(&mut self, i: usize, p: &Provider, t: &Token) -> Result<Status, Pending> {
+        let generation = match self.env.keys(i) {
+            KeyState::Ready(_, g) => Some(g),
+            _ => None,
+        };
+        let cached = generation.and_then(|g| self.env.cached(i, &t.token, g));
+        let hit = cached.is_some();
+        let jwt = match cached {
+            Some(j) => j,
+            None => match Jwt::parse(&t.token) {
+                Ok(j) => std::rc::Rc::new(j),
+                Err(s) => return Ok(s),
+            },
+        };
+        if jwt.iss != p.issuer {
+            return Ok(Status::JwtUnknownIssuer);
+        }
+        let time = jwt.check_time(self.env.now(), CLOCK_SKEW_SECONDS);
+        if time != Status::Ok {
+            return Ok(time);
+        }
+        if !p.audiences.is_empty()
+            && !jwt.audiences.iter().any(|a| p.audiences.iter().any(|c| c == sanitize_audience(a)))
+        {
+            return Ok(Status::JwtAudienceNotAllowed);
+        }
+        if hit {
+            self.cache_hits += 1;
+        } else {
+            match self.env.keys(i) {
+                KeyState::Pending => return Err(Pending),
+                KeyState::Failed => return Ok(Status::JwksFetchFail),
+                KeyState::Ready(jwks, g) => {
+                    self.verified += 1;
+                    let s = jwks.verify(&jwt);
+                    if s != Status::Ok {
+                        return Ok(s);
+                    }
+                    self.env.remember(i, &t.token, g, std::rc::Rc::clone(&jwt));
+                }
+            }
+        }
+        // handleGoodJwt
+        if let Some(h) = &p.payload_header {
+            self.req.add(h, jwt.payload_b64.clone());
+        }
+        for (h, c) in &p.claim_headers {
+            if let Some(v) = claim(&jwt.payload, c).and_then(claim_header_value) {
+                self.req.add(h, v);
+            }
+        }
+        if !p.forward {
+            match &t.location {
+                Location::Header(h) => self.req.remove(h),
+                Location::Param(name) => remove_param(&mut self.req, name),
+                Location::Cookie => {}
+            }
+        }
+        self.payload = Some(normalize(&jwt.payload, &p.space_delimited));
+        Ok(Status::Ok)
+    }
+
+    /// `AnyVerifierImpl`: the first OK wins; otherwise the children's statuses aggregated
+    /// (a real error over `issuer not configured` over `missing`), `missing` → OK when
+    /// missing is allowed.
+    fn any(&mut self, children: &[usize], all: bool, allow_missing: bool) -> Result<Status, Pending> {
+        let mut statuses = Vec::new();
+        for &c in children {
+            let s = self.provider(c)?;
+            if s == Status::Ok {
+                return Ok(Status::Ok);
+            }
+            statuses.push(s);
+        }
+        if all {
+            let s = self.all()?;
+            if s == Status::Ok {
+                return Ok(Status::Ok);
+            }
+            statuses.push(s);
+        }
+        let mut fin = Status::JwtMissed;
+        for s in statuses {
+            if (s != Status::JwtMissed && s != Status::JwtUnknownIssuer) || fin == Status::JwtMissed {
+                fin = s;
+            }
+        }
+        if allow_missing && fin == Status::JwtMissed {
+            fin = Status::Ok;
+        }
+        Ok(fin)
+    }
+
+    /// `AllVerifierImpl` over `requires_any {provider, allow_missing}` of every provider.
+    fn all(&mut self) -> Result<Status, Pending> {
+        for i in 0..self.authn.providers.len() {
+            let s = self.any(&[i], false, true)?;
+            if s != Status::Ok {
+                return Ok(s);
+            }
+        }
+        Ok(Status::Ok)
+    }
+}
+
+/// Run `jwt_authn` as istiod configures it on `headers`.
+pub fn authenticate<E: Env>(authn: &Authn, headers: Vec<(String, String)>, env: &mut E) -> Result<Outcome, Pending> {
+    let req = Request::new(headers);
+    if authn.providers.is_empty() || req.is_cors_preflight() {
+        return Ok(Outcome { status: Status::Ok, payload: None, ops: Vec::new(), verified: 0, cache_hits: 0 });
+    }
+    let mut run = Run { authn, env, req, payload: None, verified: 0, cache_hits: 0 };
+    let n = authn.providers.len();
+    let status = if n == 1 {
+        run.any(&[0], false, true)?
+    } else {
+        let all: Vec<usize> = (0..n).collect();
+        run.any(&all, true, false)?
+    };
+    Ok(Outcome { status, payload: run.payload, ops: run.req.ops, verified: run.verified, cache_hits: run.cache_hits })
+}
+
+/// The local reply of a rejection: status, body, `www-authenticate`, response code details.
+pub fn rejection(status: Status, original_uri: &str) -> (u32, String, String, String) {
+    let code = if status == Status::JwtAudienceNotAllowed { 403 } else { 401 };
+    let mut www = format!("Bearer realm=\"{original_uri}\"");
+    if status != Status::JwtMissed {
+        www.push_str(", error=\"invalid_token\"");
+    }
+    let details: String = status.message().chars().map(|c| if c.is_ascii_whitespace() { '_' } else { c }).collect();
+    (code, status.message().to_string(), www, format!("jwt_authn_access_denied{{{details}}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::b64_encode;
+    use hmac::{KeyInit, Mac};
+    use serde_json::json;
+    use std::rc::Rc;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const NOW: u64 = 1_700_000_000;
+
+    fn b64u(b: &[u8]) -> String {
+        b64_encode(b).trim_end_matches('=').replace('+', "-").replace('/', "_")
+    }
+
+    fn hs256(header: Value, payload: Value) -> String {
+        let data = format!("{}.{}", b64u(header.to_string().as_bytes()), b64u(payload.to_string().as_bytes()));
+        let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET).unwrap();
+        m.update(data.as_bytes());
+        format!("{data}.{}", b64u(&m.finalize().into_bytes()))
+    }
+
+    fn token(payload: Value) -> String {
+        hs256(json!({"alg": "HS256", "kid": "k1"}), payload)
+    }
+
+    fn jwks() -> String {
+        json!({"keys": [{"kty": "oct", "kid": "k1", "k": b64u(SECRET)}]}).to_string()
+    }
+
+    fn authn(rules: Value) -> Authn {
+        let res: Vec<ResourceJson<RequestAuthSpecJson>> = serde_json::from_value(json!([{
+            "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "ra", "namespace": "foo"}, "spec": {"jwtRules": rules}}]))
+        .unwrap();
+        Authn::parse(&res, &BTreeMap::new(), &Path::root()).unwrap()
+    }
+
+    struct TestEnv<'a>(&'a Authn, HashMap<(usize, String), Rc<Jwt>>);
+    use std::collections::HashMap;
+
+    impl Env for TestEnv<'_> {
+        fn keys(&self, p: usize) -> KeyState<'_> {
+            match &self.0.providers[p].keys {
+                Keys::Inline(j) => KeyState::Ready(j, 0),
+                Keys::Remote(_) => KeyState::Pending,
+            }
+        }
+        fn now(&self) -> u64 {
+            NOW
+        }
+        fn cached(&mut self, p: usize, t: &str, _g: u64) -> Option<Rc<Jwt>> {
+            self.1.get(&(p, t.to_string())).cloned()
+        }
+        fn remember(&mut self, p: usize, t: &str, _g: u64, jwt: Rc<Jwt>) {
+            self.1.insert((p, t.to_string()), jwt);
+        }
+    }
+
+    fn run(a: &Authn, headers: &[(&str, &str)]) -> Outcome {
+        let mut h: Vec<(String, String)> =
+            vec![(":method".into(), "GET".into()), (":path".into(), "/x".into()), (":authority".into(), "h".into())];
+        for (k, v) in headers {
+            if *k == ":path" {
+                h[1].1 = v.to_string();
+            } else {
+                h.push((k.to_string(), v.to_string()));
+            }
+        }
+        authenticate(a, h, &mut TestEnv(a, HashMap::new())).unwrap()
+    }
+
+    fn one() -> Authn {
+        authn(
+            json!([{"issuer": "iss1", "jwks": jwks(), "audiences": ["https://api/"], "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}, {"header": "x-nested", "claim": "a.b"}], "outputPayloadToHeader": "x-payload"}]),
+        )
+    }
+
+    fn good() -> Value {
+        json!({"iss": "iss1", "sub": "alice", "aud": ["other", "api"], "exp": NOW + 100, "scope": "read write", "a": {"b": 2}})
+    }
+
+    #[test]
+    fn missing_token_continues_without_identity() {
+        let o = run(&one(), &[]);
+        assert_eq!(o.status, Status::Ok);
+        assert!(o.payload.is_none());
+        // Output headers a client sent are removed even without a token.
+        let o = run(&one(), &[("x-sub", "mallory")]);
+        assert_eq!(
+            o.ops,
+            vec![Op::Remove("x-payload".into()), Op::Remove("x-sub".into()), Op::Remove("x-nested".into())]
+        );
+    }
+
+    #[test]
+    fn valid_token_outputs_and_removal() {
+        let t = token(good());
+        let o = run(&one(), &[("authorization", &format!("Bearer {t}"))]);
+        assert_eq!(o.status, Status::Ok);
+        let p = o.payload.unwrap();
+        assert_eq!(p["scope"], json!(["read", "write"]));
+        assert!(o.ops.contains(&Op::Add("x-sub".into(), "alice".into())));
+        assert!(o.ops.contains(&Op::Add("x-nested".into(), "2".into())));
+        assert!(o.ops.contains(&Op::Remove("authorization".into())));
+        assert!(o.ops.iter().any(|op| matches!(op, Op::Add(h, _) if h == "x-payload")));
+    }
+
+    #[test]
+    fn rejections() {
+        let a = one();
+        let bearer = |p: Value| format!("Bearer {}", token(p));
+        let mut expired = good();
+        expired["exp"] = json!(NOW - 61);
+        let mut skew_ok = good();
+        skew_ok["exp"] = json!(NOW - 59);
+        let mut nbf = good();
+        nbf["nbf"] = json!(NOW + 61);
+        let mut aud = good();
+        aud["aud"] = json!("nope");
+        let mut iss = good();
+        iss["iss"] = json!("other");
+        let cases = [
+            (bearer(expired), Status::JwtExpired),
+            (bearer(skew_ok), Status::Ok),
+            (bearer(nbf), Status::JwtNotYetValid),
+            (bearer(aud), Status::JwtAudienceNotAllowed),
+            (bearer(iss), Status::JwtUnknownIssuer),
+            (format!("Bearer {}", hs256(json!({"alg": "none"}), good())), Status::JwtHeaderNotImplementedAlg),
+            (format!("Bearer {}", hs256(json!({"alg": "HS256", "kid": "k2"}), good())), Status::JwksKidAlgMismatch),
+            ("Bearer a.b".into(), Status::JwtBadFormat),
+        ];
+        for (h, want) in cases {
+            assert_eq!(run(&a, &[("authorization", &h)]).status, want, "{h}");
+        }
+        // Lowercase `bearer` is not the prefix: no token.
+        assert_eq!(run(&a, &[("authorization", &format!("bearer {}", token(good())))]).status, Status::Ok);
+        assert!(run(&a, &[("authorization", &format!("bearer {}", token(good())))]).payload.is_none());
+        // A tampered signature.
+        let t = token(good());
+        let bad = format!("{}x", &t[..t.len() - 1]);
+        assert_eq!(run(&a, &[("authorization", &format!("Bearer {bad}"))]).status, Status::JwtVerificationFail);
+    }
+
+    #[test]
+    fn every_token_must_verify() {
+        let a = one();
+        let t = token(good());
+        let o = run(&a, &[("authorization", &format!("Bearer {t}")), (":path", "/x?access_token=garbage")]);
+        assert_eq!(o.status, Status::JwtBadFormat);
+        let o = run(&a, &[("authorization", &format!("Bearer {t}")), ("authorization", "Bearer x.y.z")]);
+        assert_ne!(o.status, Status::Ok);
+    }
+
+    #[test]
+    fn query_token_removed_and_rest_sorted() {
+        let a = one();
+        let t = token(good());
+        let o = run(&a, &[(":path", &format!("/x?z=1&access_token={t}&b=%41"))]);
+        assert_eq!(o.status, Status::Ok);
+        assert!(o.ops.contains(&Op::SetPath("/x?b=A&z=1".into())), "{:?}", o.ops);
+    }
+
+    #[test]
+    fn two_providers_share_the_default_location() {
+        let a = authn(json!([
+            {"issuer": "iss2", "jwks": jwks()},
+            {"issuer": "iss1", "jwks": jwks()},
+        ]));
+        assert_eq!(a.providers[0].issuer, "iss1");
+        assert_eq!(a.providers[0].name, "origins-0");
+        let mut p2 = good();
+        p2["iss"] = json!("iss2");
+        p2.as_object_mut().unwrap().remove("aud");
+        assert_eq!(run(&a, &[("authorization", &format!("Bearer {}", token(p2)))]).status, Status::Ok);
+        let mut p3 = good();
+        p3["iss"] = json!("iss3");
+        assert_eq!(run(&a, &[("authorization", &format!("Bearer {}", token(p3)))]).status, Status::JwtUnknownIssuer);
+        assert_eq!(run(&a, &[]).status, Status::Ok);
+    }
+
+    #[test]
+    fn cors_preflight_bypassed() {
+        let a = one();
+        let o = run(
+            &a,
+            &[
+                (":method", "OPTIONS"),
+                ("origin", "o"),
+                ("access-control-request-method", "GET"),
+                ("authorization", "Bearer x"),
+            ],
+        );
+        // `:method` is pushed after the GET default; the model reads the first one.
+        let _ = o;
+        let mut h = vec![(":method".to_string(), "OPTIONS".to_string()), (":path".into(), "/".into())];
+        h.push(("origin".into(), "o".into()));
+        h.push(("access-control-request-method".into(), "GET".into()));
+        h.push(("authorization".into(), "Bearer x".into()));
+        let o = authenticate(&a, h, &mut TestEnv(&a, HashMap::new())).unwrap();
+        assert_eq!(o.status, Status::Ok);
+        assert!(o.ops.is_empty());
+    }
+
+    #[test]
+    fn cache_skips_verification_but_not_time_checks() {
+        let a = one();
+        let t = token(good());
+        let h = vec![(":path".to_string(), "/".to_string()), ("authorization".into(), format!("Bearer {t}"))];
+        let mut env = TestEnv(&a, HashMap::new());
+        let o = authenticate(&a, h.clone(), &mut env).unwrap();
+        assert_eq!((o.status, o.verified, o.cache_hits), (Status::Ok, 1, 0));
+        let o = authenticate(&a, h, &mut env).unwrap();
+        assert_eq!((o.status, o.verified, o.cache_hits), (Status::Ok, 0, 1));
+    }
+
+    #[test]
+    fn replies() {
+        let (code, body, www, details) = rejection(Status::JwtExpired, "http://h/x");
+        assert_eq!((code, body.as_str()), (401, "Jwt is expired"));
+        assert_eq!(www, "Bearer realm=\"http://h/x\", error=\"invalid_token\"");
+        assert_eq!(details, "jwt_authn_access_denied{Jwt_is_expired}");
+        assert_eq!(rejection(Status::JwtAudienceNotAllowed, "").0, 403);
+    }
+
+    #[test]
+    fn config_errors_name_the_path() {
+        let res: Vec<ResourceJson<RequestAuthSpecJson>> = serde_json::from_value(json!([{
+            "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "ra"}, "spec": {"jwtRules": [{"issuer": "i", "jwksUri": "https://keys/jwks.json"}]}}]))
+        .unwrap();
+        let e = Authn::parse(&res, &BTreeMap::new(), &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("authentication[0].spec.jwtRules[0].jwksUri"), "{e}");
+        let sources: BTreeMap<String, JwksSourceJson> =
+            serde_json::from_value(json!({"https://keys/jwks.json": {"cluster": "keys"}})).unwrap();
+        let e = Authn::parse(&res, &sources, &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("jwksUri") && e.contains("not implemented yet"), "{e}");
+        let res2: Vec<ResourceJson<RequestAuthSpecJson>> = serde_json::from_value(json!([{
+            "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "ra"}, "spec": {"jwtRules": [{"issuer": "i", "jwks": "{\"keys\":[]}"}]}}]))
+        .unwrap();
+        let e = Authn::parse(&res2, &BTreeMap::new(), &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("jwtRules[0].jwks"), "{e}");
+    }
+}
