@@ -17,6 +17,7 @@
 //! each [`Envoy`] is a child process killed on drop (its log is printed when the test
 //! panicked).
 
+pub mod authz_golden;
 pub mod certs;
 pub mod client;
 pub mod envoy;

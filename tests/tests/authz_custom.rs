@@ -10,26 +10,12 @@
 //! client's status, body and headers, what the upstream saw, and what the authorizer saw.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use meshwasm_tests::authz_golden::{cases_index, yaml_docs};
 use meshwasm_tests::ext_authz::{Behaviour, Policy};
 use meshwasm_tests::{Envoy, ExtAuthzGrpc, ExtAuthzHttp, Filter, Listener, Request, Response, Upstream};
 use serde_json::{json, Value};
-
-fn golden_dir() -> PathBuf {
-    meshwasm_tests::workspace_root().join("../shared/istio/authz-golden")
-}
-
-fn yaml_docs(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(golden_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|d| {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
-            (!v.is_null()).then(|| serde_json::to_value(v).unwrap())
-        })
-        .collect()
-}
 
 fn native_filter(doc: &Value) -> Filter {
     Filter::native(&format!("name: {}\ntyped_config: {}\n", doc["name"].as_str().unwrap(), doc["typedConfig"]))
@@ -236,8 +222,7 @@ fn custom_decides_like_native_ext_authz() {
         }
 
         // Wasm: the AuthorizationPolicy and the mesh provider of istiod's builder test.
-        let idx: Value =
-            serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases.json")).unwrap()).unwrap();
+        let idx: Value = cases_index();
         let mut provider = idx["providers"][if v.grpc { "grpc" } else { "http" }].clone();
         let kind = if v.grpc { "envoyExtAuthzGrpc" } else { "envoyExtAuthzHttp" };
         provider[kind]["cluster"] = json!(wc);
@@ -310,7 +295,7 @@ fn custom_decides_like_native_ext_authz() {
 fn a_stream_gone_during_the_check_leaks_nothing() {
     let up = Upstream::start();
     let auth = ExtAuthzGrpc::start(policy());
-    let idx: Value = serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases.json")).unwrap()).unwrap();
+    let idx: Value = cases_index();
     let mut provider = idx["providers"]["grpc"].clone();
     provider["envoyExtAuthzGrpc"]["cluster"] = json!("authz");
     provider["envoyExtAuthzGrpc"]["timeout"] = json!("5s");

@@ -10,25 +10,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
+use meshwasm_tests::authz_golden::{cases_index, golden_dir, yaml_docs};
 use meshwasm_tests::{Envoy, Filter, Listener, Upstream};
 use serde_json::{json, Value};
-
-fn golden_dir() -> PathBuf {
-    meshwasm_tests::workspace_root().join("../shared/istio/authz-golden")
-}
-
-fn yaml_docs(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(golden_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|d| {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
-            (!v.is_null()).then(|| serde_json::to_value(v).unwrap())
-        })
-        .collect()
-}
 
 /// One raw HTTP/1.1 exchange: the status, and whether the body is RBAC's denial. Reads
 /// the head and a `content-length` body (Envoy's delayed close would otherwise hold
@@ -210,7 +196,7 @@ fn native_filter(doc: &Value) -> Filter {
 
 #[test]
 fn every_istiod_golden_case_decides_like_native_rbac() {
-    let idx: Value = serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases.json")).unwrap()).unwrap();
+    let idx: Value = cases_index();
     let up = Upstream::start();
     // One Envoy for every case (a native and a wasm listener per case): one start-up.
     let mut builder = Envoy::builder().upstream(up.addr());

@@ -10,22 +10,9 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
+use meshwasm_tests::authz_golden::{cases_index, golden_dir, yaml_docs};
 use meshwasm_tests::{DownstreamTls, Envoy, Filter, Listener, Request, TestCerts, TlsClient, Upstream};
 use serde_json::{json, Value};
-
-fn golden_dir() -> PathBuf {
-    meshwasm_tests::workspace_root().join("../shared/istio/authz-golden")
-}
-
-fn yaml_docs(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(golden_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|d| {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
-            (!v.is_null()).then(|| serde_json::to_value(v).unwrap())
-        })
-        .collect()
-}
 
 /// Every string under key `key` anywhere in `v`.
 fn strings_under(v: &Value, key: &str, out: &mut Vec<String>) {
@@ -54,7 +41,7 @@ fn fill(s: &str) -> String {
 
 #[test]
 fn mtls_principals_decide_like_native_rbac() {
-    let idx: Value = serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases.json")).unwrap()).unwrap();
+    let idx: Value = cases_index();
     let mut certs = TestCerts::generate();
     let up = Upstream::start();
     let mut builder = Envoy::builder().upstream(up.addr());

@@ -499,6 +499,14 @@ fn list<T>(o: &Obj<'_>, k: &str, read: fn(&Value, &Path) -> Result<T, ConfigErro
     o.list(k)?.into_iter().map(|(p, v)| read(v, &p)).collect()
 }
 
+/// Field `k` read by serde's derived reader (absent: `T::default()`, as `#[serde(default)]`).
+fn with_serde<T: serde::de::DeserializeOwned + Default>(o: &Obj<'_>, k: &str) -> Result<T, ConfigError> {
+    match o.raw(k) {
+        None => Ok(T::default()),
+        Some(v) => meshwasm_sdk_ext::config::from_value(v).map_err(|e| e.within(o.path(k).as_str())),
+    }
+}
+
 fn opt<T>(o: &Obj<'_>, k: &str, read: fn(&Value, &Path) -> Result<T, ConfigError>) -> Result<Option<T>, ConfigError> {
     o.get(k).map(|v| read(v, &o.path(k))).transpose()
 }
@@ -519,23 +527,15 @@ impl AuthzConfigJson {
                 "jwks",
             ],
         )?;
-        // The JWT half is read with serde (its crypto dwarfs its readers' size).
-        let serde_field = |k: &str| -> Option<Result<&Value, ConfigError>> { o.raw(k).map(Ok) };
-        let within = |k: &str, e: ConfigError| e.within(o.path(k).as_str());
         Ok(Self {
             policies: list(&o, "policies", ResourceJson::read)?,
             extension_providers: list(&o, "extensionProviders", ProviderJson::read)?,
             trust_domain: o.opt_string("trustDomain")?,
             trust_domain_aliases: o.strings("trustDomainAliases")?,
             direct_remote_address: o.opt_string("directRemoteAddress")?,
-            authentication: match serde_field("authentication") {
-                None => Vec::new(),
-                Some(v) => meshwasm_sdk_ext::config::from_value(v?).map_err(|e| within("authentication", e))?,
-            },
-            jwks: match serde_field("jwks") {
-                None => BTreeMap::new(),
-                Some(v) => meshwasm_sdk_ext::config::from_value(v?).map_err(|e| within("jwks", e))?,
-            },
+            // The JWT half is read with serde (its crypto dwarfs its readers' size).
+            authentication: with_serde(&o, "authentication")?,
+            jwks: with_serde(&o, "jwks")?,
         })
     }
 }
