@@ -1,6 +1,6 @@
 //! A real global rate-limit service: gRPC `envoy.service.ratelimit.v3.RateLimitService/
 //! ShouldRateLimit` (the protocol of envoyproxy/ratelimit and Limitador) over h2c,
-//! counting fixed windows in a real Redis, so two instances on one Redis share counts.
+//! counting fixed windows in a real Redis (through redis-rs), so two instances on one Redis share counts.
 //!
 //! ```no_run
 //! use meshwasm_tests::{Limit, RateLimitService, Redis, ServiceConfig, Unit};
@@ -93,7 +93,6 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tonic::codegen::Service as _;
 
-use crate::redis::{Connection, Reply};
 use crate::server::{accept_loop, ServerThread};
 use proto::{
     Code, DescriptorStatus, DurationExt as _, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
@@ -109,9 +108,6 @@ pub const KEY_PREFIX: &str = "meshwasm_rl";
 /// How long one Redis transaction (connect included) may take before the call fails with
 /// UNAVAILABLE.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Idle Redis connections kept for reuse.
-const POOL_SIZE: usize = 32;
 
 /// Largest request body accepted.
 const MAX_REQUEST: usize = 1 << 20;
@@ -517,38 +513,16 @@ fn plan<'a>(
         .collect())
 }
 
-/// The Redis transaction counting `counted` (non-empty).
-fn transaction(counted: &[&Counted<'_>]) -> Vec<Vec<Vec<u8>>> {
-    let arg = |s: &str| s.as_bytes().to_vec();
-    let mut cmds = vec![vec![arg("MULTI")]];
+/// The Redis transaction counting `counted` (non-empty): `MULTI`, per descriptor `INCRBY key
+/// hits` and `EXPIRE key <unit seconds>`, `EXEC`; its value is the counters after the
+/// increments, in order.
+fn transaction(counted: &[&Counted<'_>]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
     for c in counted {
-        cmds.push(vec![arg("INCRBY"), arg(&c.key), arg(&c.hits.to_string())]);
-        cmds.push(vec![arg("EXPIRE"), arg(&c.key), arg(&c.limit.unit.seconds().to_string())]);
+        pipe.incr(&c.key, c.hits).expire(&c.key, i64::try_from(c.limit.unit.seconds()).unwrap_or(i64::MAX)).ignore();
     }
-    cmds.push(vec![arg("EXEC")]);
-    cmds
-}
-
-/// The counters after the increments, from the replies to [`transaction`].
-fn counts_from(replies: &[Reply], n: usize) -> Result<Vec<u64>, Failure> {
-    let internal = |m: String| (grpc_code::INTERNAL, m);
-    for r in replies.iter().take(replies.len().saturating_sub(1)) {
-        if let Reply::Error(e) = r {
-            return Err(internal(format!("redis: {e}")));
-        }
-    }
-    let items = match replies.last() {
-        Some(Reply::Array(items)) if items.len() == 2 * n => items,
-        other => return Err(internal(format!("redis EXEC: unexpected reply {other:?}"))),
-    };
-    items
-        .iter()
-        .step_by(2)
-        .map(|r| match r {
-            Reply::Integer(v) => Ok(u64::try_from(*v).unwrap_or(0)),
-            other => Err(internal(format!("redis INCRBY: unexpected reply {other:?}"))),
-        })
-        .collect()
+    pipe
 }
 
 /// The response, given the plan and the counters (in the order of the counted
@@ -679,12 +653,10 @@ struct State {
     requests: Mutex<Vec<RateLimitRequest>>,
 }
 
-/// Idle Redis connections; a call takes one (or connects), runs its transaction, and
-/// puts it back if all went well. The lock is never held across an await.
 /// Where the counters live.
 enum Backend {
     /// A Redis (shared by every instance pointed at it).
-    Redis(RedisPool),
+    Redis(Box<RedisStore>),
     /// This process's memory, like Limitador's default storage: counters are private to
     /// the instance and lost when it ends. One mutex makes a request's increments atomic,
     /// as `MULTI … EXEC` does in Redis; each increment renews the key's lifetime (unit
@@ -701,7 +673,7 @@ struct MemoryCounter {
 impl Backend {
     fn new(redis: Option<SocketAddr>) -> Self {
         match redis {
-            Some(addr) => Backend::Redis(RedisPool { addr, idle: Mutex::new(Vec::new()) }),
+            Some(addr) => Backend::Redis(Box::new(RedisStore::new(addr))),
             None => Backend::Memory(Mutex::new(HashMap::new())),
         }
     }
@@ -709,10 +681,7 @@ impl Backend {
     /// Increments every counter by its hits and returns the new values, in order.
     async fn count(&self, counted: &[&Counted<'_>], now: Duration) -> Result<Vec<u64>, Failure> {
         match self {
-            Backend::Redis(pool) => {
-                let replies = pool.run(&transaction(counted)).await.map_err(|e| (grpc_code::UNAVAILABLE, e))?;
-                counts_from(&replies, counted.len())
-            }
+            Backend::Redis(store) => store.count(&transaction(counted), counted.len()).await,
             Backend::Memory(map) => {
                 Ok(count_in_memory(&mut map.lock().unwrap_or_else(PoisonError::into_inner), counted, now))
             }
@@ -733,9 +702,12 @@ fn count_in_memory(map: &mut HashMap<String, MemoryCounter>, counted: &[&Counted
         .collect()
 }
 
-struct RedisPool {
+/// A Redis through redis-rs: one multiplexed connection that every call pipelines its
+/// transaction on, replaced when it breaks. The lock is never held across an await.
+struct RedisStore {
     addr: SocketAddr,
-    idle: Mutex<Vec<Connection>>,
+    client: redis::Client,
+    conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 // === impl RateLimitServiceBuilder ===
@@ -970,42 +942,63 @@ impl State {
     }
 }
 
-// === impl RedisPool ===
+// === impl RedisStore ===
 
-impl RedisPool {
-    /// Runs `commands` as one pipeline on a pooled connection.
-    async fn run(&self, commands: &[Vec<Vec<u8>>]) -> Result<Vec<Reply>, String> {
-        let pooled = loop {
-            let conn = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            match conn {
-                Some(c) if c.is_open() => break Some(c),
-                Some(_) => continue, // closed while idle (Redis restarted): drop it
-                None => break None,
-            }
-        };
-        let addr = self.addr;
-        let work = async move {
-            if let Some(mut conn) = pooled {
-                match conn.pipeline(commands).await {
-                    Ok(replies) => return Ok((conn, replies)),
-                    // Died while idle, unnoticed (e.g. Redis restarted): once more on a
-                    // new connection. With no byte back, the old server counted nothing.
-                    Err(_) if conn.received_nothing() => {}
+impl RedisStore {
+    fn new(addr: SocketAddr) -> Self {
+        let client = redis::Client::open(format!("redis://{addr}/")).expect("a redis:// URL from a socket address");
+        Self { addr, client, conn: Mutex::new(None) }
+    }
+
+    /// Runs the transaction `pipe` (of `n` counters) and returns the counters. Transport
+    /// failures (Redis down, no answer within [`REDIS_TIMEOUT`]) are UNAVAILABLE, error
+    /// replies INTERNAL.
+    ///
+    /// A connection that broke while idle (Redis restarted) fails its next command with a
+    /// dropped-connection error: the call then runs once more on a new connection. The
+    /// transaction is `MULTI … EXEC`, so the old server ran all of it or nothing, and a
+    /// connection found dead at the first write never reached it.
+    async fn count(&self, pipe: &redis::Pipeline, n: usize) -> Result<Vec<u64>, Failure> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let work = async {
+            let cached = self.conn.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some(mut conn) = cached {
+                match pipe.query_async::<Vec<u64>>(&mut conn).await {
+                    Ok(counts) => return Ok(counts),
+                    Err(e) if e.is_connection_dropped() => {}
                     Err(e) => return Err(e),
                 }
             }
-            let mut conn = Connection::connect(addr, REDIS_TIMEOUT).await?;
-            let replies = conn.pipeline(commands).await?;
-            Ok::<_, String>((conn, replies))
+            let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+            let counts = pipe.query_async::<Vec<u64>>(&mut conn).await?;
+            *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+            Ok(counts)
         };
-        let (conn, replies) = tokio::time::timeout(REDIS_TIMEOUT, work)
-            .await
-            .map_err(|_| format!("redis {addr}: no answer within {REDIS_TIMEOUT:?}"))??;
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < POOL_SIZE {
-            idle.push(conn);
+        let result = match tokio::time::timeout(REDIS_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err((
+                    grpc_code::UNAVAILABLE,
+                    format!("redis {}: no answer within {REDIS_TIMEOUT:?}", self.addr),
+                ))
+            }
+        };
+        match result {
+            Ok(counts) if counts.len() == n => Ok(counts),
+            Ok(counts) => {
+                Err((grpc_code::INTERNAL, format!("redis EXEC: {} counters for {n} descriptors", counts.len())))
+            }
+            Err(e) => {
+                let transport = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                if transport {
+                    *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                }
+                let code = if transport { grpc_code::UNAVAILABLE } else { grpc_code::INTERNAL };
+                Err((code, format!("redis {}: {e}", self.addr)))
+            }
         }
-        Ok(replies)
     }
 }
 

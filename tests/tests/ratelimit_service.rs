@@ -327,6 +327,24 @@ fn redis_restart_and_redis_down() {
 }
 
 #[test]
+fn an_error_reply_from_redis_is_internal() {
+    let redis = Redis::start();
+    let svc = service(&redis, vec![Limit::new(&[("k", None)], 10, Unit::Hour)]);
+    avoid_window_end(Unit::Hour, Duration::from_secs(5));
+    let r = req(&[("k", "v")]);
+    assert_eq!(svc.call(&r).unwrap().statuses[0].limit_remaining, 9);
+    // The counter is no longer an integer: INCRBY fails inside MULTI … EXEC.
+    let key = redis.keys("meshwasm_rl:*").pop().unwrap();
+    assert_eq!(redis.command(&["SET", &key, "not a number"]), "OK");
+    let err = svc.call(&r).unwrap_err();
+    assert_eq!(err.grpc_status, Some(grpc_code::INTERNAL), "{err}");
+    assert!(err.message.contains("not an integer"), "{err}");
+    // The connection stays usable: a fresh counter counts.
+    redis.flushall();
+    assert_eq!(svc.call(&r).unwrap().statuses[0].limit_remaining, 9);
+}
+
+#[test]
 fn concurrent_calls_are_counted_exactly() {
     let redis = Redis::start();
     let svc = service(&redis, vec![Limit::new(&[("k", None)], 20, Unit::Hour)]);

@@ -6,14 +6,14 @@
 //!   `envoy-configs/demo-ratelimit.json`: a local token bucket per API key (exact across
 //!   Envoy's two workers), and a global rule counted by the real rate-limit service
 //!   (`meshwasm-ratelimit-service`, configured by `envoy-configs/demo-ratelimit-service.json`)
-//!   in a `redis-server` the demo starts. Without `redis-server` the service counts in its
+//!   in a `redis-server` the demo starts (read back with `redis-cli`). Without `redis-server` the service counts in its
 //!   own memory (`--memory`, like Limitador's default storage): the global rule runs either way.
 //!
 //! The bootstrap is `envoy-configs/demo.yaml`. Rendered files and logs land in `target/xtask/`.
 //! Every child process is killed when the demo ends, whichever way it ends.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("    upstream           http://{}  (pid {})", upstream.1, upstream.0.pid());
     let global = start_global(&bins.ratelimit_service)?;
     match &global.redis {
-        Ok((redis, redis_addr)) => println!("    redis-server       {redis_addr}  (pid {})", redis.pid()),
+        Ok(redis) => println!("    redis-server       {}  (pid {})", redis.addr, redis.proc.pid()),
         Err(why) => println!("    note: {why}: the rate-limit service counts in memory (--memory)"),
     }
     println!("    ratelimit-service  h2c://{}  (pid {})", global.rls_addr, global.rls.pid());
@@ -181,31 +181,75 @@ fn start_listening(name: &str, mut cmd: Command) -> Result<(Proc, SocketAddr)> {
 /// The rate-limit service and the Redis it counts in, or why there is none (then it counts
 /// in its own memory). Killed on drop.
 struct Global {
-    redis: std::result::Result<(Proc, SocketAddr), String>,
+    redis: std::result::Result<RedisProc, String>,
     rls: Proc,
     rls_addr: SocketAddr,
 }
 
-/// `redis-server` (`$REDIS_SERVER`, else on `PATH`), or why it is not there.
-fn redis_bin() -> std::result::Result<PathBuf, String> {
-    match std::env::var_os("REDIS_SERVER").filter(|b| !b.is_empty()) {
-        Some(bin) if Path::new(&bin).is_file() => Ok(PathBuf::from(bin)),
-        Some(bin) => Err(format!("REDIS_SERVER={} is not a file", bin.to_string_lossy())),
+/// Redis's own programs: `redis-server` (`$REDIS_SERVER`, else on `PATH`) and `redis-cli`
+/// (beside it, else on `PATH`; Debian's `redis-server` depends on `redis-tools`, which has
+/// it), or why they are not there.
+struct RedisBins {
+    server: PathBuf,
+    cli: PathBuf,
+}
+
+fn redis_bins() -> std::result::Result<RedisBins, String> {
+    let server = match std::env::var_os("REDIS_SERVER").filter(|b| !b.is_empty()) {
+        Some(bin) if Path::new(&bin).is_file() => PathBuf::from(bin),
+        Some(bin) => return Err(format!("REDIS_SERVER={} is not a file", bin.to_string_lossy())),
         None => on_path("redis-server")
-            .ok_or_else(|| "redis-server is not on PATH (apt-get install redis-server, or set REDIS_SERVER)".into()),
+            .ok_or("redis-server is not on PATH (apt-get install redis-server, or set REDIS_SERVER)")?,
+    };
+    let cli = server
+        .parent()
+        .map(|d| d.join("redis-cli"))
+        .filter(|p| p.is_file())
+        .or_else(|| on_path("redis-cli"))
+        .ok_or("redis-cli is not beside redis-server nor on PATH (apt-get install redis-tools)")?;
+    Ok(RedisBins { server, cli })
+}
+
+/// A running `redis-server`, and the `redis-cli` that talks to it.
+struct RedisProc {
+    proc: Proc,
+    addr: SocketAddr,
+    cli: PathBuf,
+}
+
+impl RedisProc {
+    /// One command through `redis-cli --raw` (Redis's own client: the demo has no RESP code
+    /// of its own); an error reply is an error.
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.cli)
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string(), "--raw"])
+            .args(args)
+            .output()
+            .context(format!("running {}", self.cli.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        // redis-cli exits 0 on an error reply in --raw mode but prints `ERR …`.
+        if !out.status.success() || text.starts_with("ERR") || text.starts_with("WRONGTYPE") {
+            bail!(
+                "redis-cli -p {} {}: {text}{}",
+                self.addr.port(),
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(text)
     }
 }
 
 /// Start Redis when installed and the rate-limit service counting in it, else the service
 /// alone counting in memory (`--memory`).
 fn start_global(rls_bin: &Path) -> Result<Global> {
-    let redis = match redis_bin() {
-        Ok(bin) => Ok(start_redis(&bin)?),
+    let redis = match redis_bins() {
+        Ok(bins) => Ok(start_redis(bins)?),
         Err(why) => Err(why),
     };
     let mut cmd = Command::new(rls_bin);
     match &redis {
-        Ok((_, addr)) => cmd.arg("--redis").arg(addr.to_string()),
+        Ok(r) => cmd.arg("--redis").arg(r.addr.to_string()),
         Err(_) => cmd.arg("--memory"),
     };
     cmd.arg("--config").arg(root().join("envoy-configs").join("demo-ratelimit-service.json"));
@@ -216,105 +260,34 @@ fn start_global(rls_bin: &Path) -> Result<Global> {
 /// `redis-server` on a free port, no persistence, answering PING. Redis cannot report a
 /// kernel-chosen port, so we pick a free one; if another process takes it first, Redis exits
 /// and we try another.
-fn start_redis(bin: &Path) -> Result<(Proc, SocketAddr)> {
+fn start_redis(bins: RedisBins) -> Result<RedisProc> {
     let dir = envoy::scratch_dir()?.join("demo-redis");
     std::fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
     let mut last = String::new();
     for _ in 0..3 {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(&bins.server);
         cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"]);
         cmd.arg("--dir").arg(&dir);
-        let mut proc = Proc::spawn("demo-redis", cmd)?;
+        let proc = Proc::spawn("demo-redis", cmd)?;
+        let mut redis = RedisProc { proc, addr, cli: bins.cli.clone() };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Err(e) = proc.check_alive() {
+            if let Err(e) = redis.proc.check_alive() {
                 last = e.to_string();
                 break;
             }
-            if redis_command(addr, &["PING"]).ok().and_then(|r| r.text()).as_deref() == Some("PONG") {
-                return Ok((proc, addr));
+            if redis.cli(&["PING"]).ok().as_deref() == Some("PONG") {
+                return Ok(redis);
             }
             if Instant::now() > deadline {
-                bail!("redis-server did not answer PING on {addr} within 10s:\n{}", proc.log_tail(20));
+                bail!("redis-server did not answer PING on {addr} within 10s:\n{}", redis.proc.log_tail(20));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     bail!("redis-server did not start: {last}")
-}
-
-/// One RESP2 reply.
-#[derive(Debug)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<String>),
-    Array(Vec<Resp>),
-}
-
-impl Resp {
-    /// A scalar reply as text (`None` for nil and arrays).
-    fn text(&self) -> Option<String> {
-        match self {
-            Resp::Simple(s) | Resp::Bulk(Some(s)) => Some(s.clone()),
-            Resp::Int(n) => Some(n.to_string()),
-            Resp::Error(_) | Resp::Bulk(None) | Resp::Array(_) => None,
-        }
-    }
-}
-
-/// One Redis command on a new connection (the demo sends a handful); an error reply is an
-/// error.
-fn redis_command(addr: SocketAddr, args: &[&str]) -> Result<Resp> {
-    let what = format!("redis {addr}: {}", args.join(" "));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context(&what)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    stream.write_all(req.as_bytes()).context(&what)?;
-    match read_resp(&mut BufReader::new(stream), 0).context(&what)? {
-        Resp::Error(e) => bail!("{what}: {e}"),
-        reply => Ok(reply),
-    }
-}
-
-fn read_resp(r: &mut impl BufRead, depth: usize) -> Result<Resp> {
-    if depth > 8 {
-        bail!("reply nested too deep");
-    }
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        bail!("connection closed before the reply");
-    }
-    let line = line.trim_end_matches(['\r', '\n']);
-    let mut chars = line.chars();
-    let kind = chars.next().unwrap_or(' ');
-    let rest = chars.as_str();
-    let int = || rest.parse::<i64>().context(format!("bad RESP line `{line}`"));
-    Ok(match kind {
-        '+' => Resp::Simple(rest.to_string()),
-        '-' => Resp::Error(rest.to_string()),
-        ':' => Resp::Int(int()?),
-        '$' => match usize::try_from(int()?) {
-            Err(_) => Resp::Bulk(None),
-            Ok(n) => {
-                let mut buf = vec![0; n + 2];
-                r.read_exact(&mut buf)?;
-                buf.truncate(n);
-                Resp::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
-            }
-        },
-        '*' => match usize::try_from(int()?) {
-            Err(_) => Resp::Array(Vec::new()),
-            Ok(n) => Resp::Array((0..n).map(|_| read_resp(r, depth + 1)).collect::<Result<_>>()?),
-        },
-        _ => bail!("bad RESP line `{line}`"),
-    })
 }
 
 // === the tour ===
@@ -514,17 +487,14 @@ fn ratelimit_tour(addr: SocketAddr, global: &Global) -> Result<Vec<Outcome>> {
     for b in LOCAL_BURSTS.iter().chain(GLOBAL_BURSTS) {
         results.push(burst(addr, b)?);
     }
-    if let Ok((_, redis_addr)) = &global.redis {
+    if let Ok(redis) = &global.redis {
         // The counter the service keeps for carol: every call counts, allowed or not.
-        let keys = match redis_command(*redis_addr, &["KEYS", "meshwasm_rl:meshwasm-demo:*:api_key_carol:*"])? {
-            Resp::Array(keys) => keys,
-            other => bail!("redis KEYS: unexpected reply {other:?}"),
-        };
+        let keys = redis.cli(&["KEYS", "meshwasm_rl:meshwasm-demo:*:api_key_carol:*"])?;
+        let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
         let got = match keys.as_slice() {
-            [Resp::Bulk(Some(key))] => {
-                let reply = redis_command(*redis_addr, &["GET", key])?;
-                let value = reply.text().unwrap_or_else(|| format!("{reply:?}"));
-                println!("    redis-cli -p {} GET {key}  →  {value}", redis_addr.port());
+            [key] => {
+                let value = redis.cli(&["GET", key])?;
+                println!("    redis-cli -p {} GET {key}  →  {value}", redis.addr.port());
                 value
             }
             other => format!("{} keys", other.len()),
@@ -746,18 +716,5 @@ mod tests {
         assert_eq!(counts(&[200, 200, 200, 429, 429]), "3×200 2×429");
         assert_eq!(counts(&[200, 429, 200]), "1×200 1×429 1×200");
         assert_eq!(counts(&[]), "");
-    }
-
-    #[test]
-    fn reads_resp_replies() {
-        let mut r = "*2\r\n$3\r\nabc\r\n:5\r\n".as_bytes();
-        match read_resp(&mut r, 0).unwrap() {
-            Resp::Array(v) => assert!(matches!(v.as_slice(), [Resp::Bulk(Some(s)), Resp::Int(5)] if s == "abc")),
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(read_resp(&mut "$-1\r\n".as_bytes(), 0).unwrap(), Resp::Bulk(None)));
-        assert!(matches!(read_resp(&mut "+PONG\r\n".as_bytes(), 0).unwrap(), Resp::Simple(s) if s == "PONG"));
-        assert!(matches!(read_resp(&mut "-ERR x\r\n".as_bytes(), 0).unwrap(), Resp::Error(s) if s == "ERR x"));
-        assert!(read_resp(&mut "?\r\n".as_bytes(), 0).is_err());
     }
 }
