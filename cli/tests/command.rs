@@ -94,12 +94,43 @@ fn check_runs_every_filters_own_parser() {
 }
 
 #[test]
-fn from_istio_exits_2_when_something_is_not_converted() {
-    let out = meshwasm(&["from-istio", "examples/from-istio/virtualservice.yaml"]);
-    assert_eq!(out.status.code(), Some(2));
+fn from_istio_converts_the_examples_and_exits_2_when_something_is_not_converted() {
+    let files = [
+        "examples/from-istio/virtualservice.yaml",
+        "examples/from-istio/authorizationpolicy.yaml",
+        "examples/from-istio/telemetry.yaml",
+    ];
+    let out = meshwasm(&[&["from-istio"][..], &files].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["plugins"]["fault"]["rules"][0]["name"], "ratings-jason");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.http[1].retries: not yet supported"));
+    assert_eq!(doc["plugins"]["retry"]["rules"][1]["timeout"], "10s");
+    assert_eq!(doc["plugins"]["authz"]["policies"][0]["metadata"]["name"], "ratings-viewer");
+    assert_eq!(doc["plugins"]["telemetry"]["kind"], "Telemetry");
+    // A field no filter implements: named, exit status 2, the rest still printed.
+    let vs = scratch(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  http:\n  - \
+         mirror: {host: m}\n    retries: {attempts: 2, backoff: 1s}\n    route: [{destination: {host: r}}]\n",
+    );
+    let out = meshwasm(&["from-istio", &vs]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.http[0].mirror: not converted"), "{stderr}");
+    assert!(stderr.contains("spec.http[0].retries.backoff: left out: cannot be set per request"), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["plugins"]["retry"]["rules"][0]["retries"], serde_json::json!({"attempts": 2}));
+    // A value the filter refuses: exit status 1, the path named.
+    let bad = scratch(
+        "bad-vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  http:\n  - \
+         timeout: 1.5ms\n",
+    );
+    let out = meshwasm(&["from-istio", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.http[0].timeout: must be a whole number of milliseconds")
+    );
 }
 
 #[test]
