@@ -81,6 +81,52 @@ pub const FILTERS: &[FilterSpec] = &[
                   service's failureMode allow, a limiter that cannot load lets traffic through.",
         },
     },
+    FilterSpec {
+        name: "retry",
+        check: configure::<meshwasm_retry::RetryPlugin>,
+        check_route: Some(|v| meshwasm_retry::config::Config::from_route_value(v).map(drop)),
+        placement: Placement {
+            phase: None,
+            priority: Some(-10),
+            fail_strategy: "FAIL_OPEN",
+            mode: Some("CLIENT"),
+            why: "No phase (UNSPECIFIED_PHASE): the end of the chain, right before the router whose \
+                  x-envoy-* request headers it sets; priority -10 runs it after meshwasm ratelimit and \
+                  fault in that phase, so a request they refuse never reserves retry budget. mode \
+                  CLIENT: Istio applies VirtualService retries and timeouts in the calling proxy. \
+                  FAIL_OPEN: without the filter the route's own retry policy and timeout apply.",
+        },
+    },
+    FilterSpec {
+        name: "authz",
+        check: configure::<meshwasm_authz::AuthzPlugin>,
+        check_route: None,
+        placement: Placement {
+            phase: Some("AUTHZ"),
+            priority: None,
+            fail_strategy: "FAIL_CLOSE",
+            mode: None,
+            why: "phase AUTHZ: where Istio puts its own RBAC and ext_authz filters, after \
+                  authentication and before stats, so denied requests are counted. No mode: select the \
+                  workloads (or gateway) the AuthorizationPolicy selects. FAIL_CLOSE: security never \
+                  fails open; a policy that cannot load denies (Istio answers 500 until it loads).",
+        },
+    },
+    FilterSpec {
+        name: "telemetry",
+        check: configure::<meshwasm_telemetry::TelemetryPlugin>,
+        check_route: None,
+        placement: Placement {
+            phase: Some("STATS"),
+            priority: None,
+            fail_strategy: "FAIL_OPEN",
+            mode: None,
+            why: "phase STATS: where Istio's own stats filter runs, after authn and authz, so it sees \
+                  their denials and the final response. No mode: the reporter follows the traffic \
+                  direction (source on outbound, destination on inbound), as Istio's does. FAIL_OPEN: \
+                  metrics must never stop traffic.",
+        },
+    },
 ];
 
 /// The filter named `name`.
@@ -109,6 +155,13 @@ mod tests {
         let e = check("ratelimit", br#"{"rules":[{"tokenBucket":{"maxTokens":0,"fillInterval":"1s"}}]}"#).unwrap_err();
         assert!(e.starts_with("rules[0].tokenBucket.maxTokens"), "{e}");
         assert!(check("fault", b"{").is_err());
+        assert_eq!(check("retry", br#"{"rules":[{"retries":{"attempts":2}}]}"#), Ok(()));
+        let e = check("retry", br#"{"rules":[{"retries":{"attempts":2,"retryOn":"bogus"}}]}"#).unwrap_err();
+        assert!(e.starts_with("rules[0].retries.retryOn: "), "{e}");
+        assert_eq!(check("authz", br#"{"policies":[]}"#), Ok(()));
+        assert_eq!(check("telemetry", b"{}"), Ok(()));
+        let e = check("telemetry", br#"{"maxSeries":0}"#).unwrap_err();
+        assert!(e.starts_with("maxSeries: "), "{e}");
         assert!(check("nope", b"{}").unwrap_err().contains("unknown filter `nope`"));
     }
 

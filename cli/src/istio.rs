@@ -34,26 +34,11 @@ pub struct Source {
 
 pub const SOURCES: &[Source] = &[
     Source { kind: "VirtualService", field: Some("fault"), filter: "fault", convert: Convert::RouteField(vs_fault) },
-    Source {
-        kind: "VirtualService",
-        field: Some("retries"),
-        filter: "retry",
-        convert: Convert::NotYet("the retry filter has not landed yet"),
-    },
-    Source {
-        kind: "VirtualService",
-        field: Some("timeout"),
-        filter: "retry",
-        convert: Convert::NotYet("the retry filter has not landed yet"),
-    },
+    Source { kind: "VirtualService", field: Some("retries"), filter: "retry", convert: Convert::RouteField(vs_retry) },
+    Source { kind: "VirtualService", field: Some("timeout"), filter: "retry", convert: Convert::RouteField(vs_retry) },
     Source { kind: "AuthorizationPolicy", field: None, filter: "authz", convert: Convert::Resource(authz_policy) },
     Source { kind: "RequestAuthentication", field: None, filter: "authz", convert: Convert::Resource(authz_authn) },
-    Source {
-        kind: "Telemetry",
-        field: None,
-        filter: "telemetry",
-        convert: Convert::NotYet("the telemetry filter has not landed yet"),
-    },
+    Source { kind: "Telemetry", field: None, filter: "telemetry", convert: Convert::Resource(telemetry) },
     Source { kind: "WasmPlugin", field: None, filter: "", convert: Convert::Resource(wasmplugin) },
 ];
 
@@ -110,6 +95,11 @@ impl RouteCtx<'_> {
     fn path(&self, field: &str) -> String {
         format!("spec.http[{}].{field}", self.index)
     }
+
+    /// The name of the rule made from this route: `<virtual service>-<route label>`.
+    fn rule_name(&self) -> String {
+        format!("{}-{}", self.resource.name(), self.label())
+    }
 }
 
 /// The conversion result.
@@ -149,7 +139,7 @@ impl Output {
 /// `unsupported`.
 pub fn convert(resources: &[Resource]) -> Output {
     let mut out = Output::default();
-    let mut fault_rules: Vec<Value> = Vec::new();
+    let mut rules = VsRules::default();
     for r in resources {
         let kind = r.kind();
         let rows: Vec<&Source> = SOURCES.iter().filter(|s| s.kind == kind).collect();
@@ -167,7 +157,7 @@ pub fn convert(resources: &[Resource]) -> Output {
             continue;
         }
         if kind == "VirtualService" {
-            virtual_service(r, &rows, &mut out, &mut fault_rules);
+            virtual_service(r, &rows, &mut out, &mut rules);
             continue;
         }
         for row in rows {
@@ -178,8 +168,16 @@ pub fn convert(resources: &[Resource]) -> Output {
             }
         }
     }
-    if !fault_rules.is_empty() {
-        set_plugin(&mut out, "fault", json!({ "rules": fault_rules }), "VirtualService faults");
+    if !rules.fault.is_empty() {
+        set_plugin(&mut out, "fault", json!({ "rules": rules.fault }), "VirtualService faults");
+    }
+    if !rules.retry.is_empty() {
+        set_plugin(&mut out, "retry", json!({ "rules": rules.retry }), "VirtualService retries and timeouts");
+        if out.routes.iter().any(|r| r.pointer("/metadata/filter_metadata/meshwasm/retry").is_some()) {
+            out.notes.push(
+                "retry: the per-route overrides (routes[].metadata …meshwasm.retry) are read only with \"routeOverrides\": true in the retry plugin configuration".into(),
+            );
+        }
     }
     check_plugins(&mut out);
     out
@@ -215,7 +213,14 @@ fn check_plugins(out: &mut Output) {
 
 // === VirtualService ===
 
-fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules: &mut Vec<Value>) {
+/// Plugin-wide rules collected from every VirtualService, in order.
+#[derive(Default)]
+struct VsRules {
+    fault: Vec<Value>,
+    retry: Vec<Value>,
+}
+
+fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, rules: &mut VsRules) {
     let spec = r.value.get("spec").cloned().unwrap_or_default();
     if let Some(spec) = spec.as_object() {
         for (k, _) in spec {
@@ -238,17 +243,28 @@ fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules
         .filter_map(Value::as_str)
         .map(String::from)
         .collect();
+    let routes: Vec<&Value> = spec.get("http").and_then(Value::as_array).into_iter().flatten().collect();
+    // Retries: Istio gives every HTTP route its default retry policy unless the route sets
+    // `retries` (and no timeout unless it sets `timeout`). A retry rule without `retries` is
+    // that default, so when any route of this VirtualService sets either, every route becomes
+    // a rule, in order: the filter's first matching rule is then Istio's first matching route.
+    let any_retry = routes.iter().any(|rt| rt.get("retries").is_some() || rt.get("timeout").is_some());
     // Istio routes a request by the FIRST HTTP route that matches. A plugin-wide rule for a
     // faulted route keeps that meaning only if every earlier route has a rule too (the fault
     // filter also applies its first matching rule); an earlier route without a fault cannot be
     // expressed as a rule, so later faults are then only given as per-route overrides.
     let mut unfaulted_before: Vec<usize> = Vec::new();
-    for (index, route) in spec.get("http").and_then(Value::as_array).into_iter().flatten().enumerate() {
+    for (index, route) in routes.iter().copied().enumerate() {
         let ctx = RouteCtx { resource: r, index, route };
         let Some(fields) = route.as_object() else { continue };
+        // The route's `match`, scoped to the VirtualService's hosts (computed once: its
+        // unsupported fields are named once).
+        let mut matches: Option<Vec<Value>> = None;
+        let mut scoped = |out: &mut Output| matches.get_or_insert_with(|| scoped_matches(&ctx, &hosts, out)).clone();
         if !fields.contains_key("fault") {
             unfaulted_before.push(index);
         }
+        let mut retry_done = false;
         for (field, value) in fields {
             if ROUTING_FIELDS.contains(&field.as_str()) {
                 continue;
@@ -258,12 +274,20 @@ fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules
                 continue;
             };
             match row.convert {
+                Convert::RouteField(f) if row.filter == "retry" => {
+                    // `retries` and `timeout` make one rule: converted once per route.
+                    if !retry_done {
+                        retry_done = true;
+                        f(&ctx, value, out);
+                    }
+                }
                 Convert::RouteField(f) => {
                     // The per-route override; for faults also a plugin-wide rule.
                     f(&ctx, value, out);
                     if row.filter == "fault" {
                         if unfaulted_before.is_empty() {
-                            fault_rules.push(fault_rule(&ctx, value, &hosts, out));
+                            let m = scoped(out);
+                            rules.fault.push(json!({ "name": ctx.rule_name(), "match": m, "fault": value }));
                         } else {
                             let earlier: Vec<String> =
                                 unfaulted_before.iter().map(|i| format!("spec.http[{i}]")).collect();
@@ -283,6 +307,14 @@ fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules
                 Convert::Resource(_) => {}
             }
         }
+        if any_retry {
+            let mut rule = retry_rule(&ctx, out).unwrap_or_else(|| json!({ "name": ctx.rule_name() }));
+            let m = scoped(out);
+            if let Some(o) = rule.as_object_mut() {
+                o.insert("match".into(), Value::Array(m));
+            }
+            rules.retry.push(rule);
+        }
         let routing: Vec<&str> =
             ROUTING_FIELDS.iter().copied().filter(|f| *f != "name" && fields.contains_key(*f)).collect();
         if !routing.is_empty() {
@@ -295,10 +327,86 @@ fn virtual_service(r: &Resource, rows: &[&Source], out: &mut Output, fault_rules
     }
 }
 
+/// Adds `config` as the route's override for `filter` (one `routes[]` entry per
+/// VirtualService HTTP route, holding every filter's override).
+fn route_override(ctx: &RouteCtx, filter: &str, config: Value, out: &mut Output) {
+    let vs = format!("{}/{}", ctx.resource.namespace(), ctx.resource.name());
+    let existing = out.routes.iter_mut().find(|e| {
+        e.get("virtualService").and_then(Value::as_str) == Some(vs.as_str())
+            && e.get("http").and_then(Value::as_u64) == u64::try_from(ctx.index).ok()
+    });
+    let entry = match existing {
+        Some(e) => e,
+        None => {
+            out.routes.push(json!({
+                "virtualService": vs,
+                "http": ctx.index,
+                "route": ctx.label(),
+                "metadata": { "filter_metadata": { "meshwasm": {} } },
+            }));
+            let Some(e) = out.routes.last_mut() else { return };
+            e
+        }
+    };
+    if let Some(m) = entry.pointer_mut("/metadata/filter_metadata/meshwasm").and_then(Value::as_object_mut) {
+        m.insert(filter.to_string(), config);
+    }
+}
+
+/// `HTTPRetry` fields that are route-level in Envoy (the carrier route's `retry_policy`, see
+/// docs/retry.md#carrier): the retry filter refuses values it cannot set per request.
+const CARRIER_FIELDS: &[&str] = &["backoff", "retryRemoteLocalities", "retryIgnorePreviousHosts"];
+
+/// `spec.http[i].retries` / `timeout` → a retry rule `{name, retries?, timeout?}` checked by
+/// the filter's route parser, which is also the route's override. A route-level field the
+/// filter cannot take per request ([`CARRIER_FIELDS`]: `retries.backoff`,
+/// `retryRemoteLocalities: true`, …) is removed and named in `unsupported` with the filter's
+/// reason; any other refusal is an error. `None` when the route sets neither field.
+fn retry_rule(ctx: &RouteCtx, out: &mut Output) -> Option<Value> {
+    let mut rule = Map::new();
+    rule.insert("name".into(), json!(ctx.rule_name()));
+    for field in ["retries", "timeout"] {
+        if let Some(v) = ctx.route.get(field) {
+            rule.insert(field.into(), v.clone());
+        }
+    }
+    if rule.len() == 1 {
+        return None;
+    }
+    let check = filters::find("retry").ok().and_then(|s| s.check_route);
+    for _ in 0..8 {
+        let Some(check) = check else { break };
+        let config = json!({ "rules": [Value::Object(rule.clone())] });
+        let Err(e) = check(&config) else { break };
+        // `rules[0].retries.backoff` → `retries.backoff`.
+        let inner = e.path.strip_prefix("rules[0].").unwrap_or_default().to_string();
+        let mut parts = inner.splitn(2, '.');
+        let removed = match (parts.next(), parts.next()) {
+            (Some("retries"), Some(sub)) if CARRIER_FIELDS.contains(&sub) => {
+                rule.get_mut("retries").and_then(Value::as_object_mut).and_then(|o| o.remove(sub)).is_some()
+            }
+            _ => false,
+        };
+        if removed {
+            out.unsupported(ctx.resource, &ctx.path(&inner), &format!("left out: {}", e.message));
+        } else {
+            out.errors.push(format!("{}: {}: {}", ctx.resource.id(), ctx.path(&inner), e.message));
+            return None;
+        }
+    }
+    Some(Value::Object(rule))
+}
+
+/// `spec.http[i].retries`/`timeout` → the route's override `filter_metadata.meshwasm.retry`.
+fn vs_retry(ctx: &RouteCtx, _value: &Value, out: &mut Output) {
+    if let Some(rule) = retry_rule(ctx, &mut Output::default()) {
+        route_override(ctx, "retry", json!({ "rules": [rule] }), out);
+    }
+}
+
 /// `spec.http[i].fault` → a per-route override `filter_metadata.meshwasm.fault`.
 fn vs_fault(ctx: &RouteCtx, fault: &Value, out: &mut Output) {
-    let name = format!("{}-{}", ctx.resource.name(), ctx.label());
-    let override_config = json!({ "rules": [{ "name": name, "fault": fault }] });
+    let override_config = json!({ "rules": [{ "name": ctx.rule_name(), "fault": fault }] });
     if let Ok(spec) = filters::find("fault") {
         if let Some(check) = spec.check_route {
             if let Err(e) = check(&override_config) {
@@ -307,18 +415,12 @@ fn vs_fault(ctx: &RouteCtx, fault: &Value, out: &mut Output) {
             }
         }
     }
-    out.routes.push(json!({
-        "virtualService": format!("{}/{}", ctx.resource.namespace(), ctx.resource.name()),
-        "http": ctx.index,
-        "route": ctx.label(),
-        "metadata": { "filter_metadata": { "meshwasm": { "fault": override_config } } },
-    }));
+    route_override(ctx, "fault", override_config, out);
 }
 
-/// The same fault as a plugin-wide rule: the route's `match` (each entry also scoped to the
-/// VirtualService's `hosts` by authority).
-fn fault_rule(ctx: &RouteCtx, fault: &Value, hosts: &[String], out: &mut Output) -> Value {
-    let name = format!("{}-{}", ctx.resource.name(), ctx.label());
+/// The route's `match` as the meshwasm matcher's list, each entry also scoped to the
+/// VirtualService's `hosts` by authority.
+fn scoped_matches(ctx: &RouteCtx, hosts: &[String], out: &mut Output) -> Vec<Value> {
     let mut matches: Vec<Value> = Vec::new();
     let route_matches: Vec<Value> = match ctx.route.get("match").and_then(Value::as_array) {
         Some(m) if !m.is_empty() => m.clone(),
@@ -354,7 +456,7 @@ fn fault_rule(ctx: &RouteCtx, fault: &Value, hosts: &[String], out: &mut Output)
             }
         }
     }
-    json!({ "name": name, "match": matches, "fault": fault })
+    matches
 }
 
 /// The authorities a VirtualService host answers to, as Istio generates them for Envoy
@@ -413,6 +515,41 @@ fn authz_policy(r: &Resource, out: &mut Output) {
 
 fn authz_authn(r: &Resource, out: &mut Output) {
     push_to(out, "authentication", as_printed(r));
+}
+
+// === Telemetry ===
+
+/// A Telemetry resource → the telemetry filter's configuration: the resource as printed
+/// (the filter reads `kubectl get -o json` output). Fields the filter refuses at the top of
+/// `spec` (e.g. `accessLogging` or `tracing` in a filter version without them) are removed
+/// and named in `unsupported` with the filter's own reason; `selector`/`targetRefs` are the
+/// WasmPlugin's business (named in `notes`).
+fn telemetry(r: &Resource, out: &mut Output) {
+    let mut config = as_printed(r);
+    for k in ["selector", "targetRef", "targetRefs"] {
+        if config.pointer(&format!("/spec/{k}")).is_some() {
+            out.notes.push(format!(
+                "{}: spec.{k}: which workloads report; in Istio the WasmPlugin's selector/targetRefs, in plain Envoy the listeners that carry the filter",
+                r.id()
+            ));
+        }
+    }
+    if let Some(spec) = filters::find("telemetry").ok().map(|s| s.check) {
+        for _ in 0..8 {
+            let Err(e) = spec(config.to_string().as_bytes()) else { break };
+            let field = e.path.strip_prefix("spec.").filter(|f| !f.contains(['.', '['])).map(str::to_string);
+            let removed = field
+                .as_deref()
+                .and_then(|f| config.get_mut("spec").and_then(Value::as_object_mut).and_then(|o| o.remove(f)));
+            if removed.is_some() {
+                out.unsupported(r, &e.path, &format!("left out: {}", e.message));
+            } else {
+                // Reported by check_plugins with the path.
+                break;
+            }
+        }
+    }
+    set_plugin(out, "telemetry", config, &format!("Telemetry {}", r.name()));
 }
 
 // === WasmPlugin ===
@@ -479,7 +616,52 @@ mod tests {
         );
         let unsupported = out.unsupported.join("\n");
         assert!(unsupported.contains("spec.http[0].match[0].sourceLabels"), "{unsupported}");
-        assert!(unsupported.contains("spec.http[0].retries: not yet supported"), "{unsupported}");
+        assert_eq!(out.unsupported.len(), 1, "named once, though two filters use the match: {unsupported}");
+        let retry = &out.plugins["retry"]["rules"][0];
+        assert_eq!(retry["name"], "ratings-jason");
+        assert_eq!(retry["retries"], json!({"attempts": 3}));
+        assert_eq!(retry["match"], rule["match"]);
+        assert_eq!(
+            out.routes[0]["metadata"]["filter_metadata"]["meshwasm"]["retry"],
+            json!({"rules": [{"name": "ratings-jason", "retries": {"attempts": 3}}]})
+        );
+    }
+
+    #[test]
+    fn retries_and_timeouts_make_a_rule_per_route_in_order() {
+        let out = convert(&[vs(json!({"hosts": ["*"], "http": [
+            {"name": "a", "match": [{"uri": {"prefix": "/a"}}], "route": [{"destination": {"host": "a"}}]},
+            {"name": "b", "match": [{"uri": {"prefix": "/b"}}], "timeout": "2s",
+             "retries": {"attempts": 4, "perTryTimeout": "500ms", "retryOn": "5xx", "backoff": "100ms"},
+             "route": [{"destination": {"host": "b"}}]},
+        ]}))]);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        // Route a keeps Istio's default policy (a rule without retries), first.
+        assert_eq!(
+            out.plugins["retry"]["rules"],
+            json!([
+                {"name": "ratings-a", "match": [{"uri": {"prefix": "/a"}}]},
+                {"name": "ratings-b", "match": [{"uri": {"prefix": "/b"}}], "timeout": "2s",
+                 "retries": {"attempts": 4, "perTryTimeout": "500ms", "retryOn": "5xx"}},
+            ])
+        );
+        // backoff cannot be set per request: left out and named, with the filter's reason.
+        assert!(
+            out.unsupported
+                .iter()
+                .any(|u| u.contains("spec.http[1].retries.backoff: left out: cannot be set per request")),
+            "{:?}",
+            out.unsupported
+        );
+        assert_eq!(out.routes.len(), 1, "an override only for the route that sets retries/timeout");
+        assert!(out.notes.iter().any(|n| n.contains("routeOverrides")));
+        // A value the filter refuses outright is an error with its path.
+        let out = convert(&[vs(json!({"hosts": ["*"], "http": [{"retries": {"attempts": 2, "retryOn": "bogus"}}]}))]);
+        assert!(
+            out.errors.iter().any(|e| e.contains("spec.http[0].retries.retryOn: unknown retry condition")),
+            "{:?}",
+            out.errors
+        );
     }
 
     #[test]
@@ -507,30 +689,46 @@ mod tests {
     }
 
     #[test]
-    fn authz_resources_are_packaged_as_printed_and_telemetry_is_reported() {
+    fn authz_resources_are_packaged_as_printed() {
         let ap = Resource {
             file: "a.yaml".into(),
             value: json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-                          "metadata": {"name": "deny", "uid": "x"}, "spec": {"action": "DENY"}, "status": {}}),
+                          "metadata": {"name": "deny", "uid": "x"},
+                          "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}, "status": {}}),
         };
         let ra = Resource {
             file: "a.yaml".into(),
             value: json!({"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
                           "metadata": {"name": "jwt"}, "spec": {"jwtRules": []}}),
         };
-        let tel = Resource {
-            file: "t.yaml".into(),
-            value: json!({"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry", "metadata": {"name": "t"}, "spec": {}}),
-        };
-        let out = convert(&[ap, ra, tel]);
+        let out = convert(&[ap, ra]);
         assert_eq!(
             out.plugins["authz"],
             json!({"policies": [{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-                                 "metadata": {"name": "deny"}, "spec": {"action": "DENY"}}],
+                                 "metadata": {"name": "deny"},
+                                 "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}}],
                    "authentication": [{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
                                        "metadata": {"name": "jwt"}, "spec": {"jwtRules": []}}]})
         );
-        assert!(out.unsupported.iter().any(|u| u.contains("Telemetry") && u.contains("not yet supported")));
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+    }
+
+    #[test]
+    fn telemetry_is_the_resource_and_what_the_filter_refuses_is_named() {
+        let tel = |spec: Value| Resource {
+            file: "t.yaml".into(),
+            value: json!({"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+                          "metadata": {"name": "t", "namespace": "istio-system"}, "spec": spec}),
+        };
+        let metrics = json!([{"overrides": [{"match": {"metric": "REQUEST_COUNT"},
+                                             "tagOverrides": {"request_protocol": {"operation": "REMOVE"}}}]}]);
+        let out = convert(&[tel(json!({"selector": {"matchLabels": {"app": "x"}}, "metrics": metrics}))]);
+        assert!(out.errors.is_empty() && out.unsupported.is_empty(), "{:?} {:?}", out.errors, out.unsupported);
+        assert_eq!(out.plugins["telemetry"]["spec"]["metrics"], metrics);
+        assert!(out.notes.iter().any(|n| n.contains("spec.selector")));
+        // A field the filter refuses is either named and left out, or an error with its path.
+        let out = convert(&[tel(json!({"metrics": [{"overrides": [{"match": {"metric": "NOPE"}}]}]}))]);
+        assert!(out.errors.iter().any(|e| e.contains("spec.metrics[0].overrides[0].match.metric")), "{:?}", out.errors);
     }
 
     #[test]

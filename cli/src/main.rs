@@ -26,7 +26,8 @@ commands:
         print an Istio WasmPlugin manifest: sha256 is the manifest digest of the image built
         from --module (default dist/<filter>.wasm), or --sha256 as `oci push` printed it
   from-istio <file.yaml>... [--yaml]
-        VirtualService faults, AuthorizationPolicy, RequestAuthentication, WasmPlugin →
+        VirtualService fault/retries/timeout, AuthorizationPolicy, RequestAuthentication,
+        Telemetry, WasmPlugin →
         each filter's plugin JSON and per-route metadata; unsupported fields are listed
         (exit status 2 when there are any, 1 on errors)
   validate [--crds crd-all.gen.yaml] <file.yaml>...

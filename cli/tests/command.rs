@@ -35,13 +35,102 @@ fn check_exits_0_for_an_accepted_config_and_1_with_the_path_for_a_refused_one() 
     assert_eq!(meshwasm(&["check", "nope", &route]).status.code(), Some(1));
 }
 
+/// Every filter: its example configuration passes, a wrong one fails with exit status 1 and
+/// the filter's own message naming the JSON path (what Envoy would log before refusing it).
 #[test]
-fn from_istio_exits_2_when_something_is_not_converted() {
-    let out = meshwasm(&["from-istio", "examples/from-istio/virtualservice.yaml"]);
-    assert_eq!(out.status.code(), Some(2));
+fn check_runs_every_filters_own_parser() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "fault",
+            "examples/fault/fault.json",
+            r#"{"rules":[{"fault":{"delay":{"fixedDelay":"soon"}}}]}"#,
+            "rules[0].fault.delay.fixedDelay: ",
+        ),
+        (
+            "ratelimit",
+            "examples/ratelimit/ratelimit.json",
+            r#"{"rules":[{"tokenBucket":{"maxTokens":0,"fillInterval":"1s"}}]}"#,
+            "rules[0].tokenBucket.maxTokens: ",
+        ),
+        (
+            "retry",
+            "examples/retry/retry.json",
+            r#"{"rules":[{"retries":{"attempts":3,"retryOn":"5xx,bogus"}}]}"#,
+            "rules[0].retries.retryOn: unknown retry condition \"bogus\"",
+        ),
+        (
+            "authz",
+            "examples/authz/authz.json",
+            r#"{"policies":[{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"p"},"spec":{"action":"NOPE"}}]}"#,
+            "policies[0].spec.action: ",
+        ),
+        ("telemetry", "examples/telemetry/telemetry.json", r#"{"maxSeries": 0}"#, "maxSeries: must be at least 1"),
+    ];
+    let names: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    for f in meshwasm_cli::filters::FILTERS {
+        assert!(names.contains(&f.name), "no check case for filter {}", f.name);
+    }
+    for (filter, good, bad, want) in cases {
+        let ok = meshwasm(&["check", filter, good]);
+        assert_eq!(ok.status.code(), Some(0), "{filter} {good}: {}", String::from_utf8_lossy(&ok.stderr));
+        assert!(String::from_utf8_lossy(&ok.stdout).contains(&format!("OK ({filter})")));
+        let file = scratch(&format!("bad-{filter}.json"), bad);
+        let out = meshwasm(&["check", filter, &file]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{filter}: {stderr}");
+        assert!(stderr.starts_with(&format!("{file}: {want}")), "{filter}: {stderr}");
+        // Not JSON at all: refused too.
+        let junk = scratch(&format!("junk-{filter}.json"), "{");
+        assert_eq!(meshwasm(&["check", filter, &junk]).status.code(), Some(1), "{filter}");
+    }
+    // Per-route overrides: retry has them (budgets are plugin-wide), authz has none.
+    let route = scratch("retry-route.json", r#"{"rules":[{"retries":{"attempts":2},"budget":{}}]}"#);
+    let out = meshwasm(&["check", "retry", "--route", &route]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rules[0].budget: budgets live in shared data"));
+    let out = meshwasm(&["check", "authz", "--route", &route]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("takes no per-route override"));
+}
+
+#[test]
+fn from_istio_converts_the_examples_and_exits_2_when_something_is_not_converted() {
+    let files = [
+        "examples/from-istio/virtualservice.yaml",
+        "examples/from-istio/authorizationpolicy.yaml",
+        "examples/from-istio/telemetry.yaml",
+    ];
+    let out = meshwasm(&[&["from-istio"][..], &files].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["plugins"]["fault"]["rules"][0]["name"], "ratings-jason");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.http[1].retries: not yet supported"));
+    assert_eq!(doc["plugins"]["retry"]["rules"][1]["timeout"], "10s");
+    assert_eq!(doc["plugins"]["authz"]["policies"][0]["metadata"]["name"], "ratings-viewer");
+    assert_eq!(doc["plugins"]["telemetry"]["kind"], "Telemetry");
+    // A field no filter implements: named, exit status 2, the rest still printed.
+    let vs = scratch(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  http:\n  - \
+         mirror: {host: m}\n    retries: {attempts: 2, backoff: 1s}\n    route: [{destination: {host: r}}]\n",
+    );
+    let out = meshwasm(&["from-istio", &vs]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.http[0].mirror: not converted"), "{stderr}");
+    assert!(stderr.contains("spec.http[0].retries.backoff: left out: cannot be set per request"), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["plugins"]["retry"]["rules"][0]["retries"], serde_json::json!({"attempts": 2}));
+    // A value the filter refuses: exit status 1, the path named.
+    let bad = scratch(
+        "bad-vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  http:\n  - \
+         timeout: 1.5ms\n",
+    );
+    let out = meshwasm(&["from-istio", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.http[0].timeout: must be a whole number of milliseconds")
+    );
 }
 
 #[test]
