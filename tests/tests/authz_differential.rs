@@ -8,46 +8,17 @@
 //! `/./x`, `%2F`, `;params`, `#frag`), duplicate headers, non-UTF-8 values and a missing
 //! `Host` reach Envoy exactly as written.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use meshwasm_tests::authz_golden::{cases_index, golden_dir, yaml_docs};
+use meshwasm_tests::raw_http::exchange;
 use meshwasm_tests::{Envoy, Filter, Listener, Upstream};
 use serde_json::{json, Value};
 
-/// One raw HTTP/1.1 exchange: the status, and whether the body is RBAC's denial. Reads
-/// the head and a `content-length` body (Envoy's delayed close would otherwise hold
-/// `read_to_end` for a second).
+/// One raw HTTP/1.1 exchange: the status, and whether the body is RBAC's denial.
 fn raw(addr: SocketAddr, request: &[u8]) -> (u16, bool) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let head = text[..end].to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            let chunked = head.contains("transfer-encoding: chunked");
-            let body = buf.len() - end - 4;
-            if len.is_some_and(|l| body >= l) || (chunked && text.ends_with("0\r\n\r\n")) || (len.is_none() && !chunked)
-            {
-                break;
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, text.contains("RBAC: access denied"))
+    let r = exchange(addr, request);
+    (r.status, r.body.contains("RBAC: access denied"))
 }
 
 /// A request: request line target, extra header lines, and whether a Host is sent.

@@ -6,6 +6,7 @@
 //! the token removed) in Envoy's order, the payload the policies see, and the local reply.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use meshwasm_sdk_ext::config::{ConfigError, Path};
@@ -85,18 +86,25 @@ pub struct JwksSourceJson {
 /// Where a provider's keys come from.
 #[derive(Debug, Clone)]
 pub enum Keys {
-    Inline(Jwks),
-    Remote(Remote),
+    Inline(Rc<Jwks>),
+    /// Fetched from `Authn::remotes[i]`.
+    Remote(usize),
 }
 
+/// A remote key set (`jwksUri`), fetched once per process from the root context and shared
+/// by every provider naming the same URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
     pub uri: String,
     pub cluster: String,
-    /// `:authority` and `:path` of the fetch.
+    /// `:scheme`, `:authority` and `:path` of the fetch.
+    pub scheme: String,
     pub authority: String,
     pub path: String,
     pub cache_duration: Duration,
+    /// The fetch's timeout: the longest `timeout` of the rules using this URI (jwt_authn uses
+    /// the rule's `timeout` as the `http_uri` timeout).
+    pub timeout: Duration,
 }
 
 /// One `jwt_authn` provider (`origins-<i>`): a jwtRule.
@@ -123,6 +131,8 @@ pub struct Provider {
 pub struct Authn {
     /// Sorted by issuer (stable), as istiod sorts the rules.
     pub providers: Vec<Provider>,
+    /// The remote key sets, in the order of the top-level `jwks` map (sorted by URI).
+    pub remotes: Vec<Remote>,
 }
 
 /// istiod's default `timeout` of a rule.
@@ -142,12 +152,13 @@ fn header_name(name: &str, path: &Path) -> Result<String, ConfigError> {
     Ok(name.to_ascii_lowercase())
 }
 
-/// `scheme://authority/path` → (authority, path).
-fn split_uri(uri: &str, path: &Path) -> Result<(String, String), ConfigError> {
-    let rest = uri
-        .strip_prefix("https://")
-        .or_else(|| uri.strip_prefix("http://"))
-        .ok_or_else(|| path.err(format!("must be an http:// or https:// URI, got {uri:?}")))?;
+/// `scheme://authority/path` → (scheme, authority, path).
+fn split_uri(uri: &str, path: &Path) -> Result<(String, String, String), ConfigError> {
+    let (scheme, rest) = match (uri.strip_prefix("https://"), uri.strip_prefix("http://")) {
+        (Some(rest), _) => ("https", rest),
+        (None, Some(rest)) => ("http", rest),
+        (None, None) => return Err(path.err(format!("must be an http:// or https:// URI, got {uri:?}"))),
+    };
     let (authority, p) = match rest.find('/') {
         Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("/")),
         None => (rest, "/"),
@@ -155,7 +166,9 @@ fn split_uri(uri: &str, path: &Path) -> Result<(String, String), ConfigError> {
     if authority.is_empty() {
         return Err(path.err(format!("has no host: {uri:?}")));
     }
-    Ok((authority.to_string(), p.to_string()))
+    // Envoy sends the path without the fragment.
+    let p = p.split('#').next().unwrap_or(p);
+    Ok((scheme.to_string(), authority.to_string(), p.to_string()))
 }
 
 impl Authn {
@@ -181,25 +194,25 @@ impl Authn {
         }
         // istiod sorts the rules by issuer (a stable sort) and names them origins-<index>.
         rules.sort_by(|a, b| a.0.issuer.cmp(&b.0.issuer));
-        let mut used_sources = Vec::new();
+        let mut remotes: Vec<Remote> = Vec::new();
         let mut providers = Vec::new();
         for (i, (rule, path)) in rules.iter().enumerate() {
-            let p = Self::rule(rule, path, sources, &mut used_sources)?;
+            let p = Self::rule(rule, path, sources, &mut remotes)?;
             providers.push(Provider { name: format!("origins-{i}"), ..p });
         }
         for uri in sources.keys() {
-            if !used_sources.contains(uri) {
+            if !remotes.iter().any(|r| r.uri == *uri) {
                 return Err(root.field("jwks").key(uri).err("no jwtRule has this jwksUri"));
             }
         }
-        Ok(Self { providers })
+        Ok(Self { providers, remotes })
     }
 
     fn rule(
         rule: &JwtRuleJson,
         path: &Path,
         sources: &BTreeMap<String, JwksSourceJson>,
-        used: &mut Vec<String>,
+        remotes: &mut Vec<Remote>,
     ) -> Result<Provider, ConfigError> {
         if rule.issuer.is_empty() {
             return Err(path.field("issuer").err("is required"));
@@ -224,11 +237,11 @@ impl Authn {
             (None, None) => return Err(path.err("needs jwks (inline keys) or jwksUri")),
             (Some(inline), None) => {
                 let (jwks, _skipped) = Jwks::parse(inline.as_bytes()).map_err(|e| path.field("jwks").err(e.0))?;
-                Keys::Inline(jwks)
+                Keys::Inline(Rc::new(jwks))
             }
             (None, Some(uri)) => {
                 let upath = path.field("jwksUri");
-                let (authority, p) = split_uri(uri, &upath)?;
+                let (scheme, authority, p) = split_uri(uri, &upath)?;
                 let src = sources.get(uri).ok_or_else(|| {
                     upath.err(format!(
                         "needs an entry in the top-level \"jwks\" map naming the Envoy cluster to fetch it through: \"jwks\": {{{uri:?}: {{\"cluster\": \"...\"}}}}"
@@ -250,11 +263,26 @@ impl Authn {
                         d
                     }
                 };
-                used.push(uri.clone());
-                let _ = Remote { uri: uri.clone(), cluster, authority, path: p, cache_duration };
-                // The root-context fetch, shared-data cache and refresh are the next step;
-                // until then a remote key set is refused rather than failing every token.
-                return Err(upath.err("remote JWKS (jwksUri) is not implemented yet; put the key set inline in jwks"));
+                match remotes.iter().position(|r| r.uri == *uri) {
+                    Some(i) => {
+                        if let Some(r) = remotes.get_mut(i) {
+                            r.timeout = r.timeout.max(timeout);
+                        }
+                        Keys::Remote(i)
+                    }
+                    None => {
+                        remotes.push(Remote {
+                            uri: uri.clone(),
+                            cluster,
+                            scheme,
+                            authority,
+                            path: p,
+                            cache_duration,
+                            timeout,
+                        });
+                        Keys::Remote(remotes.len() - 1)
+                    }
+                }
             }
         };
         let mut headers = Vec::new();
@@ -562,8 +590,9 @@ fn remove_param(req: &mut Request, name: &str) {
 // === verification ===
 
 /// A provider's keys right now.
-pub enum KeyState<'a> {
-    Ready(&'a Jwks, u64),
+pub enum KeyState {
+    /// The keys and their generation (0 inline, the fetch's version for a remote set).
+    Ready(Rc<Jwks>, u64),
     /// Not fetched yet: the request waits.
     Pending,
     /// Cannot be had: `Jwks remote fetch is failed`.
@@ -572,11 +601,11 @@ pub enum KeyState<'a> {
 
 /// What verification needs from its environment: keys, the clock, the token cache.
 pub trait Env {
-    fn keys(&self, provider: usize) -> KeyState<'_>;
+    fn keys(&self, provider: usize) -> KeyState;
     fn now(&self) -> u64;
     /// A token this provider verified before, under keys of `generation`.
-    fn cached(&mut self, provider: usize, token: &str, generation: u64) -> Option<std::rc::Rc<Jwt>>;
-    fn remember(&mut self, provider: usize, token: &str, generation: u64, jwt: std::rc::Rc<Jwt>);
+    fn cached(&mut self, provider: usize, token: &str, generation: u64) -> Option<Rc<Jwt>>;
+    fn remember(&mut self, provider: usize, token: &str, generation: u64, jwt: Rc<Jwt>);
 }
 
 /// Verification stopped to wait for a JWKS.
@@ -688,7 +717,7 @@ impl<E: Env> Run<'_, E> {
         let jwt = match cached {
             Some(j) => j,
             None => match Jwt::parse(&t.token) {
-                Ok(j) => std::rc::Rc::new(j),
+                Ok(j) => Rc::new(j),
                 Err(s) => return Ok(s),
             },
         };
@@ -716,7 +745,7 @@ impl<E: Env> Run<'_, E> {
                     if s != Status::Ok {
                         return Ok(s);
                     }
-                    self.env.remember(i, &t.token, g, std::rc::Rc::clone(&jwt));
+                    self.env.remember(i, &t.token, g, Rc::clone(&jwt));
                 }
             }
         }
@@ -853,9 +882,9 @@ mod tests {
     use std::collections::HashMap;
 
     impl Env for TestEnv<'_> {
-        fn keys(&self, p: usize) -> KeyState<'_> {
+        fn keys(&self, p: usize) -> KeyState {
             match &self.0.providers[p].keys {
-                Keys::Inline(j) => KeyState::Ready(j, 0),
+                Keys::Inline(j) => KeyState::Ready(Rc::clone(j), 0),
                 Keys::Remote(_) => KeyState::Pending,
             }
         }
@@ -1046,8 +1075,36 @@ mod tests {
         assert!(e.contains("authentication[0].spec.jwtRules[0].jwksUri"), "{e}");
         let sources: BTreeMap<String, JwksSourceJson> =
             serde_json::from_value(json!({"https://keys/jwks.json": {"cluster": "keys"}})).unwrap();
-        let e = Authn::parse(&res, &sources, &Path::root()).unwrap_err().to_string();
-        assert!(e.contains("jwksUri") && e.contains("not implemented yet"), "{e}");
+        let a = Authn::parse(&res, &sources, &Path::root()).unwrap();
+        assert!(matches!(a.providers[0].keys, Keys::Remote(0)));
+        assert_eq!(
+            a.remotes,
+            vec![Remote {
+                uri: "https://keys/jwks.json".into(),
+                cluster: "keys".into(),
+                scheme: "https".into(),
+                authority: "keys".into(),
+                path: "/jwks.json".into(),
+                cache_duration: DEFAULT_CACHE_DURATION,
+                timeout: DEFAULT_TIMEOUT,
+            }]
+        );
+        // A map entry no rule uses, a missing cluster, a bad cache duration.
+        let extra: BTreeMap<String, JwksSourceJson> = serde_json::from_value(
+            json!({"https://keys/jwks.json": {"cluster": "keys"}, "http://other/k": {"cluster": "c"}}),
+        )
+        .unwrap();
+        let e = Authn::parse(&res, &extra, &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("jwks[\"http://other/k\"]") || e.contains("http://other/k"), "{e}");
+        let nocluster: BTreeMap<String, JwksSourceJson> =
+            serde_json::from_value(json!({"https://keys/jwks.json": {"cacheDuration": "1m"}})).unwrap();
+        let e = Authn::parse(&res, &nocluster, &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("cluster: is required"), "{e}");
+        let short: BTreeMap<String, JwksSourceJson> =
+            serde_json::from_value(json!({"https://keys/jwks.json": {"cluster": "k", "cacheDuration": "10ms"}}))
+                .unwrap();
+        let e = Authn::parse(&res, &short, &Path::root()).unwrap_err().to_string();
+        assert!(e.contains("cacheDuration: must be at least 1s"), "{e}");
         let res2: Vec<ResourceJson<RequestAuthSpecJson>> = serde_json::from_value(json!([{
             "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
             "metadata": {"name": "ra"}, "spec": {"jwtRules": [{"issuer": "i", "jwks": "{\"keys\":[]}"}]}}]))

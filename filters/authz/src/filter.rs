@@ -23,6 +23,7 @@ use crate::extauthz::{self, CheckInput, Outcome};
 use crate::jwt::{Jwt, Status};
 use crate::policy::{self, Config, NamedPolicy, Verdict};
 use crate::rbac::{Attributes, PeerIdentity};
+use crate::remote::{Fetched, Fetcher, Lookup};
 
 pub const NAME: &str = "authz";
 const DENIED_BODY: &str = "RBAC: access denied";
@@ -44,6 +45,8 @@ struct Ids {
     jwt: [Option<u32>; 6],
     /// JWT denials by reason (`Status::reason`).
     jwt_denied: Vec<(&'static str, Option<u32>)>,
+    /// Per remote key set (label `rule="<jwksUri>"`): [jwks_fetch_success, jwks_fetch_failed].
+    jwks: Vec<[Option<u32>; 2]>,
 }
 
 const JWT_STATS: [&str; 6] = ["allowed", "denied", "cache_hits", "verified", "jwks_fetch_success", "jwks_fetch_failed"];
@@ -66,9 +69,7 @@ enum JwtStat {
     Denied = 1,
     CacheHits = 2,
     Verified = 3,
-    #[allow(dead_code)]
     FetchSuccess = 4,
-    #[allow(dead_code)]
     FetchFailed = 5,
 }
 
@@ -108,6 +109,10 @@ pub struct AuthzPlugin {
     name: String,
     /// Verified tokens of this worker (an optimisation: every time check still runs).
     cache: RefCell<TokenCache>,
+    /// Remote key sets: this worker's parsed copies, the fetches it runs for the process.
+    fetcher: RefCell<Fetcher>,
+    /// `tick` ran once (the call right after `configure`).
+    ticked: std::cell::Cell<bool>,
 }
 
 // === impl TokenCache ===
@@ -186,7 +191,48 @@ impl Plugin for AuthzPlugin {
                 .map(|r| (*r, define(host, MetricKind::Counter, &format!("meshwasm.authz.jwt.denied_{r}"))))
                 .collect();
         }
-        Ok(Self { config, ids, name: plugin_name(host), cache: RefCell::default() })
+        ids.jwks = config
+            .authn
+            .remotes
+            .iter()
+            .map(|r| {
+                ["jwks_fetch_success", "jwks_fetch_failed"]
+                    .map(|s| define(host, MetricKind::Counter, &rule_metric_name(NAME, &r.uri, s)))
+            })
+            .collect();
+        let name = plugin_name(host);
+        let fetcher = RefCell::new(Fetcher::new(host, &name, &config.authn.remotes));
+        Ok(Self { config, ids, name, cache: RefCell::default(), fetcher, ticked: Default::default() })
+    }
+
+    fn tick(&self, host: &dyn Host) -> Option<Duration> {
+        let remotes = &self.config.authn.remotes;
+        if remotes.is_empty() {
+            return None;
+        }
+        if !self.ticked.replace(true) {
+            // Not from `on_configure`: Envoy configures a throw-away VM on the main thread
+            // and destroys it at once; a fetch started there would hold the lease (and so
+            // delay every worker's first fetch) until the lease ran out. Its timer never fires.
+            return Some(Duration::from_millis(1));
+        }
+        let now = host.monotonic_ns();
+        let mut fetcher = self.fetcher.borrow_mut();
+        for f in fetcher.tick(host, remotes, now) {
+            self.fetched(host, &f);
+        }
+        Some(fetcher.next_wake(now))
+    }
+
+    fn on_http_reply(&self, host: &dyn Host, token: u32, reply: HttpReply) -> Option<Duration> {
+        let remotes = &self.config.authn.remotes;
+        let now = host.monotonic_ns();
+        let mut fetcher = self.fetcher.borrow_mut();
+        match fetcher.on_reply(host, remotes, token, &reply, now) {
+            Some(f) => self.fetched(host, &f),
+            None => self.log(host, LogLevel::Debug, &format!("reply for unknown JWKS fetch {token}")),
+        }
+        (!remotes.is_empty()).then(|| fetcher.next_wake(now))
     }
 
     fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> AuthzFilter {
@@ -215,6 +261,23 @@ impl AuthzPlugin {
             if let Some(id) = self.ids.jwt.get(stat as usize).copied().flatten() {
                 let _ = host.increment_metric(id, i64::from(n));
             }
+        }
+    }
+
+    /// Count and log how a JWKS fetch ended.
+    fn fetched(&self, host: &dyn Host, f: &Fetched) {
+        let (source, stat, i) = match f {
+            Fetched::Success { source, .. } => (*source, JwtStat::FetchSuccess, 0),
+            Fetched::Failed { source, .. } => (*source, JwtStat::FetchFailed, 1),
+        };
+        self.count_jwt(host, stat, 1);
+        bump(host, self.ids.jwks.get(source).and_then(|s| s.get(i)).copied().flatten());
+        let uri = self.config.authn.remotes.get(source).map_or("", |r| r.uri.as_str());
+        match f {
+            Fetched::Success { version, keys, .. } => {
+                self.log(host, LogLevel::Info, &format!("JWKS {uri}: fetched version {version}, {keys} keys"))
+            }
+            Fetched::Failed { why, .. } => self.log(host, LogLevel::Warn, &format!("JWKS {uri}: fetch failed: {why}")),
         }
     }
 
@@ -376,8 +439,13 @@ const KEY_POLL: Duration = Duration::from_millis(20);
 struct HostEnv<'a> {
     plugin: &'a AuthzPlugin,
     host: &'a dyn Host,
-    /// The request has waited its `timeout`: keys still missing are a fetch failure.
-    give_up: bool,
+    /// Monotonic ns: now, and when the request began waiting for keys (now if it has not).
+    now_ns: u64,
+    since_ns: u64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn unix_now(host: &dyn Host) -> u64 {
@@ -385,12 +453,21 @@ fn unix_now(host: &dyn Host) -> u64 {
 }
 
 impl Env for HostEnv<'_> {
-    fn keys(&self, provider: usize) -> KeyState<'_> {
-        match self.plugin.config.authn.providers.get(provider).map(|p| &p.keys) {
-            Some(Keys::Inline(jwks)) => KeyState::Ready(jwks, 0),
-            Some(Keys::Remote(_)) if self.give_up => KeyState::Failed,
-            Some(Keys::Remote(_)) => KeyState::Pending,
-            None => KeyState::Failed,
+    fn keys(&self, provider: usize) -> KeyState {
+        let Some(p) = self.plugin.config.authn.providers.get(provider) else { return KeyState::Failed };
+        match &p.keys {
+            Keys::Inline(jwks) => KeyState::Ready(Rc::clone(jwks), 0),
+            Keys::Remote(source) => {
+                match self.plugin.fetcher.borrow_mut().lookup(self.host, *source, self.now_ns, self.since_ns) {
+                    Lookup::Ready(jwks, version) => KeyState::Ready(jwks, version),
+                    Lookup::Failed => KeyState::Failed,
+                    // The request waits for the keys at most its rule's `timeout`.
+                    Lookup::Pending if self.now_ns.saturating_sub(self.since_ns) >= nanos(p.timeout) => {
+                        KeyState::Failed
+                    }
+                    Lookup::Pending => KeyState::Pending,
+                }
+            }
         }
     }
     fn now(&self) -> u64 {
@@ -413,8 +490,11 @@ enum State {
     AwaitBody(Box<CheckInput>),
     /// The check is in flight.
     Checking(u32),
-    /// Waiting for a remote JWKS until this monotonic deadline (ns).
-    AwaitKeys(u64),
+    /// Waiting for a remote JWKS since `since` until `deadline` (monotonic ns).
+    AwaitKeys {
+        since: u64,
+        deadline: u64,
+    },
     Done,
 }
 
@@ -487,18 +567,19 @@ impl AuthzFilter {
             return self.rbac(host);
         }
         let now_ns = host.monotonic_ns();
-        let deadline = match self.state {
-            State::AwaitKeys(d) => d,
-            _ => now_ns.saturating_add(u64::try_from(authn.max_timeout().as_nanos()).unwrap_or(u64::MAX)),
+        let (since, deadline) = match self.state {
+            State::AwaitKeys { since, deadline } => (since, deadline),
+            _ => (now_ns, now_ns.saturating_add(nanos(authn.max_timeout()))),
         };
         let headers = self.attrs(host).all_headers().clone();
-        let mut env = HostEnv { plugin: &plugin, host, give_up: now_ns >= deadline };
+        let mut env = HostEnv { plugin: &plugin, host, now_ns, since_ns: since };
         let outcome = match authn::authenticate(authn, headers, &mut env) {
             Ok(o) => o,
             Err(authn::Pending) => {
-                self.state = State::AwaitKeys(deadline);
+                // Polled: another worker's fetch lands in shared data, not in this VM.
+                self.state = State::AwaitKeys { since, deadline };
                 let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
-                return Flow::Delay(left.min(KEY_POLL));
+                return Flow::Delay(left.clamp(Duration::from_millis(1), KEY_POLL));
             }
         };
         plugin.count_jwt(host, JwtStat::CacheHits, outcome.cache_hits);
@@ -761,7 +842,7 @@ impl HttpFilter for AuthzFilter {
     fn on_request_body(&mut self, host: &dyn Host, size: usize, end_of_stream: bool) -> Flow {
         match &self.state {
             State::AwaitBody(_) => {}
-            State::Checking(_) | State::AwaitKeys(_) => return Flow::Pause,
+            State::Checking(_) | State::AwaitKeys { .. } => return Flow::Pause,
             _ => return Flow::Continue,
         }
         let plugin = Rc::clone(&self.plugin);
@@ -803,7 +884,7 @@ impl HttpFilter for AuthzFilter {
             input.body = Some(host.request_body(max));
             return self.send_check(host, &input);
         }
-        if matches!(self.state, State::Checking(_) | State::AwaitKeys(_)) {
+        if matches!(self.state, State::Checking(_) | State::AwaitKeys { .. }) {
             return Flow::Pause;
         }
         Flow::Continue
@@ -856,7 +937,7 @@ impl HttpFilter for AuthzFilter {
     }
 
     fn on_timer(&mut self, host: &dyn Host) -> Flow {
-        if matches!(self.state, State::AwaitKeys(_)) {
+        if matches!(self.state, State::AwaitKeys { .. }) {
             return self.authenticate(host);
         }
         Flow::Continue
@@ -864,5 +945,150 @@ impl HttpFilter for AuthzFilter {
 
     fn on_done(&mut self, _host: &dyn Host) {
         self.state = State::Done;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::b64_encode;
+    use hmac::{KeyInit, Mac};
+    use meshwasm_sdk_ext::fake::FakeHost;
+    use meshwasm_sdk_ext::HttpResponse;
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const URI: &str = "http://keys.example/jwks.json";
+
+    fn b64u(b: &[u8]) -> String {
+        b64_encode(b).trim_end_matches('=').replace('+', "-").replace('/', "_")
+    }
+
+    fn token(kid: &str, exp: u64) -> String {
+        let h = json!({"alg": "HS256", "kid": kid}).to_string();
+        let p = json!({"iss": "iss1", "sub": "alice", "exp": exp}).to_string();
+        let data = format!("{}.{}", b64u(h.as_bytes()), b64u(p.as_bytes()));
+        let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET).unwrap();
+        m.update(data.as_bytes());
+        format!("{data}.{}", b64u(&m.finalize().into_bytes()))
+    }
+
+    fn jwks(kid: &str) -> String {
+        json!({"keys": [{"kty": "oct", "kid": kid, "k": b64u(SECRET)}]}).to_string()
+    }
+
+    fn plugin(host: &FakeHost, timeout: &str) -> Rc<AuthzPlugin> {
+        let cfg = json!({
+            "authentication": [{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                "metadata": {"name": "ra", "namespace": "foo"},
+                "spec": {"jwtRules": [{"issuer": "iss1", "jwksUri": URI, "timeout": timeout}]}}],
+            "jwks": {URI: {"cluster": "keys", "cacheDuration": "60s"}},
+        });
+        Rc::new(AuthzPlugin::configure(cfg.to_string().as_bytes(), host).unwrap())
+    }
+
+    fn request(host: &FakeHost, auth: Option<&str>) {
+        let mut h = vec![(":method".to_string(), "GET".to_string()), (":path".into(), "/".into())];
+        h.push((":authority".into(), "h".into()));
+        if let Some(t) = auth {
+            h.push(("authorization".into(), format!("Bearer {t}")));
+        }
+        *host.request_headers.borrow_mut() = h;
+    }
+
+    fn reply(body: &str) -> HttpReply {
+        HttpReply::Response(HttpResponse {
+            headers: vec![(":status".into(), "200".into())],
+            body: body.as_bytes().to_vec(),
+            body_size: body.len(),
+            trailers: vec![],
+        })
+    }
+
+    fn exp(host: &FakeHost) -> u64 {
+        unix_now(host) + 600
+    }
+
+    #[test]
+    fn a_request_waits_for_the_first_fetch_then_verifies() {
+        let host = FakeHost::new();
+        let p = plugin(&host, "5s");
+        // The call right after configure only schedules the first fetch.
+        assert_eq!(p.tick(&host), Some(Duration::from_millis(1)));
+        assert!(host.http_calls.borrow().is_empty());
+        assert_eq!(p.tick(&host), Some(POLL_OR_LESS));
+        let call = host.http_calls.borrow()[0].clone();
+        assert_eq!((call.cluster.as_str(), call.header(":path")), ("keys", Some("/jwks.json")));
+        // No token: not delayed by the missing key set.
+        request(&host, None);
+        assert_eq!(p.new_filter(1, 0).on_request_headers(&host, true), Flow::Continue);
+        // A token waits.
+        request(&host, Some(&token("k1", exp(&host))));
+        let mut f = p.new_filter(2, 0);
+        assert!(matches!(f.on_request_headers(&host, true), Flow::Delay(_)));
+        host.advance(Duration::from_millis(20));
+        assert!(matches!(f.on_timer(&host), Flow::Delay(_)));
+        p.on_http_reply(&host, call.token, reply(&jwks("k1")));
+        assert_eq!(f.on_timer(&host), Flow::Continue);
+        assert!(host.replies.borrow().is_empty());
+        assert_eq!(host.metric_value("meshwasm.authz.jwt.jwks_fetch_success"), 1);
+        assert_eq!(host.metric_value(&rule_metric_name(NAME, URI, "jwks_fetch_success")), 1);
+        // The authorization header was removed after success (forwardOriginalToken false).
+        assert!(host.header(HeaderMap::RequestHeaders, "authorization").is_none());
+        // An unknown kid is rejected with jwt_authn's reply, without waiting.
+        request(&host, Some(&token("k9", exp(&host))));
+        assert_eq!(p.new_filter(3, 0).on_request_headers(&host, true), Flow::Pause);
+        assert_eq!(host.replies.borrow()[0].body, "Jwks doesn't have key to match kid or alg from Jwt");
+    }
+
+    const POLL_OR_LESS: Duration = crate::remote::POLL;
+
+    #[test]
+    fn keys_that_cannot_be_had_fail_tokens_with_jwks_fetch_failed() {
+        let host = FakeHost::new();
+        let p = plugin(&host, "1s");
+        p.tick(&host);
+        p.tick(&host);
+        let call = host.http_calls.borrow()[0].clone();
+        request(&host, Some(&token("k1", exp(&host))));
+        let mut f = p.new_filter(1, 0);
+        assert!(matches!(f.on_request_headers(&host, true), Flow::Delay(_)));
+        // The fetch fails while the request waits: 401 at once.
+        host.advance(Duration::from_millis(5));
+        p.on_http_reply(&host, call.token, HttpReply::Failed);
+        assert_eq!(f.on_timer(&host), Flow::Pause);
+        let r = host.replies.borrow()[0].clone();
+        assert_eq!((r.status, r.body.as_str()), (401, "Jwks remote fetch is failed"));
+        assert_eq!(
+            r.headers,
+            vec![("www-authenticate".into(), "Bearer realm=\"://h/\", error=\"invalid_token\"".into())]
+        );
+        assert_eq!(host.metric_value("meshwasm.authz.jwt.jwks_fetch_failed"), 1);
+        assert_eq!(host.metric_value("meshwasm.authz.jwt.denied_jwks_fetch"), 1);
+        // A slow fetch: the request gives up after its timeout (1 s), never skipping verification.
+        host.advance(Duration::from_secs(1));
+        p.tick(&host);
+        assert_eq!(host.http_calls.borrow().len(), 2);
+        let mut g = p.new_filter(2, 0);
+        assert!(matches!(g.on_request_headers(&host, true), Flow::Delay(_)));
+        host.advance(Duration::from_millis(999));
+        assert!(matches!(g.on_timer(&host), Flow::Delay(_)));
+        host.advance(Duration::from_millis(1));
+        assert_eq!(g.on_timer(&host), Flow::Pause);
+        assert_eq!(host.replies.borrow()[1].body, "Jwks remote fetch is failed");
+    }
+
+    #[test]
+    fn a_stream_gone_while_waiting_is_left_alone() {
+        let host = FakeHost::new();
+        let p = plugin(&host, "1s");
+        p.tick(&host);
+        p.tick(&host);
+        request(&host, Some(&token("k1", exp(&host))));
+        let mut f = p.new_filter(1, 0);
+        assert!(matches!(f.on_request_headers(&host, true), Flow::Delay(_)));
+        f.on_done(&host);
+        assert_eq!(f.on_timer(&host), Flow::Continue);
+        assert!(host.replies.borrow().is_empty());
     }
 }
