@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::filter::{HttpReply, HttpResponse};
 use crate::host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};
 
 /// A gRPC call the filter started, as recorded by the fake host.
@@ -32,6 +33,15 @@ impl RecordedHttpCall {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
+}
+
+/// A complete HTTP callout reply, as Envoy hands it to `on_http_reply`: `:status`, then
+/// `headers`, and the whole body.
+pub fn http_reply(status: &str, headers: &[(&str, &str)], body: impl AsRef<[u8]>) -> HttpReply {
+    let mut hs = vec![(":status".to_string(), status.to_string())];
+    hs.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let body = body.as_ref().to_vec();
+    HttpReply::Response(HttpResponse { headers: hs, body_size: body.len(), body, trailers: vec![] })
 }
 
 #[derive(Default)]

@@ -621,6 +621,7 @@ mod tests {
     use super::encode::*;
     use super::*;
     use crate::config::{BodyLimit, ProviderKind};
+    use meshwasm_sdk_ext::fake::http_reply as reply;
     use meshwasm_sdk_ext::HttpResponse;
     use proptest::prelude::*;
     use std::time::Duration;
@@ -651,12 +652,6 @@ mod tests {
 
     fn h(l: &[(&str, &str)]) -> Vec<(String, String)> {
         l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    fn reply(status: &str, headers: &[(&str, &str)], body: &str) -> HttpReply {
-        let mut hs = h(&[(":status", status)]);
-        hs.extend(h(headers));
-        HttpReply::Response(HttpResponse { headers: hs, body: body.into(), body_size: body.len(), trailers: vec![] })
     }
 
     fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {

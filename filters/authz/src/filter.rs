@@ -953,8 +953,7 @@ mod tests {
     use super::*;
     use crate::jwt::b64_encode;
     use hmac::{KeyInit, Mac};
-    use meshwasm_sdk_ext::fake::FakeHost;
-    use meshwasm_sdk_ext::HttpResponse;
+    use meshwasm_sdk_ext::fake::{http_reply, FakeHost};
     use serde_json::json;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -996,15 +995,6 @@ mod tests {
         *host.request_headers.borrow_mut() = h;
     }
 
-    fn reply(body: &str) -> HttpReply {
-        HttpReply::Response(HttpResponse {
-            headers: vec![(":status".into(), "200".into())],
-            body: body.as_bytes().to_vec(),
-            body_size: body.len(),
-            trailers: vec![],
-        })
-    }
-
     fn exp(host: &FakeHost) -> u64 {
         unix_now(host) + 600
     }
@@ -1028,7 +1018,7 @@ mod tests {
         assert!(matches!(f.on_request_headers(&host, true), Flow::Delay(_)));
         host.advance(Duration::from_millis(20));
         assert!(matches!(f.on_timer(&host), Flow::Delay(_)));
-        p.on_http_reply(&host, call.token, reply(&jwks("k1")));
+        p.on_http_reply(&host, call.token, http_reply("200", &[], jwks("k1")));
         assert_eq!(f.on_timer(&host), Flow::Continue);
         assert!(host.replies.borrow().is_empty());
         assert_eq!(host.metric_value("meshwasm.authz.jwt.jwks_fetch_success"), 1);

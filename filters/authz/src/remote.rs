@@ -19,8 +19,8 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use meshwasm_sdk_ext::shared::{decode_u64, encode_u64, init_u64};
-use meshwasm_sdk_ext::{HostError, HttpCall, HttpReply, LogLevel};
+use meshwasm_sdk_ext::shared::{decode_u64, encode_u64, init_u64, update_u64, Update};
+use meshwasm_sdk_ext::{HttpCall, HttpReply, LogLevel};
 
 use crate::authn::Remote;
 use crate::jwks::Jwks;
@@ -250,13 +250,10 @@ impl Fetcher {
                 continue;
             }
             let until = now.saturating_add(ns(r.timeout + LEASE_MARGIN));
-            let (held, cas) = host.shared_data(&slot.lease_key);
-            if held.as_deref().and_then(decode_u64).is_some_and(|h| now < h) {
-                continue; // another worker is fetching
-            }
-            match host.set_shared_data(&slot.lease_key, &encode_u64(until), cas) {
-                Ok(()) => {}
-                Err(HostError::CasMismatch) => continue, // another worker took it
+            // A lease still running belongs to another worker, who is fetching.
+            match update_u64(host, &slot.lease_key, |held| if now < held { Err(()) } else { Ok((until, ())) }) {
+                Ok(Update::Done(())) => {}
+                Ok(Update::Declined(())) => continue,
                 Err(e) => {
                     host.log(LogLevel::Warn, &format!("meshwasm.authz: JWKS lease {}: {e}", slot.lease_key));
                     continue;
@@ -370,17 +367,14 @@ impl Fetcher {
 
 /// Give the lease back if it is still the one taken (CAS: another worker may hold a later one).
 fn release(host: &dyn Host, key: &str, until: u64) {
-    let (v, cas) = host.shared_data(key);
-    if v.as_deref().and_then(decode_u64) == Some(until) {
-        let _ = host.set_shared_data(key, &encode_u64(0), cas);
-    }
+    let _ = update_u64(host, key, |held| if held == until { Ok((0, ())) } else { Err(()) });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshwasm_sdk_ext::fake::FakeHost;
-    use meshwasm_sdk_ext::HttpResponse;
+    use meshwasm_sdk_ext::fake::{http_reply, FakeHost};
+    use meshwasm_sdk_ext::{HostError, HttpResponse};
 
     const JWKS: &str = r#"{"keys":[{"kty":"oct","kid":"k1","k":"c2VjcmV0"}]}"#;
     const JWKS2: &str = r#"{"keys":[{"kty":"oct","kid":"k2","k":"c2VjcmV0"},{"kty":"oct","kid":"k3","k":"eA"}]}"#;
@@ -398,21 +392,11 @@ mod tests {
     }
 
     fn ok(body: &str) -> HttpReply {
-        HttpReply::Response(HttpResponse {
-            headers: vec![(":status".into(), "200".into())],
-            body: body.as_bytes().to_vec(),
-            body_size: body.len(),
-            trailers: vec![],
-        })
+        http_reply("200", &[], body)
     }
 
     fn status(code: &str) -> HttpReply {
-        HttpReply::Response(HttpResponse {
-            headers: vec![(":status".into(), code.into())],
-            body: b"x".to_vec(),
-            body_size: 1,
-            trailers: vec![],
-        })
+        http_reply(code, &[], "x")
     }
 
     fn now(h: &FakeHost) -> u64 {
