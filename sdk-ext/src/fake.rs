@@ -53,6 +53,8 @@ pub struct FakeHost {
     /// What `request_body` returns (the body Envoy buffered).
     pub request_body: RefCell<Vec<u8>>,
     pub properties: RefCell<HashMap<String, Vec<u8>>>,
+    /// What `set_property` wrote, by path joined with `.` (the filter-state key after `wasm.`).
+    pub written_properties: RefCell<HashMap<String, Vec<u8>>>,
     pub clock: Cell<Duration>,
     pub replies: RefCell<Vec<LocalReply>>,
     pub resumed_requests: Cell<u32>,
@@ -137,6 +139,10 @@ impl Host for FakeHost {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.properties.borrow().get(&path.join(".")).cloned()
+    }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        self.written_properties.borrow_mut().insert(path.join("."), value.to_vec());
+        Ok(())
     }
     fn now(&self) -> SystemTime {
         UNIX_EPOCH + self.clock.get()

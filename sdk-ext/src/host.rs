@@ -107,6 +107,12 @@ pub trait Host {
 
     // --- properties (Envoy attributes: `xds.route_name`, `destination.port`, ...) ---
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Write a stream property (`proxy_set_property`): Envoy stores it in the stream's filter
+    /// state under `wasm.<path joined by '.'>`, where native access loggers print it with
+    /// `%FILTER_STATE(wasm.<key>:PLAIN)%`. Hosts without it report `NotFound`.
+    fn set_property(&self, _path: &[&str], _value: &[u8]) -> Result<(), HostError> {
+        Err(HostError::NotFound)
+    }
 
     // --- time ---
     fn now(&self) -> SystemTime;

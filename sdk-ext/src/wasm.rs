@@ -79,6 +79,12 @@ mod raw {
             return_value_data: *mut *mut u8,
             return_value_size: *mut usize,
         ) -> u32;
+        pub fn proxy_set_property(
+            path_data: *const u8,
+            path_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
         pub fn proxy_get_shared_data(
             key_data: *const u8,
             key_size: usize,
@@ -377,6 +383,12 @@ impl Host for ProxyHost {
             Ok(()) => Some(owned(ptr, len)),
             Err(_) => None,
         }
+    }
+
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        let joined = path.join(".");
+        // SAFETY: both slices are valid for the call.
+        status(unsafe { raw::proxy_set_property(joined.as_ptr(), joined.len(), value.as_ptr(), value.len()) })
     }
 
     fn now(&self) -> SystemTime {

@@ -20,6 +20,7 @@
 pub mod authz_golden;
 pub mod certs;
 pub mod client;
+pub mod collector;
 pub mod envoy;
 pub mod ext_authz;
 pub mod jwks_server;

@@ -171,6 +171,10 @@ pub struct Config {
     pub exprs: Vec<Expr>,
     /// `plans[reporter.index()][metric.index()]`.
     pub plans: [Vec<Plan>; 2],
+    /// `accessLogging` (see `accesslog.rs`).
+    pub access_log: crate::accesslog::AccessLogConfig,
+    /// Collectors the providers export to (taken by the plugin at creation).
+    pub exporters: Vec<crate::export::ExporterConfig>,
 }
 
 impl Config {
@@ -203,6 +207,9 @@ struct RawSpec {
     access_logging: Option<Value>,
     #[serde(default)]
     tracing: Option<Value>,
+    /// MeshConfig `extensionProviders`: where access logs (and traces) go.
+    #[serde(default)]
+    extension_providers: Option<Value>,
     #[serde(default)]
     reporter: Option<String>,
     #[serde(default)]
@@ -299,11 +306,19 @@ impl Config {
         };
         let raw: RawSpec = from_value(&spec).map_err(|e| e.within(base.as_str()))?;
         let _ = (&raw.selector, &raw.target_ref, &raw.target_refs);
-        for (field, v) in [("accessLogging", &raw.access_logging), ("tracing", &raw.tracing)] {
+        let providers = crate::observe::providers(raw.extension_providers.as_ref(), &base)?;
+        let mut exporters = Vec::new();
+        let access_log = crate::accesslog::AccessLogConfig::from_spec(
+            raw.access_logging.as_ref(),
+            &providers,
+            &base,
+            &mut exporters,
+        )?;
+        for (field, v) in [("tracing", &raw.tracing)] {
             if v.as_ref().is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
                 return Err(base
                     .field(field)
-                    .err("not supported by this version of the telemetry filter (metrics only)"));
+                    .err("not supported by this version of the telemetry filter (metrics and access logs)"));
             }
         }
         let reporter = match raw.reporter.as_deref() {
@@ -446,6 +461,8 @@ impl Config {
             max_series,
             exprs,
             plans,
+            access_log,
+            exporters,
         })
     }
 }
@@ -512,6 +529,8 @@ mod tests {
         assert!(err(json!({"metrics": [{"overrides": [{"tagOverrides": {"a": {}}}]}]})).contains("required"));
         assert!(err(json!({"maxSeries": 0})).starts_with("maxSeries"));
         assert!(err(json!({"spec": {"tracing": [{"randomSamplingPercentage": 1}]}})).starts_with("spec.tracing"));
+        assert!(err(json!({"accessLogging": [{"providers": [{"name": "nope"}]}]}))
+            .starts_with("accessLogging[0].providers[0].name: no extensionProviders entry named \"nope\""));
         assert!(err(json!({"metricz": []})).contains("metricz"));
         assert!(err(json!({"reporter": "GATEWAY"})).starts_with("reporter"));
         // A metrics entry for another provider does not apply.

@@ -4,7 +4,8 @@
 //!   `xds.cluster_metadata.filter_metadata.istio.services[0].name`,
 //!   `filter_state.upstream_peer.service`, `filter_state['wasm.x']`;
 //! - literals: `'single'`, `"double"`, integers, `true`, `false`, `null`;
-//! - `+` (string concatenation, integer addition), `==`, `!=`, `&&`, `||`, `!`, `( )`;
+//! - `+` (string concatenation, integer addition), `==`, `!=`, `<`, `<=`, `>`, `>=` (integers,
+//!   strings), `&&`, `||`, `!`, `( )`;
 //! - the conditional `cond ? a : b`.
 //!
 //! Parsing happens at configure time; a syntax error rejects the configuration with its
@@ -77,10 +78,21 @@ pub enum Expr {
     Path(String, Vec<Seg>),
     Add(Box<Expr>, Box<Expr>),
     Eq(Box<Expr>, Box<Expr>, bool),
+    /// An ordering comparison (access-log filters: `response.code >= 400`).
+    Cmp(Box<Expr>, Box<Expr>, Cmp),
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
     Not(Box<Expr>),
     Cond(Box<Expr>, Box<Expr>, Box<Expr>),
+}
+
+/// The ordering comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
 }
 
 /// Where attribute paths are resolved: the filter reads the proxy, tests use a map.
@@ -110,7 +122,7 @@ enum Tok {
     Punct(&'static str),
 }
 
-const PUNCT: &[&str] = &["==", "!=", "&&", "||", ".", "[", "]", "(", ")", "+", "?", ":", "!"];
+const PUNCT: &[&str] = &["==", "!=", "<=", ">=", "<", ">", "&&", "||", ".", "[", "]", "(", ")", "+", "?", ":", "!"];
 
 fn lex(src: &str) -> Result<Vec<(usize, Tok)>, String> {
     let b = src.as_bytes();
@@ -237,6 +249,11 @@ impl Parser {
         if self.eat("!=") {
             return Ok(Expr::Eq(Box::new(l), Box::new(self.add()?), true));
         }
+        for (p, op) in [("<=", Cmp::Le), (">=", Cmp::Ge), ("<", Cmp::Lt), (">", Cmp::Gt)] {
+            if self.eat(p) {
+                return Ok(Expr::Cmp(Box::new(l), Box::new(self.add()?), op));
+            }
+        }
         Ok(l)
     }
     fn add(&mut self) -> Result<Expr, String> {
@@ -335,6 +352,19 @@ impl Expr {
                 let (x, y) = (l.eval(a)?, r.eval(a)?);
                 Some(Val::Bool((x == y) != *negate))
             }
+            Expr::Cmp(l, r, op) => {
+                let ord = match (l.eval(a)?, r.eval(a)?) {
+                    (Val::Int(x), Val::Int(y)) => x.cmp(&y),
+                    (Val::Str(x), Val::Str(y)) => x.cmp(&y),
+                    _ => return None,
+                };
+                Some(Val::Bool(match op {
+                    Cmp::Lt => ord.is_lt(),
+                    Cmp::Le => ord.is_le(),
+                    Cmp::Gt => ord.is_gt(),
+                    Cmp::Ge => ord.is_ge(),
+                }))
+            }
             Expr::And(l, r) => {
                 if !truthy(&l.eval(a)?)? {
                     return Some(Val::Bool(false));
@@ -363,7 +393,7 @@ impl Expr {
         match self {
             Expr::Lit(_) => {}
             Expr::Path(r, _) => out.push(r.clone()),
-            Expr::Add(l, r) | Expr::Eq(l, r, _) | Expr::And(l, r) | Expr::Or(l, r) => {
+            Expr::Add(l, r) | Expr::Eq(l, r, _) | Expr::Cmp(l, r, _) | Expr::And(l, r) | Expr::Or(l, r) => {
                 l.roots(out);
                 r.roots(out);
             }
@@ -432,6 +462,16 @@ mod tests {
         assert_eq!(eval("request.headers['missing'] == 'x' || true").as_deref(), None, "missing propagates");
         assert_eq!(eval("!(response.code == 200) && true").as_deref(), Some("true"));
         assert_eq!(eval("'a' + 1"), None, "type mismatch");
+    }
+
+    #[test]
+    fn ordering_comparisons() {
+        assert_eq!(eval("response.code >= 400").as_deref(), Some("true"));
+        assert_eq!(eval("response.code < 400").as_deref(), Some("false"));
+        assert_eq!(eval("response.code > 503 || response.code <= 503").as_deref(), Some("true"));
+        assert_eq!(eval("request.protocol > 'HTTP/1.0'").as_deref(), Some("true"));
+        assert_eq!(eval("response.code >= '400'"), None, "no ordering across types");
+        assert_eq!(eval("response.code >= 500 && request.headers['x-user'] == 'ana'").as_deref(), Some("true"));
     }
 
     #[test]

@@ -64,11 +64,17 @@ pub struct TelemetryPlugin {
     peers: RefCell<HashMap<String, Rc<Workload>>>,
     clusters: RefCell<HashMap<String, Rc<Value>>>,
     series: RefCell<Series>,
+    /// Access-log (and span) exporters of this worker (`export.rs`).
+    pub(crate) export: crate::export::Exporters,
 }
 
 impl TelemetryPlugin {
-    pub fn new(config: Config, node_id: String, node_metadata: Value) -> Self {
+    pub fn new(mut config: Config, node_id: String, node_metadata: Value) -> Self {
         let local = Workload::from_metadata(&node_metadata);
+        let export = crate::export::Exporters::new(
+            std::mem::take(&mut config.exporters),
+            crate::export::resource_attributes(&local, &node_id),
+        );
         let exchange = peer::encode_exchange(&node_metadata);
         let node = serde_json::json!({"id": node_id, "metadata": node_metadata});
         Self {
@@ -81,6 +87,7 @@ impl TelemetryPlugin {
             peers: RefCell::default(),
             clusters: RefCell::default(),
             series: RefCell::default(),
+            export,
         }
     }
 
@@ -199,12 +206,29 @@ impl Plugin for TelemetryPlugin {
             None => (String::new(), Value::Object(Default::default())),
         };
         let plugin = TelemetryPlugin::new(config, id, md);
+        for e in &plugin.export.list {
+            e.define_stats(host);
+        }
         if plugin.config.max_series.is_some() {
             // Show the overflow counter at 0 from the start.
             let id = meshwasm_sdk_ext::metrics::define(host, MetricKind::Counter, OVERFLOW_STAT);
             plugin.series.borrow_mut().overflow_id = id;
         }
         Ok(plugin)
+    }
+
+    /// Root work: flush the exporters' batches.
+    fn tick(&self, host: &dyn Host) -> Option<std::time::Duration> {
+        self.export.tick(host)
+    }
+
+    fn on_http_reply(
+        &self,
+        host: &dyn Host,
+        token: u32,
+        reply: meshwasm_sdk_ext::HttpReply,
+    ) -> Option<std::time::Duration> {
+        self.export.on_reply(host, token, &reply)
     }
 
     fn new_filter(self: &Rc<Self>, _context_id: u32, _seed: u64) -> TelemetryFilter {
@@ -379,10 +403,11 @@ impl TelemetryFilter {
         let _ = host.set_header(map, peer::HEADER, Some(&self.plugin.exchange));
     }
 
-    /// The end of the stream: derive the labels and record the four HTTP metrics.
-    fn report(&mut self, host: &dyn Host) {
+    /// The end of the stream: derive the labels and record the four HTTP metrics. Returns
+    /// the standard label values (for the access log), `None` if already reported.
+    fn report(&mut self, host: &dyn Host) -> Option<Vec<String>> {
         if self.reported {
-            return;
+            return None;
         }
         self.reported = true;
         let reporter = self.reporter(host);
@@ -500,6 +525,7 @@ impl TelemetryFilter {
                 host.log(LogLevel::Debug, &format!("meshwasm.telemetry: cannot record {}: {e}", metric.prom_name()));
             }
         }
+        Some(standard)
     }
 }
 
@@ -539,7 +565,15 @@ impl HttpFilter for TelemetryFilter {
 
     /// Envoy's access-log phase: the final attributes are readable (Istio records here too).
     fn on_log(&mut self, host: &dyn Host) {
-        self.report(host);
+        let Some(standard) = self.report(host) else { return };
+        let plugin = self.plugin.clone();
+        if !plugin.config.access_log.is_empty() {
+            let reporter = self.reporter(host);
+            let peer = self.peer.as_deref();
+            let ctx = crate::accesslog::LogCtx { reporter, standard: &standard, local: &plugin.local, peer };
+            let mut view = View { host, plugin: &plugin, peer, reporter, cluster_md: None };
+            crate::accesslog::emit(host, &plugin.config.access_log, &plugin.export, &ctx, &mut view);
+        }
     }
 }
 

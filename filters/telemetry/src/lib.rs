@@ -7,11 +7,14 @@
 //! `peer` (node metadata, workload identity, the exchange headers) → `labels` (the 25 labels,
 //! as Istio derives them) → `filter` (host effects: headers, properties, stats).
 
+pub mod accesslog;
 pub mod base64;
 pub mod config;
+pub mod export;
 pub mod expr;
 pub mod filter;
 pub mod labels;
+pub mod observe;
 pub mod peer;
 
 pub use filter::{TelemetryFilter, TelemetryPlugin};
