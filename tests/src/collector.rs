@@ -7,7 +7,9 @@
 //! `opentelemetry-proto`'s serde (the OTLP/JSON mapping), and [`strict`] also refuses a body
 //! whose fields the model does not know (serde would skip them silently): everything sent must
 //! survive a parse and re-serialisation, except fields at their default value (which the
-//! model omits).
+//! model omits). [`Collector::otlp_spans`] parses `/v1/traces` as `ExportTraceServiceRequest`
+//! the same way, and [`Collector::zipkin_spans`] parses `/api/v2/spans` as a list of Zipkin v2
+//! spans with `zipkin-types`' serde model.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,8 +23,11 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 pub use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+pub use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 pub use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 pub use opentelemetry_proto::tonic::logs::v1::LogRecord;
+pub use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
+pub use zipkin_types::Span as ZipkinSpan;
 
 use crate::server::{accept_loop, ServerThread};
 
@@ -92,6 +97,22 @@ impl Collector {
     /// Every `/v1/logs` export, parsed strictly.
     pub fn otlp_logs(&self) -> Vec<ExportLogsServiceRequest> {
         self.received("/v1/logs").iter().map(|r| strict::<ExportLogsServiceRequest>(&r.body)).collect()
+    }
+
+    /// Every span of every `/v1/traces` export (OTLP), parsed strictly.
+    pub fn otlp_spans(&self) -> Vec<OtlpSpan> {
+        self.received("/v1/traces")
+            .iter()
+            .map(|r| strict::<ExportTraceServiceRequest>(&r.body))
+            .flat_map(|r| r.resource_spans)
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans)
+            .collect()
+    }
+
+    /// Every span of every `/api/v2/spans` export (Zipkin v2 JSON), parsed strictly.
+    pub fn zipkin_spans(&self) -> Vec<ZipkinSpan> {
+        self.received("/api/v2/spans").iter().flat_map(|r| strict::<Vec<ZipkinSpan>>(&r.body)).collect()
     }
 
     /// Every log record of every `/v1/logs` export.
@@ -181,6 +202,11 @@ pub fn attribute(attrs: &[KeyValue], key: &str) -> Option<String> {
         any_value::Value::BoolValue(b) => b.to_string(),
         other => format!("{other:?}"),
     })
+}
+
+/// Lowercase hex of OTLP id bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A log record's body, if it is a string.

@@ -362,3 +362,206 @@ fn bad_access_log_configuration_is_refused_with_its_path() {
         .expect_failure();
     assert!(failed.log.contains("accessLogging[0].filter.expression: does not parse"), "{}", failed.log);
 }
+
+// === tracing ===
+
+const TP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TP_SPAN: &str = "00f067aa0ba902b7";
+
+fn tracing_config(pct: f64, mode: &str) -> Value {
+    json!({"reporter": mode,
+        "tracing": [{"providers": [{"name": "zipkin"}, {"name": "otel"}], "randomSamplingPercentage": pct,
+            "customTags": {
+                "team": {"literal": {"value": "payments"}},
+                "user": {"header": {"name": "x-user", "defaultValue": "anonymous"}},
+                "pod": {"environment": {"name": "MESHWASM_TEST_POD", "defaultValue": "none"}}}}],
+        "extensionProviders": [
+            {"name": "zipkin", "zipkin": {"cluster": "collector", "service": "zipkin.istio-system.svc.cluster.local", "maxTagLength": 8,
+                "batch": {"flushInterval": "0.1s"}}},
+            {"name": "otel", "opentelemetry": {"cluster": "collector", "batch": {"flushInterval": "0.1s"}}}]})
+}
+
+/// Envoy with the tracing config; the VM sees `MESHWASM_TEST_POD=pod-7` (environment tag).
+fn envoy_tracing(config: Value, upstream: &Upstream, collector: &Collector) -> Envoy {
+    let mut f = Filter::wasm("telemetry", config);
+    let yaml = f.yaml().replace(
+        "      runtime: envoy.wasm.runtime.v8\n",
+        "      runtime: envoy.wasm.runtime.v8\n      environment_variables: { key_values: { MESHWASM_TEST_POD: pod-7 } }\n",
+    );
+    assert_ne!(yaml, f.yaml(), "vm_config found");
+    f = Filter::native(&yaml);
+    Envoy::builder()
+        .upstream(upstream.addr())
+        .concurrency(2)
+        .http_cluster("collector", collector.addr())
+        .listener(Listener::new().filter(f))
+        .start()
+}
+
+/// Send one request keyed `key` and return the headers the upstream saw.
+fn upstream_headers(
+    envoy: &Envoy,
+    upstream: &Upstream,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> BTreeMap<String, String> {
+    let mut req = Request::get(&format!("/trace/{key}?q=1")).header("x-flaky-key", key);
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    assert_eq!(envoy.send(req).status, 200);
+    let attempts = upstream.attempts(key);
+    assert_eq!(attempts.len(), 1);
+    attempts[0].headers.iter().cloned().collect()
+}
+
+fn hexn(s: &str, n: usize) -> bool {
+    s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) && s.bytes().any(|b| b != b'0')
+}
+
+#[test]
+fn trace_context_is_extracted_propagated_and_restarted_on_garbage() {
+    let upstream = Upstream::start();
+    let collector = Collector::start();
+    let envoy = envoy_tracing(tracing_config(0.0, "SERVER"), &upstream, &collector);
+
+    // W3C in: same trace, a new span whose parent is the caller's, the caller's decision.
+    let tp = format!("00-{TP_TRACE}-{TP_SPAN}-01");
+    let h = upstream_headers(&envoy, &upstream, "w3c", &[("traceparent", &tp), ("tracestate", "vendor=x,o=1")]);
+    let parts: Vec<&str> = h["traceparent"].split('-').collect();
+    assert_eq!((parts[0], parts[1], parts[3]), ("00", TP_TRACE, "01"), "{h:?}");
+    assert!(hexn(parts[2], 16) && parts[2] != TP_SPAN);
+    assert_eq!(h["tracestate"], "vendor=x,o=1");
+    assert_eq!((h["x-b3-traceid"].as_str(), h["x-b3-spanid"].as_str()), (TP_TRACE, parts[2]));
+    assert_eq!((h["x-b3-parentspanid"].as_str(), h["x-b3-sampled"].as_str()), (TP_SPAN, "1"));
+
+    // B3 single in, not sampled: propagated unsampled.
+    let b3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0";
+    let h = upstream_headers(&envoy, &upstream, "b3single", &[("b3", b3)]);
+    assert!(
+        h["b3"].starts_with("80f198ee56343ba864fe8b2a57d3eff7-") && h["b3"].contains("-0-e457b5a2e4d86bd1"),
+        "{h:?}"
+    );
+    assert!(h["traceparent"].ends_with("-00"));
+
+    // B3 multi in, 64-bit trace id, sampled.
+    let h = upstream_headers(
+        &envoy,
+        &upstream,
+        "b3multi",
+        &[("x-b3-traceid", "463ac35c9f6413ad"), ("x-b3-spanid", "a2fb4a1d1a96d312"), ("x-b3-sampled", "1")],
+    );
+    assert_eq!(h["x-b3-traceid"], "0000000000000000463ac35c9f6413ad");
+    assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+    assert_eq!(h["x-b3-sampled"], "1");
+
+    // Malformed context (bad version, uppercase, zero ids, short ids, junk): a new trace,
+    // no parent; the request is served.
+    for (i, bad) in [
+        vec![("traceparent", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+        vec![("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01")],
+        vec![("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")],
+        vec![("b3", "xyz-0-1")],
+        vec![("x-b3-traceid", "zz"), ("x-b3-spanid", "a2fb4a1d1a96d312")],
+        vec![("traceparent", "00-xyz-%%%-zz"), ("b3", "----"), ("x-b3-sampled", "maybe")],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = upstream_headers(&envoy, &upstream, &format!("bad{i}"), &bad);
+        let parts: Vec<&str> = h["traceparent"].split('-').collect();
+        assert!(hexn(parts[1], 32) && parts[1] != TP_TRACE, "restarted: {bad:?} → {h:?}");
+        assert!(!h.contains_key("x-b3-parentspanid"), "no parent: {h:?}");
+        assert_eq!(parts[3], "00", "0 % sampling");
+    }
+    // Only the two requests sampled by their caller are reported (0 % sampling otherwise).
+    let spans = eventually("the 2 sampled spans", WAIT, || {
+        let s = collector.zipkin_spans();
+        (s.len() >= 2).then_some(s)
+    });
+    let traces: BTreeSet<String> = spans.iter().map(|s| s.trace_id().to_string()).collect();
+    assert_eq!(traces, BTreeSet::from([TP_TRACE.to_string(), "0000000000000000463ac35c9f6413ad".to_string()]));
+}
+
+#[test]
+fn sampled_spans_reach_zipkin_and_otlp_collectors_with_custom_tags() {
+    let upstream = Upstream::start();
+    let collector = Collector::start();
+    let envoy = envoy_tracing(tracing_config(100.0, "SERVER"), &upstream, &collector);
+    let tp = format!("00-{TP_TRACE}-{TP_SPAN}-01");
+    let h = upstream_headers(&envoy, &upstream, "span1", &[("traceparent", &tp), ("x-user", "ana-long-name")]);
+    let span_id = h["x-b3-spanid"].clone();
+    let h2 = upstream_headers(&envoy, &upstream, "span2", &[]);
+    assert_eq!(envoy.send(Request::get("/x").header("x-upstream-status", "503")).status, 503);
+
+    let zipkin = eventually("3 Zipkin spans", WAIT, || {
+        let s = collector.zipkin_spans();
+        (s.len() >= 3).then_some(s)
+    });
+    assert_eq!(zipkin.len(), 3);
+    let z = zipkin.iter().find(|s| s.id().to_string() == span_id).expect("the span of the W3C request");
+    assert_eq!(z.trace_id().to_string(), TP_TRACE);
+    assert_eq!(z.parent_id().map(|p| p.to_string()).as_deref(), Some(TP_SPAN));
+    assert!(matches!(z.kind(), Some(zipkin_types::Kind::Server)), "SERVER kind");
+    assert_eq!(z.tags().get("team").map(String::as_str), Some("payments"));
+    assert_eq!(z.tags().get("user").map(String::as_str), Some("ana-long"), "maxTagLength 8");
+    assert_eq!(z.tags().get("pod").map(String::as_str), Some("pod-7"), "environment tag");
+    assert_eq!(z.tags().get("http.status_code").map(String::as_str), Some("200"));
+    assert_eq!(z.tags().get("http.method").map(String::as_str), Some("GET"));
+    assert!(z.name().is_some_and(|n| n.ends_with("/trace/span1")), "{:?}", z.name());
+    let root = zipkin.iter().find(|s| s.id().to_string() == h2["x-b3-spanid"]).expect("root span");
+    assert!(root.parent_id().is_none());
+    assert_eq!(root.tags().get("user").map(String::as_str), Some("anonymou"), "default, truncated");
+    let err = zipkin.iter().find(|s| s.tags().get("http.status_code").map(String::as_str) == Some("503")).expect("503");
+    assert_eq!(err.tags().get("error").map(String::as_str), Some("true"));
+
+    let otlp = eventually("3 OTLP spans", WAIT, || {
+        let s = collector.otlp_spans();
+        (s.len() >= 3).then_some(s)
+    });
+    assert_eq!(otlp.len(), 3);
+    let o = otlp.iter().find(|s| collector::hex(&s.span_id) == span_id).expect("the span of the W3C request");
+    assert_eq!(collector::hex(&o.trace_id), TP_TRACE);
+    assert_eq!(collector::hex(&o.parent_span_id), TP_SPAN);
+    assert_eq!(o.kind, 2, "SPAN_KIND_SERVER");
+    assert!(o.end_time_unix_nano >= o.start_time_unix_nano && o.start_time_unix_nano > 1_600_000_000_000_000_000);
+    assert_eq!(collector::attribute(&o.attributes, "team").as_deref(), Some("payments"));
+    assert!(otlp.iter().any(|s| s.status.as_ref().is_some_and(|st| st.code == 2)), "the 503 is an error");
+    eventually("spans counted", WAIT, || {
+        (envoy.stat_or_zero("wasmcustom.meshwasm.telemetry.export.zipkin.records_sent") == 3
+            && envoy.stat_or_zero("wasmcustom.meshwasm.telemetry.export.otel.records_sent") == 3)
+            .then_some(())
+    });
+}
+
+#[test]
+fn random_sampling_within_binomial_bounds_and_request_id_reason() {
+    let upstream = Upstream::start();
+    let collector = Collector::start();
+    let envoy = envoy_tracing(tracing_config(25.0, "SERVER"), &upstream, &collector);
+    let n = 400u64;
+    let mut sampled = 0u64;
+    for i in 0..n {
+        let h = upstream_headers(&envoy, &upstream, &format!("s{i}"), &[]);
+        let flag = h["traceparent"].rsplit('-').next().expect("flags").to_string();
+        // Envoy's trace reason, packed into the x-request-id: 'b' sampled, '9' not.
+        let reason = h["x-request-id"].as_bytes()[14];
+        match flag.as_str() {
+            "01" => {
+                sampled += 1;
+                assert_eq!(reason, b'b', "{h:?}");
+            }
+            "00" => assert_eq!(reason, b'9', "{h:?}"),
+            other => panic!("flags {other}"),
+        }
+    }
+    meshwasm_tests::assert_binomial(sampled, n, 0.25);
+    // Forced: x-client-trace-id samples at any percentage (x-envoy-force-trace too, when
+    // Envoy lets it through: the connection manager removes it from external requests).
+    let envoy0 = envoy_tracing(tracing_config(0.0, "SERVER"), &upstream, &collector);
+    let h = upstream_headers(&envoy0, &upstream, "client", &[("x-client-trace-id", "abc")]);
+    assert!(h["traceparent"].ends_with("-01"));
+    assert_eq!(h["x-request-id"].as_bytes()[14], b'c');
+    let h = upstream_headers(&envoy0, &upstream, "none", &[]);
+    assert!(h["traceparent"].ends_with("-00"));
+}

@@ -19,10 +19,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Deserialize;
 use serde_json::Value;
 
-use meshwasm_sdk_ext::config::{from_value, Path};
+use meshwasm_sdk_ext::config::Path;
+use meshwasm_sdk_ext::obj::Obj;
 use meshwasm_sdk_ext::props::decode_int;
 use meshwasm_sdk_ext::{ConfigError, HeaderMap, Host};
 
@@ -37,80 +37,6 @@ pub const FILTER_STATE_PREFIX: &str = "meshwasm.access_log.";
 pub const BUILTIN_PROVIDER: &str = "envoy";
 
 // === configuration ===
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawAccessLogging {
-    #[serde(default, rename = "match")]
-    matches: Option<RawSelector>,
-    #[serde(default)]
-    providers: Option<Vec<RawProviderRef>>,
-    #[serde(default)]
-    disabled: Option<bool>,
-    #[serde(default)]
-    filter: Option<RawFilter>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawSelector {
-    #[serde(default)]
-    mode: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProviderRef {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFilter {
-    expression: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawFileProvider {
-    /// The native logger's `path` decides where lines go; accepted for pasted providers.
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default)]
-    log_format: Option<RawLogFormat>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawLogFormat {
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, Value>>,
-    /// meshwasm: `istio` (default) or `classic`.
-    #[serde(default)]
-    preset: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawOtelAls {
-    #[serde(default)]
-    service: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
-    /// meshwasm: the Envoy cluster (default Istio's `outbound|<port>||<service>`).
-    #[serde(default)]
-    cluster: Option<String>,
-    #[serde(default)]
-    log_name: Option<String>,
-    #[serde(default)]
-    log_format: Option<RawLogFormat>,
-    #[serde(default)]
-    http: Option<crate::export::RawHttp>,
-    #[serde(default)]
-    batch: Option<crate::export::RawBatch>,
-}
 
 /// One operator of Envoy's substitution format (`%…%`) this filter computes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,41 +270,30 @@ impl AccessLogConfig {
             Some(Value::Array(a)) => a.clone(),
             Some(_) => return Err(base.field("accessLogging").err("must be a list")),
         };
-        // (entry index, modes, provider names, disabled, filter index)
         for (i, entry) in entries.iter().enumerate() {
             let path = base.field("accessLogging").index(i);
-            let raw: RawAccessLogging = from_value(entry).map_err(|e| e.within(path.as_str()))?;
-            let modes: &[Reporter] = match raw.matches.as_ref().and_then(|m| m.mode.as_deref()) {
-                None | Some("CLIENT_AND_SERVER") => &[Reporter::Client, Reporter::Server],
-                Some("CLIENT") => &[Reporter::Client],
-                Some("SERVER") => &[Reporter::Server],
-                Some(other) => {
-                    return Err(path
-                        .field("match")
-                        .field("mode")
-                        .err(format!("must be CLIENT_AND_SERVER, CLIENT or SERVER, got {other:?}")))
-                }
-            };
-            let filter = match &raw.filter {
+            let o = Obj::new(entry, &path, "struct AccessLogging", &["match", "providers", "disabled", "filter"])?;
+            let modes = crate::observe::modes(&o)?;
+            let filter = match o.get("filter") {
                 None => None,
                 Some(f) => {
-                    let e = expr::parse(&f.expression)
-                        .map_err(|e| path.field("filter").field("expression").err(format!("does not parse: {e}")))?;
+                    let f = Obj::new(f, &o.path("filter"), "struct Filter", &["expression"])?;
+                    let e = expr::parse(f.str("expression")?)
+                        .map_err(|e| f.path("expression").err(format!("does not parse: {e}")))?;
                     cfg.filters.push(e);
                     Some(cfg.filters.len() - 1)
                 }
             };
-            let names: Vec<String> = match &raw.providers {
-                None => vec![BUILTIN_PROVIDER.to_string()],
-                Some(p) if p.is_empty() => vec![BUILTIN_PROVIDER.to_string()],
-                Some(p) => p.iter().map(|p| p.name.clone()).collect(),
-            };
-            for (pi, name) in names.iter().enumerate() {
+            let disabled = o.opt_bool("disabled")? == Some(true);
+            let mut names = crate::observe::provider_names(&o)?;
+            if names.is_empty() {
+                names.push((o.path("providers"), BUILTIN_PROVIDER.to_string()));
+            }
+            for (ppath, name) in &names {
                 let at = match cfg.providers.iter().position(|p| &p.name == name) {
                     Some(at) => at,
                     None => {
-                        let ppath = path.field("providers").index(pi).field("name");
-                        let p = provider(name, providers, &ppath, exporters)?;
+                        let p = provider(name, providers, ppath, exporters)?;
                         cfg.providers.push(p);
                         for plan in &mut cfg.plans {
                             plan.push(None);
@@ -388,7 +303,7 @@ impl AccessLogConfig {
                 };
                 for r in modes {
                     if let Some(slot) = cfg.plans.get_mut(r.index()).and_then(|p| p.get_mut(at)) {
-                        *slot = if raw.disabled == Some(true) { None } else { Some(filter) };
+                        *slot = if disabled { None } else { Some(filter) };
                     }
                 }
             }
@@ -397,31 +312,27 @@ impl AccessLogConfig {
     }
 }
 
-fn log_format(raw: Option<&RawLogFormat>, path: &Path) -> Result<Vec<(String, Vec<Piece>)>, ConfigError> {
-    let Some(f) = raw else { return Ok(istio_format()) };
-    if f.text.is_some() {
-        return Err(path
-            .field("text")
+fn log_format(v: Option<&Value>, path: &Path) -> Result<Vec<(String, Vec<Piece>)>, ConfigError> {
+    let Some(v) = v else { return Ok(istio_format()) };
+    let f = Obj::new(v, path, "struct LogFormat", &["text", "labels", "preset"])?;
+    if f.get("text").is_some() {
+        return Err(f
+            .path("text")
             .err("text formats are not supported: records are JSON (use labels, or print the record with a native logger's format)"));
     }
-    match (f.labels.as_ref(), f.preset.as_deref()) {
-        (Some(_), Some(_)) => Err(path.field("preset").err("give labels or preset, not both")),
-        (Some(labels), None) => {
+    match (f.get("labels"), f.opt_str("preset")?) {
+        (Some(_), Some(_)) => Err(f.path("preset").err("give labels or preset, not both")),
+        (Some(_), None) => {
             let mut out = Vec::new();
-            for (k, v) in labels {
-                let Some(s) = v.as_str() else {
-                    return Err(path.field("labels").key(k).err("must be a string"));
-                };
-                let t = parse_template(s).map_err(|e| path.field("labels").key(k).err(e))?;
-                out.push((k.clone(), t));
+            for (k, v) in f.string_map("labels")? {
+                let t = parse_template(&v).map_err(|e| f.path("labels").key(&k).err(e))?;
+                out.push((k, t));
             }
             Ok(out)
         }
         (None, None | Some("istio")) => Ok(istio_format()),
         (None, Some("classic")) => Ok(classic_format()),
-        (None, Some(other)) => {
-            Err(path.field("preset").err(format!("must be \"istio\" or \"classic\", got {other:?}")))
-        }
+        (None, Some(other)) => Err(f.path("preset").err(format!("must be \"istio\" or \"classic\", got {other:?}"))),
     }
 }
 
@@ -443,32 +354,34 @@ fn provider(
     };
     if let Some(v) = def.get("envoyFileAccessLog") {
         let path = ppath.field("envoyFileAccessLog");
-        let raw: RawFileProvider = from_value(v).map_err(|e| e.within(path.as_str()))?;
-        let _ = &raw.path;
+        // `path`: the native logger's decides; accepted for pasted providers.
+        let o = Obj::new(v, &path, "struct EnvoyFileAccessLog", &["path", "logFormat"])?;
+        let _ = o.opt_str("path")?;
         return Ok(LogProvider {
             name: name.to_string(),
-            fields: log_format(raw.log_format.as_ref(), &path.field("logFormat"))?,
+            fields: log_format(o.get("logFormat"), &o.path("logFormat"))?,
             sink: Sink::FilterState(format!("{FILTER_STATE_PREFIX}{name}")),
         });
     }
     if let Some(v) = def.get("envoyOtelAls") {
         let path = ppath.field("envoyOtelAls");
-        let raw: RawOtelAls = from_value(v).map_err(|e| e.within(path.as_str()))?;
-        let fields = log_format(raw.log_format.as_ref(), &path.field("logFormat"))?;
-        let cluster = match (&raw.cluster, &raw.service, raw.port) {
-            (Some(c), _, _) => c.clone(),
-            (None, Some(s), Some(p)) => format!("outbound|{p}||{s}"),
-            _ => return Err(path.err("needs `cluster`, or `service` and `port`")),
-        };
-        let authority = raw.service.clone().unwrap_or_else(|| cluster.clone());
+        let o = Obj::new(
+            v,
+            &path,
+            "struct EnvoyOtelAls",
+            &["service", "port", "cluster", "logName", "logFormat", "http", "batch"],
+        )?;
+        let fields = log_format(o.get("logFormat"), &o.path("logFormat"))?;
+        let (cluster, authority) = crate::export::cluster_of(&o)?;
+        let log_name = o.opt_string("logName")?.unwrap_or_else(|| name.to_string());
         let export = crate::export::ExporterConfig::new(
             name,
-            crate::export::Kind::OtlpLogs { log_name: raw.log_name.clone().unwrap_or_else(|| name.to_string()) },
+            crate::export::Kind::OtlpLogs { log_name },
             cluster,
             authority,
             "/v1/logs",
-            raw.http.as_ref(),
-            raw.batch.as_ref(),
+            crate::export::RawHttp::parse(o.get("http"), &o.path("http"))?.as_ref(),
+            crate::export::RawBatch::parse(o.get("batch"), &o.path("batch"))?.as_ref(),
             &path,
         )?;
         exporters.push(export);
@@ -884,7 +797,7 @@ mod tests {
         .starts_with("extensionProviders[0].envoyFileAccessLog.logFormat.labels.x: %FOO% is not supported"));
         assert!(err(json!({"accessLogging": [{"providers": [{"name": "o"}]}],
             "extensionProviders": [{"name": "o", "envoyOtelAls": {}}]}))
-        .starts_with("extensionProviders[0].envoyOtelAls: needs `cluster`"));
+        .starts_with("extensionProviders[0].envoyOtelAls.cluster: needs `cluster`"));
         assert!(err(json!({"accessLogging": [{"match": {"mode": "X"}}]})).starts_with("accessLogging[0].match.mode"));
         assert!(err(json!({"extensionProviders": [{"name": "a", "envoyFileAccessLog": {}}, {"name": "a", "envoyFileAccessLog": {}}]}))
             .starts_with("extensionProviders[1].name: duplicate"));

@@ -173,6 +173,8 @@ pub struct Config {
     pub plans: [Vec<Plan>; 2],
     /// `accessLogging` (see `accesslog.rs`).
     pub access_log: crate::accesslog::AccessLogConfig,
+    /// `tracing` (see `trace.rs`).
+    pub tracing: crate::trace::TraceConfig,
     /// Collectors the providers export to (taken by the plugin at creation).
     pub exporters: Vec<crate::export::ExporterConfig>,
 }
@@ -314,13 +316,7 @@ impl Config {
             &base,
             &mut exporters,
         )?;
-        for (field, v) in [("tracing", &raw.tracing)] {
-            if v.as_ref().is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
-                return Err(base
-                    .field(field)
-                    .err("not supported by this version of the telemetry filter (metrics and access logs)"));
-            }
-        }
+        let tracing = crate::trace::TraceConfig::from_spec(raw.tracing.as_ref(), &providers, &base, &mut exporters)?;
         let reporter = match raw.reporter.as_deref() {
             None => None,
             Some("CLIENT") => Some(Reporter::Client),
@@ -462,6 +458,7 @@ impl Config {
             exprs,
             plans,
             access_log,
+            tracing,
             exporters,
         })
     }
@@ -528,7 +525,8 @@ mod tests {
             .contains("Prometheus label"));
         assert!(err(json!({"metrics": [{"overrides": [{"tagOverrides": {"a": {}}}]}]})).contains("required"));
         assert!(err(json!({"maxSeries": 0})).starts_with("maxSeries"));
-        assert!(err(json!({"spec": {"tracing": [{"randomSamplingPercentage": 1}]}})).starts_with("spec.tracing"));
+        assert!(err(json!({"spec": {"tracing": [{"randomSamplingPercentage": 1}]}}))
+            .starts_with("spec.tracing[0].providers"));
         assert!(err(json!({"accessLogging": [{"providers": [{"name": "nope"}]}]}))
             .starts_with("accessLogging[0].providers[0].name: no extensionProviders entry named \"nope\""));
         assert!(err(json!({"metricz": []})).contains("metricz"));

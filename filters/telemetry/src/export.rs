@@ -15,42 +15,57 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use meshwasm_sdk_ext::config::Path;
+use meshwasm_sdk_ext::obj::Obj;
 use meshwasm_sdk_ext::{ConfigError, Host, HttpCall, HttpReply, LogLevel, MetricKind};
 
 use crate::accesslog::push_json_str;
 
 /// Istio's `http` block of an OTLP provider (`path`, `timeout`, `headers`).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Default)]
 pub struct RawHttp {
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default, deserialize_with = "meshwasm_sdk_ext::duration::de_opt")]
-    timeout: Option<Duration>,
-    #[serde(default)]
-    headers: Vec<RawHeader>,
+    pub path: Option<String>,
+    pub timeout: Option<Duration>,
+    pub headers: Vec<(String, String)>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawHeader {
-    name: String,
-    value: String,
+impl RawHttp {
+    pub fn parse(v: Option<&Value>, at: &Path) -> Result<Option<RawHttp>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let o = Obj::new(v, at, "struct Http", &["path", "timeout", "headers"])?;
+        let mut headers = Vec::new();
+        for (p, h) in o.list("headers")? {
+            let h = Obj::new(h, &p, "struct Header", &["name", "value"])?;
+            headers.push((h.str("name")?.to_ascii_lowercase(), h.str("value")?.to_string()));
+        }
+        Ok(Some(RawHttp {
+            path: o.opt_string("path")?,
+            timeout: crate::observe::opt_duration(&o, "timeout")?,
+            headers,
+        }))
+    }
 }
 
-/// meshwasm: the batching of one exporter.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// meshwasm: the batching of one exporter (`maxQueue`, `maxBatch`, `flushInterval`).
+#[derive(Default)]
 pub struct RawBatch {
-    #[serde(default)]
-    max_queue: Option<usize>,
-    #[serde(default)]
-    max_batch: Option<usize>,
-    #[serde(default, deserialize_with = "meshwasm_sdk_ext::duration::de_opt")]
+    max_queue: Option<u64>,
+    max_batch: Option<u64>,
     flush_interval: Option<Duration>,
+}
+
+impl RawBatch {
+    pub fn parse(v: Option<&Value>, at: &Path) -> Result<Option<RawBatch>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let o = Obj::new(v, at, "struct Batch", &["maxQueue", "maxBatch", "flushInterval"])?;
+        Ok(Some(RawBatch {
+            max_queue: o.opt_u64("maxQueue")?,
+            max_batch: o.opt_u64("maxBatch")?,
+            flush_interval: crate::observe::opt_duration(&o, "flushInterval")?,
+        }))
+    }
 }
 
 pub const DEFAULT_MAX_QUEUE: usize = 2048;
@@ -63,6 +78,24 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Kind {
     /// OTLP `ExportLogsServiceRequest` (JSON); items are `LogRecord`s.
     OtlpLogs { log_name: String },
+    /// OTLP `ExportTraceServiceRequest` (JSON); items are `Span`s.
+    OtlpTraces,
+    /// Zipkin v2 JSON: a list of spans.
+    Zipkin,
+}
+
+/// A provider's Envoy cluster: `cluster`, else Istio's `outbound|<port>||<service>`; and the
+/// `:authority` of its calls (`service`, else the cluster).
+pub fn cluster_of(o: &Obj<'_>) -> Result<(String, String), ConfigError> {
+    let service = o.opt_string("service")?;
+    let port = o.opt_u64("port")?;
+    let cluster = match (o.opt_string("cluster")?, &service, port) {
+        (Some(c), _, _) => c,
+        (None, Some(s), Some(p)) => format!("outbound|{p}||{s}"),
+        _ => return Err(o.path("cluster").err("needs `cluster`, or `service` and `port`")),
+    };
+    let authority = service.unwrap_or_else(|| cluster.clone());
+    Ok((cluster, authority))
 }
 
 #[derive(Debug)]
@@ -99,8 +132,9 @@ impl ExporterConfig {
         if timeout.is_zero() {
             return Err(at.field("http").field("timeout").err("must be positive"));
         }
-        let max_queue = batch.and_then(|b| b.max_queue).unwrap_or(DEFAULT_MAX_QUEUE);
-        let max_batch = batch.and_then(|b| b.max_batch).unwrap_or(DEFAULT_MAX_BATCH);
+        let size = |v: Option<u64>, d: usize| v.map_or(d, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let max_queue = size(batch.and_then(|b| b.max_queue), DEFAULT_MAX_QUEUE);
+        let max_batch = size(batch.and_then(|b| b.max_batch), DEFAULT_MAX_BATCH);
         let flush_interval = batch.and_then(|b| b.flush_interval).unwrap_or(DEFAULT_FLUSH_INTERVAL);
         if max_queue == 0 {
             return Err(at.field("batch").field("maxQueue").err("must be at least 1"));
@@ -118,9 +152,7 @@ impl ExporterConfig {
             authority,
             path,
             timeout,
-            headers: http
-                .map(|h| h.headers.iter().map(|x| (x.name.to_ascii_lowercase(), x.value.clone())).collect())
-                .unwrap_or_default(),
+            headers: http.map(|h| h.headers.clone()).unwrap_or_default(),
             max_queue,
             max_batch,
             flush_interval,
@@ -262,6 +294,18 @@ impl Exporter {
                 s.push_str("},\"logRecords\":[");
                 join(&mut s, items);
                 s.push_str("]}]}]}");
+            }
+            Kind::OtlpTraces => {
+                s.push_str("{\"resourceSpans\":[{\"resource\":{\"attributes\":");
+                s.push_str(resource);
+                s.push_str("},\"scopeSpans\":[{\"scope\":{\"name\":\"meshwasm.telemetry\"},\"spans\":[");
+                join(&mut s, items);
+                s.push_str("]}]}]}");
+            }
+            Kind::Zipkin => {
+                s.push('[');
+                join(&mut s, items);
+                s.push(']');
             }
         }
         s
@@ -453,7 +497,7 @@ mod tests {
     #[test]
     fn config_errors_name_the_path() {
         let at = Path::root().field("extensionProviders").index(0).field("envoyOtelAls");
-        let http: RawHttp = serde_json::from_value(serde_json::json!({"path": "v1/logs"})).unwrap();
+        let http = RawHttp::parse(Some(&serde_json::json!({"path": "v1/logs"})), &at.field("http")).unwrap().unwrap();
         let e = ExporterConfig::new(
             "x",
             Kind::OtlpLogs { log_name: "x".into() },

@@ -241,6 +241,8 @@ impl Plugin for TelemetryPlugin {
             peer_asked: false,
             reported: false,
             status: None,
+            trace: None,
+            rng: meshwasm_sdk_ext::rng::WyRand::new(_seed),
         }
     }
 }
@@ -258,6 +260,9 @@ pub struct TelemetryFilter {
     reported: bool,
     /// `:status` of the response headers this filter saw.
     status: Option<u64>,
+    /// This request's span (`trace.rs`), when tracing is configured for the reporter.
+    trace: Option<crate::trace::Active>,
+    rng: meshwasm_sdk_ext::rng::WyRand,
 }
 
 fn prop_string(host: &dyn Host, path: &[&str]) -> String {
@@ -547,6 +552,9 @@ impl HttpFilter for TelemetryFilter {
             Reporter::Server => self.peer_asked = self.take_peer(host, HeaderMap::RequestHeaders),
             Reporter::Client => self.send_exchange(host, HeaderMap::RequestHeaders),
         }
+        if let Some(plan) = self.plugin.config.tracing.plans.get(reporter.index()).and_then(Option::as_ref) {
+            self.trace = Some(crate::trace::start(plan, host, &mut self.rng));
+        }
         Flow::Continue
     }
 
@@ -573,6 +581,13 @@ impl HttpFilter for TelemetryFilter {
             let ctx = crate::accesslog::LogCtx { reporter, standard: &standard, local: &plugin.local, peer };
             let mut view = View { host, plugin: &plugin, peer, reporter, cluster_md: None };
             crate::accesslog::emit(host, &plugin.config.access_log, &plugin.export, &ctx, &mut view);
+        }
+        if let Some(active) = self.trace.take() {
+            let reporter = self.reporter(host);
+            if let Some(plan) = plugin.config.tracing.plans.get(reporter.index()).and_then(Option::as_ref) {
+                let f = crate::trace::finished(host, reporter, &standard, &plugin.local, plan);
+                crate::trace::finish(plan, &active, host, f, &plugin.export);
+            }
         }
     }
 }

@@ -6,6 +6,9 @@
 //! `config` (Telemetry spec → validated config) → `expr` (tag override expressions) →
 //! `peer` (node metadata, workload identity, the exchange headers) → `labels` (the 25 labels,
 //! as Istio derives them) → `filter` (host effects: headers, properties, stats).
+//! Access logs (`accesslog`) and tracing (`trace`) hang off the filter's request and log
+//! phases; `export` batches their records and spans to collectors from the root context;
+//! `observe` holds what both share (`extensionProviders`, modes).
 
 pub mod accesslog;
 pub mod base64;
@@ -16,6 +19,7 @@ pub mod filter;
 pub mod labels;
 pub mod observe;
 pub mod peer;
+pub mod trace;
 
 pub use filter::{TelemetryFilter, TelemetryPlugin};
 

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use meshwasm_sdk_ext::config::Path;
+use meshwasm_sdk_ext::obj::{self, Obj};
 use meshwasm_sdk_ext::ConfigError;
+
+use crate::config::Reporter;
 
 /// `extensionProviders` by name, each with its JSON path (providers are typed where they are
 /// used, so an error names the entry).
@@ -32,4 +35,36 @@ pub fn providers(v: Option<&Value>, base: &Path) -> Result<BTreeMap<String, (Pat
         }
     }
     Ok(out)
+}
+
+/// `match.mode` of an `accessLogging` / `tracing` entry (absent: both).
+pub fn modes(o: &Obj<'_>) -> Result<&'static [Reporter], ConfigError> {
+    let Some(m) = o.get("match") else { return Ok(&[Reporter::Client, Reporter::Server]) };
+    let m = Obj::new(m, &o.path("match"), "struct Selector", &["mode"])?;
+    match m.opt_str("mode")? {
+        None | Some("CLIENT_AND_SERVER") => Ok(&[Reporter::Client, Reporter::Server]),
+        Some("CLIENT") => Ok(&[Reporter::Client]),
+        Some("SERVER") => Ok(&[Reporter::Server]),
+        Some(other) => Err(m.path("mode").err(format!("must be CLIENT_AND_SERVER, CLIENT or SERVER, got {other:?}"))),
+    }
+}
+
+/// `providers[].name` of an entry, with each name's path.
+pub fn provider_names(o: &Obj<'_>) -> Result<Vec<(Path, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (p, v) in o.list("providers")? {
+        let r = Obj::new(v, &p, "struct ProviderRef", &["name"])?;
+        out.push((p.field("name"), r.str("name")?.to_string()));
+    }
+    Ok(out)
+}
+
+/// A duration field (`"5s"`, `"250ms"`).
+pub fn opt_duration(o: &Obj<'_>, k: &str) -> Result<Option<std::time::Duration>, ConfigError> {
+    o.get(k)
+        .map(|v| {
+            let s = obj::string(v, &o.path(k))?;
+            meshwasm_sdk_ext::duration::parse_duration(s).map_err(|e| o.path(k).err(e))
+        })
+        .transpose()
 }
