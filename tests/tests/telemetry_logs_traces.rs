@@ -565,3 +565,26 @@ fn random_sampling_within_binomial_bounds_and_request_id_reason() {
     let h = upstream_headers(&envoy0, &upstream, "none", &[]);
     assert!(h["traceparent"].ends_with("-00"));
 }
+
+#[test]
+fn otlp_log_records_carry_the_requests_trace_context() {
+    let upstream = Upstream::start();
+    let collector = Collector::start();
+    let mut config = tracing_config(100.0, "SERVER");
+    config["accessLogging"] = json!([{"providers": [{"name": "otel-logs"}]}]);
+    config["extensionProviders"].as_array_mut().expect("providers").push(
+        json!({"name": "otel-logs", "envoyOtelAls": {"cluster": "collector", "batch": {"flushInterval": "0.1s"}}}),
+    );
+    let envoy = envoy_tracing(config, &upstream, &collector);
+    let tp = format!("00-{TP_TRACE}-{TP_SPAN}-01");
+    let h = upstream_headers(&envoy, &upstream, "corr", &[("traceparent", &tp), ("x-request-id", "corr-1")]);
+    let records = eventually("the log record", WAIT, || {
+        let r = collector.log_records();
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(records.len(), 1);
+    assert_eq!(collector::hex(&records[0].trace_id), TP_TRACE);
+    assert_eq!(collector::hex(&records[0].span_id), h["x-b3-spanid"], "the span this proxy started");
+    assert_eq!(records[0].flags & 1, 1, "sampled");
+    assert_eq!(collector::attribute(&records[0].attributes, "request_id").as_deref(), Some("corr-1"));
+}

@@ -628,6 +628,7 @@ pub fn emit(
     exporters: &crate::export::Exporters,
     ctx: &LogCtx<'_>,
     attrs: &mut dyn expr::Attributes,
+    trace: Option<&crate::trace::Active>,
 ) {
     let Some(plan) = cfg.plans.get(ctx.reporter.index()) else { return };
     let fields = Fields::new(host, ctx);
@@ -667,7 +668,20 @@ pub fn emit(
                 let now = host.now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                 let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
                 let start = prop_i64(host, &["request", "time"]).and_then(|t| u64::try_from(t).ok()).unwrap_or(now);
-                exporter.push(host, crate::export::otlp_log_record(start, now, &json, &values));
+                let mut record = crate::export::otlp_log_record(start, now, &json, &values);
+                if let Some(t) = trace {
+                    // Log-trace correlation: the request's span (OTLP `traceId`, `spanId`,
+                    // `flags` with the sampled bit).
+                    record.pop();
+                    let _ = write!(
+                        record,
+                        ",\"traceId\":\"{}\",\"spanId\":\"{}\",\"flags\":{}}}",
+                        crate::trace::hex(&t.ctx.trace_id),
+                        crate::trace::hex(&t.ctx.span_id),
+                        u8::from(t.sampled)
+                    );
+                }
+                exporter.push(host, record);
             }
         }
     }

@@ -580,7 +580,8 @@ impl HttpFilter for TelemetryFilter {
             let peer = self.peer.as_deref();
             let ctx = crate::accesslog::LogCtx { reporter, standard: &standard, local: &plugin.local, peer };
             let mut view = View { host, plugin: &plugin, peer, reporter, cluster_md: None };
-            crate::accesslog::emit(host, &plugin.config.access_log, &plugin.export, &ctx, &mut view);
+            let trace = self.trace.as_ref();
+            crate::accesslog::emit(host, &plugin.config.access_log, &plugin.export, &ctx, &mut view, trace);
         }
         if let Some(active) = self.trace.take() {
             let reporter = self.reporter(host);
