@@ -544,14 +544,14 @@ fn random_sampling_within_binomial_bounds_and_request_id_reason() {
     for i in 0..n {
         let h = upstream_headers(&envoy, &upstream, &format!("s{i}"), &[]);
         let flag = h["traceparent"].rsplit('-').next().expect("flags").to_string();
-        // Envoy's trace reason, packed into the x-request-id: 'b' sampled, '9' not.
+        // Envoy's trace reason, packed into the x-request-id: '9' sampled, '4' (as generated) not.
         let reason = h["x-request-id"].as_bytes()[14];
         match flag.as_str() {
             "01" => {
                 sampled += 1;
-                assert_eq!(reason, b'b', "{h:?}");
+                assert_eq!(reason, b'9', "{h:?}");
             }
-            "00" => assert_eq!(reason, b'9', "{h:?}"),
+            "00" => assert_eq!(reason, b'4', "{h:?}"),
             other => panic!("flags {other}"),
         }
     }
@@ -561,7 +561,7 @@ fn random_sampling_within_binomial_bounds_and_request_id_reason() {
     let envoy0 = envoy_tracing(tracing_config(0.0, "SERVER"), &upstream, &collector);
     let h = upstream_headers(&envoy0, &upstream, "client", &[("x-client-trace-id", "abc")]);
     assert!(h["traceparent"].ends_with("-01"));
-    assert_eq!(h["x-request-id"].as_bytes()[14], b'c');
+    assert_eq!(h["x-request-id"].as_bytes()[14], b'b', "client-forced");
     let h = upstream_headers(&envoy0, &upstream, "none", &[]);
     assert!(h["traceparent"].ends_with("-00"));
 }
@@ -587,4 +587,47 @@ fn otlp_log_records_carry_the_requests_trace_context() {
     assert_eq!(collector::hex(&records[0].span_id), h["x-b3-spanid"], "the span this proxy started");
     assert_eq!(records[0].flags & 1, 1, "sampled");
     assert_eq!(collector::attribute(&records[0].attributes, "request_id").as_deref(), Some("corr-1"));
+}
+
+/// A v4 UUID from a counter (deterministic, well spread: splitmix64).
+fn uuid(i: u64) -> String {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (mix(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)), mix(i ^ 0xdead_beef));
+    let h = format!("{a:016x}{b:016x}");
+    format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+#[test]
+fn sampling_decisions_equal_native_envoy_tracing_for_the_same_request_ids() {
+    let upstream = Upstream::start();
+    let collector = Collector::start();
+    // Native: the connection manager's tracing with a Zipkin tracer at 25 %.
+    let native = Envoy::builder()
+        .upstream(upstream.addr())
+        .http_cluster("collector", collector.addr())
+        .listener(Listener::new().hcm_option(
+            "tracing",
+            r#"{ random_sampling: { value: 25 }, provider: { name: envoy.tracers.zipkin, typed_config: { "@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: collector, collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON } } }"#,
+        ))
+        .start();
+    let ours = envoy_tracing(tracing_config(25.0, "SERVER"), &upstream, &collector);
+    let n = 200u64;
+    let mut sampled = 0;
+    for i in 0..n {
+        let id = uuid(i);
+        let seen = |envoy: &Envoy, tag: &str| {
+            let h = upstream_headers(envoy, &upstream, &format!("{tag}{i}"), &[("x-request-id", &id)]);
+            (h["x-request-id"].clone(), h["x-b3-sampled"].clone())
+        };
+        let (n_id, n_sampled) = seen(&native, "native");
+        let (o_id, o_sampled) = seen(&ours, "ours");
+        assert_eq!(o_id, n_id, "the trace reason packed into the x-request-id, for {id}");
+        assert_eq!(o_sampled, n_sampled, "the sampling decision, for {id}");
+        sampled += u64::from(o_sampled == "1");
+    }
+    meshwasm_tests::assert_binomial(sampled, n, 0.25);
 }

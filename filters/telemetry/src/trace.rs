@@ -349,9 +349,9 @@ pub fn trace_reason(request_id: &str) -> Reason {
         return Reason::NotTraceable;
     }
     match request_id.as_bytes().get(REASON_AT) {
+        Some(b'9') => Reason::Sampling,
         Some(b'a') => Reason::ServiceForced,
-        Some(b'b') => Reason::Sampling,
-        Some(b'c') => Reason::ClientForced,
+        Some(b'b') => Reason::ClientForced,
         _ => Reason::NotTraceable,
     }
 }
@@ -362,11 +362,13 @@ pub fn with_reason(request_id: &str, reason: Reason) -> Option<String> {
     {
         return None;
     }
+    // Envoy's UUID request-id extension: '4' (a fresh UUID v4) not traced, '9' sampled,
+    // 'a' forced by the service, 'b' forced by the client.
     let c = match reason {
-        Reason::NotTraceable => '9',
-        Reason::Sampling => 'b',
+        Reason::NotTraceable => '4',
+        Reason::Sampling => '9',
         Reason::ServiceForced => 'a',
-        Reason::ClientForced => 'c',
+        Reason::ClientForced => 'b',
     };
     let mut s = String::with_capacity(36);
     s.push_str(request_id.get(..REASON_AT)?);
@@ -375,13 +377,14 @@ pub fn with_reason(request_id: &str, reason: Reason) -> Option<String> {
     Some(s)
 }
 
-/// The integer Envoy samples on: the last 8 hex digits of a UUID `x-request-id`.
+/// The integer Envoy 1.40 samples on: the first 8 hex digits of the `x-request-id` (proven
+/// against native tracing in the tests).
 pub fn request_id_integer(request_id: &str) -> Option<u64> {
-    if request_id.len() < 36 {
+    let head = request_id.get(..8)?;
+    if !head.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let tail = request_id.get(28..36)?;
-    u64::from_str_radix(tail, 16).ok()
+    u64::from_str_radix(head, 16).ok()
 }
 
 /// What the request carried that the decision reads.
@@ -394,6 +397,7 @@ pub struct Incoming<'a> {
 /// Envoy's decision (`mutateTracingRequestHeader`): the reason in the request id; a client
 /// trace id forces; `x-envoy-force-trace` forces; else random sampling on the request id's
 /// integer (or on `random` when the id has none or `useRequestIdForTraceSampling` is off).
+/// A request not sampled keeps the reason it came with.
 pub fn decide(plan: &TracePlan, inc: &Incoming<'_>, random: u64) -> Reason {
     let mut reason = inc.request_id.map_or(Reason::NotTraceable, trace_reason);
     let n = if plan.use_request_id { inc.request_id.and_then(request_id_integer).unwrap_or(random) } else { random };
@@ -781,18 +785,27 @@ mod tests {
         let id = "6f1a7d4c-9f3e-4b2a-8c1d-0123456789ab";
         assert_eq!(trace_reason(id), Reason::NotTraceable);
         let b = with_reason(id, Reason::Sampling).unwrap();
-        assert_eq!(&b[14..15], "b");
+        assert_eq!(&b[14..15], "9");
         assert_eq!(trace_reason(&b), Reason::Sampling);
+        assert_eq!(with_reason(id, Reason::NotTraceable).unwrap(), id, "a fresh v4 UUID stays as it is");
         assert_eq!(with_reason("short", Reason::Sampling), None);
-        assert_eq!(request_id_integer(id), Some(0x456789ab));
+        assert_eq!(request_id_integer(id), Some(0x6f1a7d4c));
+        assert_eq!(request_id_integer("+1234567-"), None);
         let inc = |rid, c, f| Incoming { request_id: rid, client_trace_id: c, force_trace: f };
-        // 0x456789ab % 10000 = 3355: sampled at 34 %, not at 33 %.
-        assert_eq!(decide(&plan(34), &inc(Some(id), false, false), 0), Reason::Sampling);
-        assert_eq!(decide(&plan(33), &inc(Some(id), false, false), 0), Reason::NotTraceable);
+        // 0x6f1a7d4c % 10000 = 6988: sampled at 70 %, not at 69 %.
+        assert_eq!(decide(&plan(70), &inc(Some(id), false, false), 0), Reason::Sampling);
+        assert_eq!(decide(&plan(69), &inc(Some(id), false, false), 0), Reason::NotTraceable);
         assert_eq!(decide(&plan(0), &inc(Some(id), true, false), 0), Reason::ClientForced);
         assert_eq!(decide(&plan(0), &inc(Some(id), false, true), 0), Reason::ServiceForced);
         assert_eq!(decide(&plan(0), &inc(Some(&b), false, false), 0), Reason::Sampling, "an upstream proxy's decision");
         assert_eq!(decide(&plan(0), &inc(None, false, false), 5), Reason::NotTraceable);
+    }
+
+    #[test]
+    fn decide_on_a_uuid_with_a_zero_prefix() {
+        let id = "00000000-0000-4000-8e06-2702ec929eea";
+        let inc = Incoming { request_id: Some(id), client_trace_id: false, force_trace: false };
+        assert_eq!(decide(&plan(25), &inc, 9999), Reason::Sampling, "0 % 10000 < 2500");
     }
 
     #[test]
