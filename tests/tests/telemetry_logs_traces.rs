@@ -420,7 +420,7 @@ fn hexn(s: &str, n: usize) -> bool {
 }
 
 #[test]
-fn trace_context_is_extracted_propagated_and_restarted_on_garbage() {
+fn trace_context_is_extracted_propagated_and_garbage_left_untraced() {
     let upstream = Upstream::start();
     let collector = Collector::start();
     let envoy = envoy_tracing(tracing_config(0.0, "SERVER"), &upstream, &collector);
@@ -455,24 +455,25 @@ fn trace_context_is_extracted_propagated_and_restarted_on_garbage() {
     assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
     assert_eq!(h["x-b3-sampled"], "1");
 
-    // Malformed context (bad version, uppercase, zero ids, short ids, junk): a new trace,
-    // no parent; the request is served.
+    // Malformed context (zero ids, junk, one B3 id alone): as Envoy's tracers, the request is
+    // not traced and its headers pass through untouched; the request is served.
     for (i, bad) in [
-        vec![("traceparent", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
-        vec![("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01")],
         vec![("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")],
+        vec![("traceparent", "00-xyz-%%%-zz"), ("b3", "----")],
         vec![("b3", "xyz-0-1")],
         vec![("x-b3-traceid", "zz"), ("x-b3-spanid", "a2fb4a1d1a96d312")],
-        vec![("traceparent", "00-xyz-%%%-zz"), ("b3", "----"), ("x-b3-sampled", "maybe")],
+        vec![("x-b3-traceid", "463ac35c9f6413ad")],
     ]
     .into_iter()
     .enumerate()
     {
         let h = upstream_headers(&envoy, &upstream, &format!("bad{i}"), &bad);
-        let parts: Vec<&str> = h["traceparent"].split('-').collect();
-        assert!(hexn(parts[1], 32) && parts[1] != TP_TRACE, "restarted: {bad:?} → {h:?}");
-        assert!(!h.contains_key("x-b3-parentspanid"), "no parent: {h:?}");
-        assert_eq!(parts[3], "00", "0 % sampling");
+        for (k, v) in &bad {
+            assert_eq!(h.get(*k).map(String::as_str), Some(*v), "untouched: {bad:?} → {h:?}");
+        }
+        for k in ["traceparent", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-parentspanid"] {
+            assert_eq!(h.contains_key(k), bad.iter().any(|(b, _)| *b == k), "{k} not added: {bad:?} → {h:?}");
+        }
     }
     // Only the two requests sampled by their caller are reported (0 % sampling otherwise).
     let spans = eventually("the 2 sampled spans", WAIT, || {
@@ -630,4 +631,66 @@ fn sampling_decisions_equal_native_envoy_tracing_for_the_same_request_ids() {
         sampled += u64::from(o_sampled == "1");
     }
     meshwasm_tests::assert_binomial(sampled, n, 0.25);
+}
+
+fn native_tracing(upstream: &Upstream, collector: &Collector, provider: &str) -> Envoy {
+    Envoy::builder()
+        .upstream(upstream.addr())
+        .http_cluster("collector", collector.addr())
+        .listener(
+            Listener::new()
+                .hcm_option("tracing", &format!("{{ random_sampling: {{ value: 100 }}, provider: {provider} }}")),
+        )
+        .start()
+}
+
+#[test]
+fn traceparent_handling_equals_envoys_opentelemetry_tracer_and_b3_its_zipkin_tracer() {
+    let upstream = Upstream::start();
+    let collector = Collector::start();
+    let otel = native_tracing(
+        &upstream,
+        &collector,
+        r#"{ name: envoy.tracers.opentelemetry, typed_config: { "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, http_service: { http_uri: { uri: "http://collector/v1/traces", cluster: collector, timeout: 1s } }, service_name: native } }"#,
+    );
+    let zipkin = native_tracing(
+        &upstream,
+        &collector,
+        r#"{ name: envoy.tracers.zipkin, typed_config: { "@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: collector, collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON } }"#,
+    );
+    let ours = envoy_tracing(tracing_config(100.0, "SERVER"), &upstream, &collector);
+    let cases = [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-xyz-%%%-zz",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    ];
+    for (i, tp) in cases.iter().enumerate() {
+        let n = upstream_headers(&otel, &upstream, &format!("otel{i}"), &[("traceparent", tp)])["traceparent"].clone();
+        let o = upstream_headers(&ours, &upstream, &format!("ours{i}"), &[("traceparent", tp)])["traceparent"].clone();
+        if n == *tp {
+            assert_eq!(o, *tp, "Envoy left {tp} untouched (not traced)");
+        } else {
+            // Continued: same version, trace id and flags; a new span id.
+            let (np, op): (Vec<&str>, Vec<&str>) = (n.split('-').collect(), o.split('-').collect());
+            assert_eq!((np[0], np[1], np[3]), (op[0], op[1], op[3]), "{tp}: Envoy {n}, ours {o}");
+            assert!(hexn(op[2], 16) && op[2] != "00f067aa0ba902b7");
+        }
+    }
+    // Malformed B3: Envoy's Zipkin tracer leaves it untouched and untraced; so do we.
+    for (i, bad) in [vec![("x-b3-traceid", "zz"), ("x-b3-spanid", "a2fb4a1d1a96d312")], vec![("b3", "xyz-0-1")]]
+        .into_iter()
+        .enumerate()
+    {
+        let pick = |h: BTreeMap<String, String>| -> BTreeMap<String, String> {
+            h.into_iter().filter(|(k, _)| k.starts_with("x-b3-") || k == "b3").collect()
+        };
+        let n = pick(upstream_headers(&zipkin, &upstream, &format!("zipkin{i}"), &bad));
+        let o = pick(upstream_headers(&ours, &upstream, &format!("oursb3{i}"), &bad));
+        assert_eq!(o, n, "{bad:?}");
+    }
 }

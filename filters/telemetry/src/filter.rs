@@ -553,7 +553,7 @@ impl HttpFilter for TelemetryFilter {
             Reporter::Client => self.send_exchange(host, HeaderMap::RequestHeaders),
         }
         if let Some(plan) = self.plugin.config.tracing.plans.get(reporter.index()).and_then(Option::as_ref) {
-            self.trace = Some(crate::trace::start(plan, host, &mut self.rng));
+            self.trace = crate::trace::start(plan, host, &mut self.rng);
         }
         Flow::Continue
     }

@@ -5,8 +5,9 @@
 //! `x-request-id`), one span per request finished in the log phase and exported in batches as
 //! Zipkin v2 JSON and OTLP/HTTP JSON with `customTags`.
 //!
-//! Malformed incoming context is ignored as Envoy ignores it: the next format is tried, and
-//! without a valid one the request starts a new trace. Nothing here can panic on input.
+//! A request carrying a context that does not parse is left untraced with its headers
+//! untouched, as Envoy 1.40's OpenTelemetry and Zipkin tracers leave it (the tests compare);
+//! a request without context starts a new trace. Nothing here can panic on input.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -244,21 +245,23 @@ fn nonzero(b: &[u8]) -> bool {
     b.iter().any(|x| *x != 0)
 }
 
-/// W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`; later versions may append fields.
+/// W3C `traceparent`: `<2 hex>-<32 hex>-<16 hex>-<2 hex>`, version `00` exactly so, later
+/// versions may append fields. Hex of either case, and any version, as Envoy 1.40's
+/// OpenTelemetry tracer accepts them (the tests compare with it).
 pub fn parse_traceparent(v: &str) -> Option<Context> {
     let v = v.trim();
     let mut parts = v.split('-');
     let (ver, tid, sid, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if ver.len() != 2 || ver == "ff" || tid.len() != 32 || sid.len() != 16 || flags.len() != 2 {
+    if ver.len() != 2 || tid.len() != 32 || sid.len() != 16 || flags.len() != 2 {
         return None;
     }
-    let version = parse_hex::<1>(ver, true)?;
+    let version = parse_hex::<1>(ver, false)?;
     if version == [0] && (parts.next().is_some() || v.len() != 55) {
         return None;
     }
-    let trace_id = parse_hex::<16>(tid, true)?;
-    let span_id = parse_hex::<8>(sid, true)?;
-    let flags = parse_hex::<1>(flags, true)?;
+    let trace_id = parse_hex::<16>(tid, false)?;
+    let span_id = parse_hex::<8>(sid, false)?;
+    let flags = parse_hex::<1>(flags, false)?;
     if !nonzero(&trace_id) || !nonzero(&span_id) {
         return None;
     }
@@ -303,32 +306,32 @@ pub fn parse_b3_single(v: &str) -> Option<Result<Context, bool>> {
     Some(Ok(Context { trace_id, span_id, sampled }))
 }
 
-/// B3 multi headers; `Err(decision)` for a sampling state without ids.
+/// B3 multi headers: `None` when ids are present but malformed (or only one of them is);
+/// `Err(decision)` for a sampling state without ids (`None` inside: no decision). A sampling
+/// value that is not `0`/`1`/`true`/`false` reads as not sampled, as Envoy's Zipkin tracer.
 pub fn parse_b3_multi(
     trace: Option<&str>,
     span: Option<&str>,
     sampled: Option<&str>,
     flags: Option<&str>,
-) -> Option<Result<Context, bool>> {
+) -> Option<Result<Context, Option<bool>>> {
     let decision = if flags.map(str::trim) == Some("1") {
         Some(true)
     } else {
-        match sampled.map(str::trim) {
-            None => None,
-            Some(s) => b3_sampled(s).flatten(),
-        }
+        sampled.map(|s| b3_sampled(s.trim()).flatten().unwrap_or(false))
     };
-    let (Some(tid), Some(sid)) = (trace.map(str::trim), span.map(str::trim)) else {
-        return decision.map(Err);
+    let (tid, sid) = match (trace.map(str::trim), span.map(str::trim)) {
+        (None, None) => return Some(Err(decision)),
+        (Some(t), Some(s)) => (t, s),
+        _ => return None,
     };
     if !(tid.len() == 16 || tid.len() == 32) || sid.len() != 16 {
-        return decision.map(Err);
+        return None;
     }
-    let (Some(trace_id), Some(span_id)) = (parse_hex::<16>(tid, false), parse_hex::<8>(sid, false)) else {
-        return decision.map(Err);
-    };
+    let trace_id = parse_hex::<16>(tid, false)?;
+    let span_id = parse_hex::<8>(sid, false)?;
     if !nonzero(&trace_id) || !nonzero(&span_id) {
-        return decision.map(Err);
+        return None;
     }
     Some(Ok(Context { trace_id, span_id, sampled: decision }))
 }
@@ -421,32 +424,12 @@ pub struct Active {
     pub sampled: bool,
 }
 
-/// The request phase: extract, decide, start the span, set the outgoing headers.
-pub fn start(plan: &TracePlan, host: &dyn Host, rng: &mut impl Rng) -> Active {
+/// The request phase: decide (the connection manager's step: the `x-request-id` reason),
+/// extract, start the span, set the outgoing headers. `None` when the request carries a
+/// trace context that does not parse: as Envoy's tracers, such a request is not traced and
+/// its headers pass through untouched.
+pub fn start(plan: &TracePlan, host: &dyn Host, rng: &mut impl Rng) -> Option<Active> {
     let h = |n: &str| host.header(HeaderMap::RequestHeaders, n);
-    let mut decision: Option<bool> = None;
-    let incoming = match h("traceparent").as_deref().and_then(parse_traceparent) {
-        Some(c) => Some(c),
-        None => {
-            let single = h("b3").as_deref().and_then(parse_b3_single);
-            let multi = || {
-                parse_b3_multi(
-                    h("x-b3-traceid").as_deref(),
-                    h("x-b3-spanid").as_deref(),
-                    h("x-b3-sampled").as_deref(),
-                    h("x-b3-flags").as_deref(),
-                )
-            };
-            match single.or_else(multi) {
-                Some(Ok(c)) => Some(c),
-                Some(Err(d)) => {
-                    decision = Some(d);
-                    None
-                }
-                None => None,
-            }
-        }
-    };
     let request_id = h("x-request-id");
     let reason = decide(
         plan,
@@ -462,6 +445,32 @@ pub fn start(plan: &TracePlan, host: &dyn Host, rng: &mut impl Rng) -> Active {
             let _ = host.set_header(HeaderMap::RequestHeaders, "x-request-id", Some(&id));
         }
     }
+    let mut decision: Option<bool> = None;
+    let incoming = if let Some(tp) = h("traceparent") {
+        Some(parse_traceparent(&tp)?)
+    } else if let Some(b3) = h("b3") {
+        match parse_b3_single(&b3)? {
+            Ok(c) => Some(c),
+            Err(d) => {
+                decision = Some(d);
+                None
+            }
+        }
+    } else {
+        let (tid, sid) = (h("x-b3-traceid"), h("x-b3-spanid"));
+        let (sampled, flags) = (h("x-b3-sampled"), h("x-b3-flags"));
+        if tid.is_none() && sid.is_none() && sampled.is_none() && flags.is_none() {
+            None
+        } else {
+            match parse_b3_multi(tid.as_deref(), sid.as_deref(), sampled.as_deref(), flags.as_deref())? {
+                Ok(c) => Some(c),
+                Err(d) => {
+                    decision = d;
+                    None
+                }
+            }
+        }
+    };
     let sampled = incoming.and_then(|c| c.sampled).or(decision).unwrap_or(reason != Reason::NotTraceable);
     let mut span_id = rng.next_u64().to_be_bytes();
     if !nonzero(&span_id) {
@@ -485,7 +494,7 @@ pub fn start(plan: &TracePlan, host: &dyn Host, rng: &mut impl Rng) -> Active {
         sampled,
     };
     inject(host, &active);
-    active
+    Some(active)
 }
 
 /// The outgoing headers: W3C (`traceparent`, `tracestate` passed through as it came) and B3
@@ -740,8 +749,6 @@ mod tests {
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -750,6 +757,14 @@ mod tests {
             assert_eq!(parse_traceparent(bad), None, "{bad}");
         }
         assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-future").is_some());
+        // As Envoy's OpenTelemetry tracer: any version, either case.
+        assert!(parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_some());
+        assert_eq!(
+            parse_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01")
+                .map(|c| hex(&c.trace_id))
+                .as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
     }
 
     #[test]
@@ -769,8 +784,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(m.sampled, Some(false));
-        assert_eq!(parse_b3_multi(None, None, Some("1"), None), Some(Err(true)));
+        assert_eq!(parse_b3_multi(None, None, Some("1"), None), Some(Err(Some(true))));
         assert_eq!(parse_b3_multi(Some("zz"), Some("a2fb4a1d1a96d312"), None, None), None);
+        assert_eq!(parse_b3_multi(Some("463ac35c9f6413ad"), None, None, None), None, "one id alone");
+        let junk = parse_b3_multi(Some("463ac35c9f6413ad"), Some("a2fb4a1d1a96d312"), Some("maybe"), None);
+        assert_eq!(junk.unwrap().unwrap().sampled, Some(false), "as Envoy's Zipkin tracer");
         assert_eq!(
             parse_b3_multi(Some("463ac35c9f6413ad"), Some("a2fb4a1d1a96d312"), None, Some("1"))
                 .unwrap()
@@ -809,10 +827,10 @@ mod tests {
     }
 
     #[test]
-    fn start_propagates_and_restarts_on_garbage() {
+    fn start_propagates_and_leaves_garbage_untraced() {
         let h = FakeHost::with_request(&[("traceparent", TP), ("tracestate", "a=b")]);
         let mut rng = WyRand::new(1);
-        let a = start(&plan(0), &h, &mut rng);
+        let a = start(&plan(0), &h, &mut rng).unwrap();
         assert!(a.sampled, "the incoming flag decides");
         let tp = h.header(HeaderMap::RequestHeaders, "traceparent").unwrap();
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
@@ -820,9 +838,15 @@ mod tests {
         assert_eq!(h.header(HeaderMap::RequestHeaders, "x-b3-parentspanid").as_deref(), Some("00f067aa0ba902b7"));
         assert_eq!(h.header(HeaderMap::RequestHeaders, "tracestate").as_deref(), Some("a=b"));
 
+        // Malformed context: not traced, the headers untouched (as Envoy's tracers).
         let h = FakeHost::with_request(&[("traceparent", "00-zz-zz-01"), ("x-b3-traceid", "nothex")]);
-        let a = start(&plan(100), &h, &mut rng);
-        assert!(a.parent.is_none() && a.sampled, "restarted");
+        assert!(start(&plan(100), &h, &mut rng).is_none());
+        assert_eq!(h.header(HeaderMap::RequestHeaders, "traceparent").as_deref(), Some("00-zz-zz-01"));
+        assert!(h.header(HeaderMap::RequestHeaders, "x-b3-spanid").is_none());
+        // No context: a new trace.
+        let h = FakeHost::with_request(&[]);
+        let a = start(&plan(100), &h, &mut rng).unwrap();
+        assert!(a.parent.is_none() && a.sampled);
         assert!(parse_traceparent(&h.header(HeaderMap::RequestHeaders, "traceparent").unwrap()).is_some());
     }
 
