@@ -95,6 +95,17 @@ pub trait HttpFilter {
     fn on_http_reply(&mut self, _host: &dyn Host, _token: u32, _reply: HttpReply) -> Flow {
         Flow::Continue
     }
+    /// Periodic work on a stream that keeps flowing, without pausing it (telemetry's reports
+    /// on long gRPC streams). Asked once, after the stream's first callback
+    /// (`on_request_headers`): `Some(d)` calls `on_periodic` after `d`, driven by the root
+    /// tick. Each `on_periodic` returns the next interval, or `None` to stop. Nothing is
+    /// called once the stream is done.
+    fn periodic(&self) -> Option<Duration> {
+        None
+    }
+    fn on_periodic(&mut self, _host: &dyn Host) -> Option<Duration> {
+        None
+    }
     /// The access-log phase (`proxy_on_log`): the stream's final attributes (`response.code`,
     /// `response.flags`, `upstream.request_attempt_count`, sizes, durations) are readable.
     /// Called at most once, for streams that reached Envoy's access logging; Envoy may call

@@ -578,6 +578,8 @@ struct RootState<P: Plugin> {
     plugin: Option<Rc<P>>,
     /// Streams of this root paused for a delay, with the phase to resume.
     scheduler: Scheduler<Phase>,
+    /// Streams of this root due for `HttpFilter::on_periodic` (not paused).
+    periodic: Scheduler<()>,
     /// When `Plugin::tick` is due next.
     plugin_wake: Option<Duration>,
     rng: WyRand,
@@ -586,10 +588,7 @@ struct RootState<P: Plugin> {
 impl<P: Plugin> RootState<P> {
     /// The earliest of the next stream deadline and the plugin's next tick.
     fn next_wake(&mut self) -> Option<Duration> {
-        match (self.scheduler.next_deadline(), self.plugin_wake) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.scheduler.next_deadline(), self.periodic.next_deadline(), self.plugin_wake].into_iter().flatten().min()
     }
 
     fn arm(&mut self, host: &ProxyHost) {
@@ -604,6 +603,8 @@ struct StreamState<P: Plugin> {
     filter: Option<P::Filter>,
     done: bool,
     logged: bool,
+    /// `HttpFilter::periodic` was asked (once, after the first callback).
+    periodic_asked: bool,
 }
 
 /// Who gets a callout's reply.
@@ -695,6 +696,17 @@ impl<P: Plugin> Contexts<P> {
         }
     }
 
+    /// Call `on_periodic` of stream `id` after `d`, arming the root tick if that is sooner.
+    fn schedule_periodic(&mut self, root_id: u32, id: u32, d: Duration, host: &ProxyHost) {
+        let Some(root) = self.roots.get_mut(&root_id) else { return };
+        let now = since_epoch(host.now());
+        let earlier = root.next_wake().is_none_or(|n| now + d < n);
+        root.periodic.schedule(id, now + d, ());
+        if earlier {
+            root.arm(host);
+        }
+    }
+
     /// Run the plugin's root work (`Plugin::tick`) and schedule its next call.
     fn plugin_tick(&mut self, root_id: u32, host: &ProxyHost) {
         let Some(plugin) = self.roots.get(&root_id).and_then(|r| r.plugin.clone()) else { return };
@@ -753,6 +765,7 @@ impl<P: Plugin> Vm<P> {
                     RootState {
                         plugin: None,
                         scheduler: Scheduler::default(),
+                        periodic: Scheduler::default(),
                         plugin_wake: None,
                         rng: WyRand::from_entropy(),
                     },
@@ -766,7 +779,8 @@ impl<P: Plugin> Vm<P> {
                 }
                 None => None,
             };
-            c.streams.insert(id, StreamState { root: root_id, filter, done: false, logged: false });
+            c.streams
+                .insert(id, StreamState { root: root_id, filter, done: false, logged: false, periodic_asked: false });
         });
     }
 
@@ -799,6 +813,7 @@ impl<P: Plugin> Vm<P> {
             let now = since_epoch(host.now());
             let Some(root) = c.roots.get_mut(&root_id) else { return };
             let due = root.scheduler.pop_due(now);
+            let periodic_due = root.periodic.pop_due(now);
             let plugin_due = root.plugin_wake.is_some_and(|w| w <= now);
             for (id, phase) in due {
                 let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { continue };
@@ -809,6 +824,19 @@ impl<P: Plugin> Vm<P> {
                 c.adopt_callouts(Owner::Stream(id, phase));
                 if c.flow(id, phase, flow, &host) == 0 {
                     resume::<P>(&host, id, phase);
+                }
+            }
+            for (id, ()) in periodic_due {
+                if host.set_effective_context(id).is_err() {
+                    continue; // the stream went away
+                }
+                let next = match c.streams.get_mut(&id) {
+                    Some(s) if !s.done => s.filter.as_mut().and_then(|f| f.on_periodic(&host)),
+                    _ => None,
+                };
+                c.adopt_callouts(Owner::Stream(id, Phase::Request));
+                if let (Some(d), Some(root)) = (next, c.roots.get_mut(&root_id)) {
+                    root.periodic.schedule(id, now + d, ());
                 }
             }
             let _ = host.set_effective_context(root_id);
@@ -824,10 +852,20 @@ impl<P: Plugin> Vm<P> {
     /// Run a stream callback and turn its `Flow` into the ABI's action (0 continue, 1 pause).
     pub fn on_stream(&self, id: u32, phase: Phase, f: impl FnOnce(&mut P::Filter, &ProxyHost) -> Flow) -> u32 {
         self.with(0, |c| {
-            let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { return 0 };
+            let Some(stream) = c.streams.get_mut(&id) else { return 0 };
+            let Some(filter) = stream.filter.as_mut() else { return 0 };
             let host = ProxyHost;
             let flow = f(filter, &host);
+            let periodic = if stream.periodic_asked {
+                None
+            } else {
+                stream.periodic_asked = true;
+                filter.periodic().map(|d| (stream.root, d))
+            };
             c.adopt_callouts(Owner::Stream(id, phase));
+            if let Some((root_id, d)) = periodic {
+                c.schedule_periodic(root_id, id, d, &host);
+            }
             c.flow(id, phase, flow, &host)
         })
     }
@@ -934,6 +972,7 @@ impl<P: Plugin> Vm<P> {
         stream.done = true;
         if let Some(root) = c.roots.get_mut(&stream.root) {
             root.scheduler.cancel(id);
+            root.periodic.cancel(id);
         }
         c.callouts.drop_stream(id);
         if let Some(filter) = stream.filter.as_mut() {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use meshwasm_tests::grpc_stream::{MessageServer, MessageStream};
 use meshwasm_tests::prometheus::{self, Sample};
 use meshwasm_tests::{eventually, wasm_module, workspace_root, Envoy, Request, Upstream};
 
@@ -115,10 +116,31 @@ struct Side<'a> {
     /// `None`: no telemetry filter on this proxy.
     filter: Option<Value>,
     extra_tags: &'a [&'a str],
+    /// gRPC: Envoy's `grpc_stats` filter (with `emit_filter_state`, as istiod configures it)
+    /// before the telemetry filter, and HTTP/2 to the cluster.
+    grpc: bool,
+}
+
+/// Envoy's native gRPC statistics filter, whose filter state carries the message counts.
+fn grpc_stats_filter() -> Value {
+    json!({"name": "envoy.filters.http.grpc_stats", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+        "emit_filter_state": true, "stats_for_all_methods": false}})
+}
+
+fn http2(cluster: &mut Value) {
+    cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}});
 }
 
 fn bootstrap(side: &Side<'_>, admin: u16, port: u16) -> String {
     let mut filters = Vec::new();
+    let mut cluster = side.cluster.clone();
+    if side.grpc {
+        filters.push(grpc_stats_filter());
+        http2(&mut cluster);
+    }
     if let Some(cfg) = &side.filter {
         filters.push(wasm_filter(cfg));
     }
@@ -140,7 +162,7 @@ fn bootstrap(side: &Side<'_>, admin: u16, port: u16) -> String {
                     "route_config": {"name": "routes", "virtual_hosts": [{"name": "all", "domains": ["*"],
                         "routes": [{"name": side.route, "match": {"prefix": "/"}, "route": {"cluster": cluster_name, "timeout": "10s"}}]}]},
                     "http_filters": filters}}]}]}],
-            "clusters": [side.cluster],
+            "clusters": [cluster],
         },
     })
     .to_string()
@@ -185,6 +207,7 @@ struct Scenario {
     /// carries this `istio.workload` metadata.
     endpoint_workload: Option<&'static str>,
     extra_tags: &'static [&'static str],
+    grpc: bool,
 }
 
 struct Run {
@@ -220,6 +243,7 @@ fn server_side<'a>(s: &'a Scenario, vars: &HashMap<&str, String>, upstream: Sock
         cluster,
         filter: Some(s.server_config.clone()),
         extra_tags: s.extra_tags,
+        grpc: s.grpc,
     }
 }
 
@@ -233,6 +257,7 @@ fn client_side<'a>(s: &'a Scenario, vars: &HashMap<&str, String>) -> Side<'a> {
         cluster: client_cluster(s, vars),
         filter: Some(s.client_config.clone()),
         extra_tags: s.extra_tags,
+        grpc: s.grpc,
     }
 }
 
@@ -290,6 +315,25 @@ fn run(s: &Scenario) -> Run {
 /// `/stats/prometheus` holds exactly the series of istio/proxy's expected file (every
 /// label, every value, nothing more for that metric name).
 fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) {
+    if let Err(e) = series_match(envoy, expected_file, vars) {
+        panic!("{e}");
+    }
+}
+
+/// Waits (up to 15 s) until `/stats/prometheus` holds exactly the expected series, as
+/// istio/proxy's driver does for values reported periodically; fails with the last difference.
+fn await_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match series_match(envoy, expected_file, vars) {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("after 15 s: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn series_match(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) -> Result<(), String> {
     let expected = yaml(&fill(&read(&format!("metric/{expected_file}")), vars));
     let name = expected["name"].as_str().expect("name");
     let samples: Vec<Sample> = prometheus::parse(&envoy.prometheus()).into_iter().filter(|s| s.name == name).collect();
@@ -316,7 +360,14 @@ fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String
         })
         .collect();
     let show = || samples.iter().map(|s| format!("  {:?} {}", s.labels, s.value)).collect::<Vec<_>>().join("\n");
-    assert_eq!(samples.len(), want.len(), "{expected_file}: {name} series count; got:\n{}", show());
+    if samples.len() != want.len() {
+        return Err(format!(
+            "{expected_file}: {name} series count: got {}, want {}; got:\n{}",
+            samples.len(),
+            want.len(),
+            show()
+        ));
+    }
     for (labels, value) in &want {
         let Some(got) = samples.iter().find(|s| &s.labels == labels) else {
             let nearest = samples.first().map(|s| {
@@ -324,10 +375,16 @@ fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String
                 let extra: Vec<_> = s.labels.iter().filter(|(k, _)| !labels.contains_key(*k)).collect();
                 format!("differs in {missing:?}; extra {extra:?}")
             });
-            panic!("{expected_file}: no {name} series with labels {labels:?}\n{nearest:?}\ngot:\n{}", show());
+            return Err(format!(
+                "{expected_file}: no {name} series with labels {labels:?}\n{nearest:?}\ngot:\n{}",
+                show()
+            ));
         };
-        assert_eq!(got.value, *value, "{expected_file}: value of {name}{labels:?}");
+        if got.value != *value {
+            return Err(format!("{expected_file}: value of {name}{labels:?}: got {}, want {value}", got.value));
+        }
     }
+    Ok(())
 }
 
 // === istio/proxy stats configs → Telemetry API overrides ===
@@ -377,6 +434,9 @@ fn telemetry_api(stats: &Value) -> Value {
         overrides.push(o);
     }
     let mut spec = json!({"metrics": [{"providers": [{"name": "prometheus"}], "overrides": overrides}]});
+    if let Some(d) = stats["tcp_reporting_duration"].as_str() {
+        spec["tcpReportingInterval"] = json!(d);
+    }
     match &stats["disable_host_header_fallback"] {
         Value::Bool(true) => spec["disableHostHeaderFallback"] = json!(true),
         Value::String(s) if s == "true" => spec["disableHostHeaderFallback"] = json!(true),
@@ -507,6 +567,58 @@ fn customized_overrides() {
     assert!(!bytes[0].labels.contains_key("reporter"), "reporter removed from request_bytes");
 }
 
+// === gRPC message counters ===
+
+#[test]
+fn grpc_message_counters_while_the_stream_runs_and_at_its_end() {
+    // istio/proxy's TestStatsGrpcStream: Envoy's grpc_stats filter before the telemetry filter
+    // on both proxies, its stats configs (reports every second: `tcp_reporting_duration: 1s`),
+    // one bidirectional stream to a real gRPC server.
+    let mut vars = base_vars();
+    let s = Scenario {
+        client_config: stats_file("client_config_grpc.yaml.tmpl", &vars),
+        server_config: stats_file("server_config_grpc.yaml.tmpl", &vars),
+        server_inbound_metadata: true,
+        extra_tags: &["configurable_metric_a"],
+        grpc: true,
+        ..Scenario::default()
+    };
+    let upstream = MessageServer::start();
+    let server = start(&server_side(&s, &vars, upstream.addr()));
+    vars.insert("Ports.ServerPort", server.listener_addr().port().to_string());
+    let client = start(&client_side(&s, &vars));
+
+    let mut stream = MessageStream::open(client.listener_addr());
+    assert_eq!(stream.send(&[1, 5, 7]), 13, "replies received");
+    vars.insert("Vars.RequestMessages", "3".into());
+    vars.insert("Vars.ResponseMessages", "13".into());
+    // The stream is still open: only the periodic reports can show these.
+    for (envoy, side) in [(&server, "server"), (&client, "client")] {
+        await_series(envoy, &format!("{side}_request_messages.yaml.tmpl"), &vars);
+        await_series(envoy, &format!("{side}_response_messages.yaml.tmpl"), &vars);
+    }
+    assert_eq!(requests_total(&client), 0.0, "the call is not over");
+
+    assert_eq!(stream.send(&[10, 1, 1, 1, 1]), 27, "replies received");
+    assert_eq!(stream.close().expect("the server ends the call with OK"), 0);
+    vars.insert("Vars.RequestMessages", "8".into());
+    vars.insert("Vars.ResponseMessages", "27".into());
+    // Deltas: the end of the stream adds what the periodic reports had not counted yet.
+    for (envoy, side) in [(&server, "server"), (&client, "client")] {
+        await_series(envoy, &format!("{side}_request_messages.yaml.tmpl"), &vars);
+        await_series(envoy, &format!("{side}_response_messages.yaml.tmpl"), &vars);
+    }
+    // The call itself is one gRPC request with the 25 labels (and the added one).
+    let calls = eventually("the call counted", Duration::from_secs(10), || {
+        let s = requests_series(&client);
+        (s.iter().map(|s| s.value).sum::<f64>() == 1.0).then_some(s)
+    });
+    assert_eq!(calls.len(), 1);
+    let l = &calls[0].labels;
+    assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("grpc", "0"));
+    assert_eq!(l.len(), 26, "{l:?}");
+}
+
 // === maxSeries: a label-cardinality flood ===
 
 /// RSS of a process in KiB (`/proc/<pid>/status`).
@@ -595,6 +707,7 @@ fn flood_client(config: Value, upstream: SocketAddr) -> Envoy {
         cluster,
         filter: Some(config),
         extra_tags: &[],
+        grpc: false,
     };
     start(&side)
 }

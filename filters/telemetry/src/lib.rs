@@ -1,5 +1,6 @@
 //! meshwasm telemetry: Istio's standard metrics (`istio_requests_total`,
-//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`) with
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`, the
+//! gRPC message counters) with
 //! every label Istio derives, peer metadata exchange over Istio's headers, and the Telemetry
 //! API's metric overrides.
 //!
