@@ -150,3 +150,36 @@ pub trait Plugin: Sized + 'static {
         None
     }
 }
+
+/// A network (TCP) filter: one per connection, for modules loaded as
+/// `envoy.filters.network.wasm` (exported with `export_network_filter!`). Envoy calls the
+/// data callbacks with the bytes of one read; `Host::network_data` /
+/// `Host::set_network_data` read and rewrite them.
+pub trait NetworkFilter {
+    /// The connection was accepted (its upstream is not chosen yet).
+    fn on_new_connection(&mut self, _host: &dyn Host) {}
+    /// Bytes from the downstream (`size` buffered). `Flow::Pause` keeps them buffered and
+    /// calls again when more arrive.
+    fn on_downstream_data(&mut self, _host: &dyn Host, _size: usize, _end_of_stream: bool) -> Flow {
+        Flow::Continue
+    }
+    /// Bytes from the upstream, likewise.
+    fn on_upstream_data(&mut self, _host: &dyn Host, _size: usize, _end_of_stream: bool) -> Flow {
+        Flow::Continue
+    }
+    /// The connection is over (either side closed it, or Envoy destroyed it). Called once.
+    fn on_close(&mut self, _host: &dyn Host) {}
+    /// Periodic work while the connection is open, as `HttpFilter::periodic`: asked once,
+    /// after `on_new_connection`.
+    fn periodic(&self) -> Option<Duration> {
+        None
+    }
+    fn on_periodic(&mut self, _host: &dyn Host) -> Option<Duration> {
+        None
+    }
+}
+
+/// A plugin that is also a network filter: one `NetworkFilter` per connection.
+pub trait NetworkPlugin: Plugin {
+    fn new_connection(self: &Rc<Self>, context_id: u32) -> Box<dyn NetworkFilter>;
+}

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 
 use meshwasm_tests::grpc_stream::{MessageServer, MessageStream};
 use meshwasm_tests::prometheus::{self, Sample};
-use meshwasm_tests::{eventually, wasm_module, workspace_root, Envoy, Request, Upstream};
+use meshwasm_tests::server::ServerThread;
+use meshwasm_tests::{eventually, wasm_module, workspace_root, Envoy, Request, TestCerts, Upstream};
 
 const REQUESTS: u64 = 10;
 const SERVER_IP: [u8; 4] = [127, 0, 0, 2];
@@ -617,6 +618,198 @@ fn grpc_message_counters_while_the_stream_runs_and_at_its_end() {
     let l = &calls[0].labels;
     assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("grpc", "0"));
     assert_eq!(l.len(), 26, "{l:?}");
+}
+
+// === TCP metrics (the network filter) ===
+
+const SPIFFE_TCP_CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SPIFFE_TCP_SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+/// A raw TCP upstream as istio/proxy's `TCPServer{Prefix: "hello"}`: answers every read with
+/// `hello ` and the bytes read; closes when the client does.
+fn tcp_upstream() -> ServerThread {
+    ServerThread::spawn("meshwasm-tcp-hello", SocketAddr::from(([127, 0, 0, 1], 0)), |listener| async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut out = b"hello ".to_vec();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// istio/proxy's `TCPConnection`: connect, send `world\n`, read the whole reply, close.
+fn tcp_connection(addr: SocketAddr) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"world\n").expect("write");
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("reply");
+    assert_eq!(&got, b"hello world\n", "the application's bytes only, no exchange frame");
+}
+
+fn wasm_network_filter(config: &Value) -> Value {
+    let mut f = wasm_filter(config);
+    f["name"] = json!("envoy.filters.network.wasm");
+    f["typed_config"]["@type"] = json!("type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm");
+    f
+}
+
+fn tls_context(kind: &str, certs: &meshwasm_tests::certs::CertFiles, ca: &std::path::Path) -> Value {
+    let mut ctx = json!({"@type": format!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}"),
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": {"filename": certs.cert}, "private_key": {"filename": certs.key}}],
+            "validation_context": {"trusted_ca": {"filename": ca}}}});
+    if kind == "DownstreamTlsContext" {
+        ctx["require_client_certificate"] = json!(true);
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
+}
+
+/// A TCP proxy: `[telemetry network filter, tcp_proxy]` on one listener, mTLS on the link
+/// between the two proxies (the server's listener, the client's cluster).
+fn tcp_bootstrap(side: &Side<'_>, downstream_tls: Option<&Value>, admin: u16, port: u16) -> String {
+    let cluster_name = side.cluster["name"].as_str().expect("cluster name").to_string();
+    let mut filters = Vec::new();
+    if let Some(cfg) = &side.filter {
+        filters.push(wasm_network_filter(cfg));
+    }
+    filters.push(json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": format!("{}_tcp", side.direction.to_lowercase()), "cluster": cluster_name}}));
+    let mut chain = json!({"filters": filters});
+    if let Some(tls) = downstream_tls {
+        chain["transport_socket"] = tls.clone();
+    }
+    json!({
+        "node": {"id": side.node_id, "cluster": "test-cluster", "metadata": side.metadata},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "stats_config": stats_config(side.extra_tags),
+        "static_resources": {
+            "listeners": [{"name": side.direction.to_lowercase(), "traffic_direction": side.direction,
+                "address": {"socket_address": {"address": side.ip.to_string(), "port_value": port}},
+                "filter_chains": [chain]}],
+            "clusters": [side.cluster],
+        },
+    })
+    .to_string()
+}
+
+struct TcpRun {
+    client: Envoy,
+    server: Envoy,
+    _upstream: ServerThread,
+    _certs: TestCerts,
+}
+
+/// istio/proxy's TestTCPMetadataExchange topology: client proxy → (mTLS, SPIFFE identities)
+/// → server proxy → a TCP upstream; `config` on both proxies.
+fn tcp_run(config: Value) -> TcpRun {
+    let mut certs = TestCerts::generate();
+    let client_cert = certs.add_client("tcp-client", &[SPIFFE_TCP_CLIENT], &[]).clone();
+    let server_cert = certs.add_server("tcp-server", &[SPIFFE_TCP_SERVER], &["localhost"]).clone();
+    let upstream = tcp_upstream();
+    let mut vars = base_vars();
+    let s = Scenario {
+        client_config: config.clone(),
+        server_config: config,
+        server_inbound_metadata: true,
+        ..Scenario::default()
+    };
+    let server_tls = tls_context("DownstreamTlsContext", &server_cert, certs.ca());
+    let server_side = server_side(&s, &vars, upstream.addr());
+    let server = Envoy::start_bootstrap(&[server_side.ip], 1, |admin, ports| {
+        tcp_bootstrap(&server_side, Some(&server_tls), admin, ports[0])
+    });
+    vars.insert("Ports.ServerPort", server.listener_addr().port().to_string());
+    let mut client_side = client_side(&s, &vars);
+    client_side.cluster["transport_socket"] = tls_context("UpstreamTlsContext", &client_cert, certs.ca());
+    let client =
+        Envoy::start_bootstrap(&[client_side.ip], 1, |admin, ports| tcp_bootstrap(&client_side, None, admin, ports[0]));
+    TcpRun { client, server, _upstream: upstream, _certs: certs }
+}
+
+#[test]
+fn tcp_metrics_with_in_band_metadata_exchange() {
+    // istio/proxy's TestTCPMetadataExchange: 10 connections, each `world\n` → `hello world\n`.
+    let r = tcp_run(json!({"tcpMetadataExchange": true}));
+    for _ in 0..10 {
+        tcp_connection(r.client.listener_addr());
+    }
+    let vars = base_vars();
+    for (envoy, side) in [(&r.client, "client"), (&r.server, "server")] {
+        for m in ["connection_open", "connection_close", "received_bytes", "sent_bytes"] {
+            await_series(envoy, &format!("tcp_{side}_{m}.yaml.tmpl"), &vars);
+        }
+    }
+}
+
+#[test]
+fn tcp_metrics_report_while_the_connection_is_open_and_without_exchange() {
+    // Without the exchange the server knows the client by its certificate only (istio/proxy's
+    // tcp_server_connection_open_without_mx: the namespace from the SPIFFE id, as its native
+    // filter), and the client falls back to the endpoint's metadata.
+    let r = tcp_run(json!({"tcpReportingInterval": "0.2s"}));
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(r.client.listener_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"world\n").expect("write");
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("reply");
+    // Open: the periodic reports show the connection and its bytes so far.
+    let open = |envoy: &Envoy| {
+        let p = prometheus::parse(&envoy.prometheus());
+        let v = |n: &str| p.iter().filter(|s| s.name == n).map(|s| s.value).sum::<f64>();
+        (
+            v("istio_tcp_connections_opened_total"),
+            v("istio_tcp_connections_closed_total"),
+            v("istio_tcp_received_bytes_total"),
+            v("istio_tcp_sent_bytes_total"),
+        )
+    };
+    for envoy in [&r.client, &r.server] {
+        eventually("periodic TCP report", Duration::from_secs(10), || {
+            (open(envoy) == (1.0, 0.0, 6.0, 12.0)).then_some(())
+        });
+    }
+    s.write_all(b"again\n").expect("write");
+    s.read_exact(&mut got).expect("reply");
+    drop(s);
+    for envoy in [&r.client, &r.server] {
+        eventually("the close reported", Duration::from_secs(10), || {
+            (open(envoy) == (1.0, 1.0, 12.0, 24.0)).then_some(())
+        });
+    }
+    // One connection per side, as istio/proxy's series for the server without exchange.
+    let mut vars = base_vars();
+    vars.insert("Vars.WasmRuntime", String::new());
+    let p = prometheus::parse(&r.server.prometheus());
+    let opened: Vec<&Sample> = p.iter().filter(|s| s.name == "istio_tcp_connections_opened_total").collect();
+    assert_eq!(opened.len(), 1);
+    let expected = yaml(&fill(&read("metric/tcp_server_connection_open_without_mx.yaml.tmpl"), &vars));
+    for l in expected["metric"][0]["label"].as_array().expect("labels") {
+        let name = l["name"].as_str().expect("name");
+        assert_eq!(opened[0].labels.get(name).map(String::as_str), l["value"].as_str(), "{name}");
+    }
+    assert_eq!(opened[0].labels.len(), 23);
+    let c = prometheus::parse(&r.client.prometheus());
+    let client_open = c.iter().find(|s| s.name == "istio_tcp_connections_opened_total").expect("client series");
+    assert_eq!(client_open.labels["destination_workload"], "unknown", "no exchange, no endpoint metadata");
+    assert_eq!(client_open.labels["destination_principal"], SPIFFE_TCP_SERVER, "from the upstream certificate");
+    assert_eq!(client_open.labels["destination_service"], "server.default.svc.cluster.local");
 }
 
 // === maxSeries: a label-cardinality flood ===

@@ -179,6 +179,9 @@ pub struct Config {
     pub reporter: Option<Reporter>,
     pub disable_host_header_fallback: bool,
     pub tcp_reporting_interval: Duration,
+    /// Network filter: exchange peer metadata in-band at the start of each connection
+    /// (istio/proxy's TCP frame). Both proxies must have it on.
+    pub tcp_metadata_exchange: bool,
     /// Per metric, per worker VM: distinct label sets past this fold into one overflow series.
     pub max_series: Option<usize>,
     pub exprs: Vec<Expr>,
@@ -222,6 +225,8 @@ struct RawSpec {
     disable_host_header_fallback: bool,
     #[serde(default, deserialize_with = "meshwasm_sdk_ext::duration::de_opt")]
     tcp_reporting_interval: Option<Duration>,
+    #[serde(default)]
+    tcp_metadata_exchange: bool,
     #[serde(default)]
     max_series: Option<u64>,
 }
@@ -463,6 +468,7 @@ impl Config {
             reporter,
             disable_host_header_fallback: raw.disable_host_header_fallback,
             tcp_reporting_interval,
+            tcp_metadata_exchange: raw.tcp_metadata_exchange,
             max_series,
             exprs,
             plans,

@@ -61,6 +61,8 @@ pub struct TelemetryPlugin {
     node_id: String,
     /// The `x-envoy-peer-metadata` value this proxy sends.
     exchange: String,
+    /// The TCP exchange frame this proxy sends (with `tcpMetadataExchange`).
+    pub(crate) tcp_frame: Vec<u8>,
     reporter: Cell<Option<Reporter>>,
     peers: RefCell<HashMap<String, Rc<Workload>>>,
     clusters: RefCell<HashMap<String, Rc<Value>>>,
@@ -71,6 +73,7 @@ impl TelemetryPlugin {
     pub fn new(config: Config, node_id: String, node_metadata: Value) -> Self {
         let local = Workload::from_metadata(&node_metadata);
         let exchange = peer::encode_exchange(&node_metadata);
+        let tcp_frame = if config.tcp_metadata_exchange { peer::encode_tcp_frame(&node_metadata) } else { Vec::new() };
         let node = serde_json::json!({"id": node_id, "metadata": node_metadata});
         Self {
             reporter: Cell::new(config.reporter),
@@ -79,6 +82,7 @@ impl TelemetryPlugin {
             local,
             node_id,
             exchange,
+            tcp_frame,
             peers: RefCell::default(),
             clusters: RefCell::default(),
             series: RefCell::default(),
