@@ -1007,7 +1007,14 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
     let mut v = vars.clone();
     v.insert("Ports.ServerPort", server.listener_addr().port().to_string());
     let client = start(&client_side(&s, &v));
-    let prom = meshwasm_tests::prometheus::Prometheus::start(&[client.admin_addr(), server.admin_addr()]);
+    // TCP too: the same workloads through the network filter (exchange on, mTLS between them).
+    let tcp = tcp_run(json!({"tcpMetadataExchange": true, "tcpReportingInterval": "1s"}));
+    let prom = meshwasm_tests::prometheus::Prometheus::start(&[
+        client.admin_addr(),
+        server.admin_addr(),
+        tcp.client.admin_addr(),
+        tcp.server.admin_addr(),
+    ]);
     let port = client.listener_addr().port();
     let send = |status: u16| {
         let rsp = client.send(
@@ -1039,8 +1046,11 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
     let background = {
         let stop = stop.clone();
         let addr = client.listener_addr();
+        let tcp_addr = tcp.client.listener_addr();
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // One TCP connection (6 bytes in, 12 out) per group of five requests.
+                tcp_connection(tcp_addr);
                 for st in ["200", "200", "200", "200", "503"] {
                     let req = Request::get("/")
                         .authority(&format!("127.0.0.1:{}", addr.port()))
@@ -1116,8 +1126,34 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
         p50 <= bucket_hi && p50 >= bucket_hi / 10.0,
         "P50 response size {p50} in the bucket of the mean {mean_resp}"
     );
-    // No TCP traffic: the TCP panels are empty.
-    assert!(panel("Istio Service Dashboard", "TCP Received Bytes").is_empty());
+    // TCP bytes: every connection received 6 bytes and sent 12, reported together at its
+    // close, so the sent rate is twice the received rate on both reporters; the inbound
+    // panels name the client workload (known from the exchange) over mTLS.
+    let received = panel("Istio Service Dashboard", "TCP Received Bytes");
+    let sent = panel("Istio Service Dashboard", "TCP Sent Bytes");
+    assert!(received.len() == 1 && received[0].1 > 0.0, "TCP Received Bytes: {received:?}");
+    assert!(sent.len() == 1, "TCP Sent Bytes: {sent:?}");
+    let ratio = sent[0].1 / received[0].1;
+    assert!((1.9..=2.1).contains(&ratio), "sent/received rate {ratio} (traffic implies 2)");
+    let inbound = panel("Istio Workload Dashboard", "Bytes Received from Incoming TCP Connection");
+    // Query A (mTLS) holds the server's report, B (not mTLS) the client's, whose policy is
+    // `unknown` as in Istio.
+    assert_eq!(inbound.len(), 2, "{inbound:?}");
+    assert!(inbound.iter().all(|(l, v)| l["source_workload"] == "productpage-v1" && *v > 0.0), "{inbound:?}");
+    let server_traffic = panel("Istio Workload Dashboard", "TCP Server Traffic");
+    assert!(server_traffic.len() == 1 && server_traffic[0].1 > 0.0, "TCP Server Traffic: {server_traffic:?}");
+    // The totals, exactly: 6 and 12 bytes per connection on each reporter.
+    let total = |q: &str| prom.vector(q).expect("query").first().map_or(0.0, |r| r.1);
+    let conns = total(r#"sum(istio_tcp_connections_closed_total{reporter="destination"})"#);
+    assert!(conns > 0.0);
+    for reporter in ["source", "destination"] {
+        eventually("TCP totals scraped", Duration::from_secs(10), || {
+            let c = total(&format!(r#"sum(istio_tcp_connections_closed_total{{reporter="{reporter}"}})"#));
+            let rx = total(&format!(r#"sum(istio_tcp_received_bytes_total{{reporter="{reporter}"}})"#));
+            let tx = total(&format!(r#"sum(istio_tcp_sent_bytes_total{{reporter="{reporter}"}})"#));
+            (c >= conns && rx == 6.0 * c && tx == 12.0 * c).then_some(())
+        });
+    }
 }
 
 #[test]
