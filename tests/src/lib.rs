@@ -22,6 +22,7 @@ pub mod certs;
 pub mod client;
 pub mod envoy;
 pub mod ext_authz;
+pub mod grpc_stream;
 pub mod jwks_server;
 pub mod jwt;
 pub mod prometheus;
