@@ -599,8 +599,9 @@ struct RootState<P: Plugin> {
     plugin: Option<Rc<P>>,
     /// Streams of this root paused for a delay, with the phase to resume.
     scheduler: Scheduler<Phase>,
-    /// Streams of this root due for `HttpFilter::on_periodic` (not paused).
-    periodic: Scheduler<()>,
+    /// Streams and connections of this root due for `on_periodic` (not paused). The payload
+    /// is unused: the same type as `scheduler` costs no more code.
+    periodic: Scheduler<Phase>,
     /// When `Plugin::tick` is due next.
     plugin_wake: Option<Duration>,
     rng: WyRand,
@@ -609,7 +610,11 @@ struct RootState<P: Plugin> {
 impl<P: Plugin> RootState<P> {
     /// The earliest of the next stream deadline and the plugin's next tick.
     fn next_wake(&mut self) -> Option<Duration> {
-        [self.scheduler.next_deadline(), self.periodic.next_deadline(), self.plugin_wake].into_iter().flatten().min()
+        let min = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        min(min(self.scheduler.next_deadline(), self.periodic.next_deadline()), self.plugin_wake)
     }
 
     fn arm(&mut self, host: &ProxyHost) {
@@ -622,10 +627,40 @@ struct StreamState<P: Plugin> {
     root: u32,
     /// `None` when the plugin had no valid configuration: the stream passes through.
     filter: Option<P::Filter>,
+    /// A network filter's connection instead (`export_network_filter!`), from
+    /// `proxy_on_new_connection` on (the context is created before Envoy says which it is).
+    conn: Option<Box<dyn Connection>>,
     done: bool,
     logged: bool,
     /// `HttpFilter::periodic` was asked (once, after the first callback).
     periodic_asked: bool,
+}
+
+/// A connection's network filter behind calls that take no `&dyn Host` at the call site: the
+/// host is bound where the connection is created (`on_new_connection`, compiled only into
+/// modules that export network callbacks), so HTTP-only modules link none of it.
+trait Connection {
+    fn data(&mut self, upstream: bool, size: usize, end_of_stream: bool) -> Flow;
+    fn periodic(&mut self) -> Option<Duration>;
+    fn close(&mut self);
+}
+
+struct OnProxy(Box<dyn NetworkFilter>);
+
+impl Connection for OnProxy {
+    fn data(&mut self, upstream: bool, size: usize, end_of_stream: bool) -> Flow {
+        if upstream {
+            self.0.on_upstream_data(&ProxyHost, size, end_of_stream)
+        } else {
+            self.0.on_downstream_data(&ProxyHost, size, end_of_stream)
+        }
+    }
+    fn periodic(&mut self) -> Option<Duration> {
+        self.0.on_periodic(&ProxyHost)
+    }
+    fn close(&mut self) {
+        self.0.on_close(&ProxyHost);
+    }
 }
 
 /// Who gets a callout's reply.
@@ -671,17 +706,9 @@ impl Callouts {
     }
 }
 
-/// A network filter's connection (`export_network_filter!`).
-struct ConnState {
-    root: u32,
-    filter: Box<dyn NetworkFilter>,
-    closed: bool,
-}
-
 struct Contexts<P: Plugin> {
     roots: IdMap<RootState<P>>,
     streams: IdMap<StreamState<P>>,
-    connections: IdMap<ConnState>,
     callouts: Callouts,
 }
 
@@ -730,7 +757,7 @@ impl<P: Plugin> Contexts<P> {
         let Some(root) = self.roots.get_mut(&root_id) else { return };
         let now = since_epoch(host.now());
         let earlier = root.next_wake().is_none_or(|n| now + d < n);
-        root.periodic.schedule(id, now + d, ());
+        root.periodic.schedule(id, now + d, Phase::Request);
         if earlier {
             root.arm(host);
         }
@@ -759,7 +786,6 @@ impl<P: Plugin> Default for Vm<P> {
             contexts: RefCell::new(Contexts {
                 roots: IdMap::default(),
                 streams: IdMap::default(),
-                connections: IdMap::default(),
                 callouts: Callouts::default(),
             }),
         }
@@ -809,8 +835,10 @@ impl<P: Plugin> Vm<P> {
                 }
                 None => None,
             };
-            c.streams
-                .insert(id, StreamState { root: root_id, filter, done: false, logged: false, periodic_asked: false });
+            c.streams.insert(
+                id,
+                StreamState { root: root_id, filter, conn: None, done: false, logged: false, periodic_asked: false },
+            );
         });
     }
 
@@ -856,18 +884,21 @@ impl<P: Plugin> Vm<P> {
                     resume::<P>(&host, id, phase);
                 }
             }
-            for (id, ()) in periodic_due {
+            for (id, _) in periodic_due {
                 if host.set_effective_context(id).is_err() {
                     continue; // the stream went away
                 }
-                let next = match (c.streams.get_mut(&id), c.connections.get_mut(&id)) {
-                    (Some(s), _) if !s.done => s.filter.as_mut().and_then(|f| f.on_periodic(&host)),
-                    (None, Some(conn)) if !conn.closed => conn.filter.on_periodic(&host),
+                let next = match c.streams.get_mut(&id) {
+                    Some(s) if !s.done => match (s.filter.as_mut(), s.conn.as_mut()) {
+                        (Some(f), _) => f.on_periodic(&host),
+                        (None, Some(conn)) => conn.periodic(),
+                        (None, None) => None,
+                    },
                     _ => None,
                 };
                 c.adopt_callouts(Owner::Stream(id, Phase::Request));
                 if let (Some(d), Some(root)) = (next, c.roots.get_mut(&root_id)) {
-                    root.periodic.schedule(id, now + d, ());
+                    root.periodic.schedule(id, now + d, Phase::Request);
                 }
             }
             let _ = host.set_effective_context(root_id);
@@ -996,10 +1027,6 @@ impl<P: Plugin> Vm<P> {
     }
 
     fn finish(c: &mut Contexts<P>, id: u32) {
-        if let Some(conn) = c.connections.get_mut(&id) {
-            Self::close(conn, &mut c.roots, id);
-            return;
-        }
         let Some(stream) = c.streams.get_mut(&id) else { return };
         if stream.done {
             return;
@@ -1013,28 +1040,20 @@ impl<P: Plugin> Vm<P> {
         if let Some(filter) = stream.filter.as_mut() {
             filter.on_done(&ProxyHost);
         }
+        if let Some(conn) = stream.conn.as_mut() {
+            conn.close();
+        }
     }
 
     pub fn on_delete(&self, id: u32) {
         self.with((), |c| {
             Self::finish(c, id);
-            if c.streams.remove(&id).is_none() && c.connections.remove(&id).is_none() {
+            if c.streams.remove(&id).is_none() {
                 c.roots.remove(&id);
             }
         });
     }
     // --- network filters ---
-
-    fn close(conn: &mut ConnState, roots: &mut IdMap<RootState<P>>, id: u32) {
-        if conn.closed {
-            return;
-        }
-        conn.closed = true;
-        if let Some(root) = roots.get_mut(&conn.root) {
-            root.periodic.cancel(id);
-        }
-        conn.filter.on_close(&ProxyHost);
-    }
 
     /// `proxy_on_new_connection`: context `id` is a connection, not an HTTP stream.
     pub fn on_new_connection(&self, id: u32) -> u32
@@ -1042,15 +1061,18 @@ impl<P: Plugin> Vm<P> {
         P: NetworkPlugin,
     {
         self.with(0, |c| {
-            let Some(stream) = c.streams.remove(&id) else { return 0 };
-            let Some(plugin) = c.roots.get(&stream.root).and_then(|r| r.plugin.clone()) else { return 0 };
+            let Some(stream) = c.streams.get_mut(&id) else { return 0 };
+            let root_id = stream.root;
+            let Some(plugin) = c.roots.get(&root_id).and_then(|r| r.plugin.clone()) else { return 0 };
             let host = ProxyHost;
-            let mut filter = plugin.new_connection(id);
-            filter.on_new_connection(&host);
-            let periodic = filter.periodic();
-            c.connections.insert(id, ConnState { root: stream.root, filter, closed: false });
+            let mut conn = plugin.new_connection(id);
+            conn.on_new_connection(&host);
+            let periodic = conn.periodic();
+            stream.filter = None;
+            stream.conn = Some(Box::new(OnProxy(conn)));
+            stream.periodic_asked = true;
             if let Some(d) = periodic {
-                c.schedule_periodic(stream.root, id, d, &host);
+                c.schedule_periodic(root_id, id, d, &host);
             }
             0
         })
@@ -1059,27 +1081,16 @@ impl<P: Plugin> Vm<P> {
     /// `proxy_on_downstream_data` / `proxy_on_upstream_data`: 0 continue, 1 stop iteration.
     pub fn on_data(&self, id: u32, upstream: bool, size: usize, end_of_stream: bool) -> u32 {
         self.with(0, |c| {
-            let Some(conn) = c.connections.get_mut(&id) else { return 0 };
-            if conn.closed {
-                return 0;
-            }
-            let host = ProxyHost;
-            let flow = if upstream {
-                conn.filter.on_upstream_data(&host, size, end_of_stream)
-            } else {
-                conn.filter.on_downstream_data(&host, size, end_of_stream)
-            };
+            let Some(stream) = c.streams.get_mut(&id).filter(|s| !s.done) else { return 0 };
+            let Some(conn) = stream.conn.as_mut() else { return 0 };
+            let flow = conn.data(upstream, size, end_of_stream);
             u32::from(flow != Flow::Continue)
         })
     }
 
     /// `proxy_on_downstream_connection_close` / `proxy_on_upstream_connection_close`.
     pub fn on_connection_close(&self, id: u32) {
-        self.with((), |c| {
-            if let Some(conn) = c.connections.get_mut(&id) {
-                Self::close(conn, &mut c.roots, id);
-            }
-        });
+        self.with((), |c| Self::finish(c, id));
     }
 }
 

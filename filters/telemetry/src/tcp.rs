@@ -275,6 +275,37 @@ mod tests {
     }
 
     #[test]
+    fn past_max_series_a_connection_folds_once_per_metric() {
+        let config = Config::from_value(&json!({"reporter": "CLIENT", "maxSeries": 1})).unwrap();
+        let p = Rc::new(TelemetryPlugin::new(config, "c~".into(), json!({"WORKLOAD_NAME": "c"})));
+        let h = FakeHost::new();
+        for cluster in ["a", "b", "c"] {
+            // A new destination per connection: a new label set.
+            h.set_property(&["xds", "cluster_name"], cluster.as_bytes());
+            h.set_property(
+                &["xds", "cluster_metadata"],
+                &meshwasm_sdk_ext::props::encode_metadata("istio", &json!({"services": [{"host": cluster}]})),
+            );
+            let mut c = TelemetryConnection::new(p.clone());
+            *h.downstream_data.borrow_mut() = b"x".to_vec();
+            c.on_downstream_data(&h, 1, false);
+            c.on_periodic(&h);
+            c.on_periodic(&h);
+            c.on_close(&h);
+        }
+        let opened: Vec<(String, i64)> = h
+            .metrics
+            .borrow()
+            .iter()
+            .filter(|(_, n, _)| n.starts_with("istio_tcp_connections_opened_total"))
+            .map(|(_, n, v)| (n.clone(), *v))
+            .collect();
+        assert_eq!(opened.len(), 2, "the cap and the overflow series: {opened:?}");
+        assert!(opened[1].0.contains("destination_service=.=overflow;") && opened[1].1 == 2, "{opened:?}");
+        assert_eq!(h.metric_value(crate::filter::OVERFLOW_STAT), 8, "2 connections × 4 metrics, not per report");
+    }
+
+    #[test]
     fn foreign_first_bytes_pass_through_untouched() {
         let h = FakeHost::new();
         let mut s = TelemetryConnection::new(plugin("SERVER", "ratings"));
