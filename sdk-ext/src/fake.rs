@@ -72,6 +72,9 @@ pub struct FakeHost {
     pub http_calls: RefCell<Vec<RecordedHttpCall>>,
     /// When set, `http_call` fails with this error.
     pub http_call_error: Cell<Option<HostError>>,
+    /// The network data being delivered (`network_data`), from the downstream and upstream.
+    pub downstream_data: RefCell<Vec<u8>>,
+    pub upstream_data: RefCell<Vec<u8>>,
 }
 
 impl FakeHost {
@@ -256,5 +259,18 @@ impl Host for FakeHost {
     }
     fn log(&self, level: LogLevel, message: &str) {
         self.logs.borrow_mut().push((level, message.to_string()));
+    }
+    fn network_data(&self, upstream: bool, max: usize) -> Vec<u8> {
+        let b = if upstream { &self.upstream_data } else { &self.downstream_data }.borrow();
+        b.get(..max.min(b.len())).unwrap_or_default().to_vec()
+    }
+    fn set_network_data(&self, upstream: bool, prepend: bool, data: &[u8]) -> Result<(), HostError> {
+        let mut b = if upstream { &self.upstream_data } else { &self.downstream_data }.borrow_mut();
+        if prepend {
+            b.splice(0..0, data.iter().copied());
+        } else {
+            *b = data.to_vec();
+        }
+        Ok(())
     }
 }

@@ -95,6 +95,17 @@ pub trait HttpFilter {
     fn on_http_reply(&mut self, _host: &dyn Host, _token: u32, _reply: HttpReply) -> Flow {
         Flow::Continue
     }
+    /// Periodic work on a stream that keeps flowing, without pausing it (telemetry's reports
+    /// on long gRPC streams). Asked once, after the stream's first callback
+    /// (`on_request_headers`): `Some(d)` calls `on_periodic` after `d`, driven by the root
+    /// tick. Each `on_periodic` returns the next interval, or `None` to stop. Nothing is
+    /// called once the stream is done.
+    fn periodic(&self) -> Option<Duration> {
+        None
+    }
+    fn on_periodic(&mut self, _host: &dyn Host) -> Option<Duration> {
+        None
+    }
     /// The access-log phase (`proxy_on_log`): the stream's final attributes (`response.code`,
     /// `response.flags`, `upstream.request_attempt_count`, sizes, durations) are readable.
     /// Called at most once, for streams that reached Envoy's access logging; Envoy may call
@@ -138,4 +149,37 @@ pub trait Plugin: Sized + 'static {
     fn on_grpc_reply(&self, _host: &dyn Host, _token: u32, _reply: GrpcReply) -> Option<Duration> {
         None
     }
+}
+
+/// A network (TCP) filter: one per connection, for modules loaded as
+/// `envoy.filters.network.wasm` (exported with `export_network_filter!`). Envoy calls the
+/// data callbacks with the bytes of one read; `Host::network_data` /
+/// `Host::set_network_data` read and rewrite them.
+pub trait NetworkFilter {
+    /// The connection was accepted (its upstream is not chosen yet).
+    fn on_new_connection(&mut self, _host: &dyn Host) {}
+    /// Bytes from the downstream (`size` buffered). `Flow::Pause` keeps them buffered and
+    /// calls again when more arrive.
+    fn on_downstream_data(&mut self, _host: &dyn Host, _size: usize, _end_of_stream: bool) -> Flow {
+        Flow::Continue
+    }
+    /// Bytes from the upstream, likewise.
+    fn on_upstream_data(&mut self, _host: &dyn Host, _size: usize, _end_of_stream: bool) -> Flow {
+        Flow::Continue
+    }
+    /// The connection is over (either side closed it, or Envoy destroyed it). Called once.
+    fn on_close(&mut self, _host: &dyn Host) {}
+    /// Periodic work while the connection is open, as `HttpFilter::periodic`: asked once,
+    /// after `on_new_connection`.
+    fn periodic(&self) -> Option<Duration> {
+        None
+    }
+    fn on_periodic(&mut self, _host: &dyn Host) -> Option<Duration> {
+        None
+    }
+}
+
+/// A plugin that is also a network filter: one `NetworkFilter` per connection.
+pub trait NetworkPlugin: Plugin {
+    fn new_connection(self: &Rc<Self>, context_id: u32) -> Box<dyn NetworkFilter>;
 }

@@ -145,6 +145,18 @@ pub trait Host {
 
     // --- logging ---
     fn log(&self, level: LogLevel, message: &str);
+
+    // --- network filters: the bytes of the read being delivered ---
+    /// Up to `max` bytes of the data in `NetworkFilter::on_downstream_data` (`upstream:
+    /// false`) or `on_upstream_data` (`upstream: true`).
+    fn network_data(&self, _upstream: bool, _max: usize) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Replace that data: the whole of it (`prepend: false`) or nothing, inserting `data`
+    /// before it (`prepend: true`). These are the two edits Envoy allows.
+    fn set_network_data(&self, _upstream: bool, _prepend: bool, _data: &[u8]) -> Result<(), HostError> {
+        Err(HostError::Other(12)) // Unimplemented
+    }
 }
 
 /// The wasm plugin's `config.name` (empty if the host does not say): filters key state

@@ -28,5 +28,5 @@ pub mod value_de;
 pub mod wasm;
 
 pub use config::{ConfigError, Path};
-pub use filter::{Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, Plugin};
+pub use filter::{Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, NetworkFilter, NetworkPlugin, Plugin};
 pub use host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};

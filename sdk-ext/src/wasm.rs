@@ -20,7 +20,9 @@ use std::ptr::{null, null_mut, NonNull};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::filter::{Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, Plugin, MAX_CALLOUT_BODY};
+use crate::filter::{
+    Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, NetworkFilter, NetworkPlugin, Plugin, MAX_CALLOUT_BODY,
+};
 use crate::host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};
 use crate::rng::{Rng, WyRand};
 use crate::scheduler::Scheduler;
@@ -45,6 +47,13 @@ mod raw {
             max_size: usize,
             return_buffer_data: *mut *mut u8,
             return_buffer_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_set_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            size: usize,
+            buffer_data: *const u8,
+            buffer_size: usize,
         ) -> u32;
         pub fn proxy_get_header_map_pairs(
             map_type: u32,
@@ -539,6 +548,18 @@ impl Host for ProxyHost {
         Ok(token)
     }
 
+    fn network_data(&self, upstream: bool, max: usize) -> Vec<u8> {
+        self.buffer(if upstream { 3 } else { 2 }, max) // UpstreamData / DownstreamData
+    }
+
+    fn set_network_data(&self, upstream: bool, prepend: bool, data: &[u8]) -> Result<(), HostError> {
+        // Envoy: start 0 and size 0 prepends; start 0 and a size at least the buffer's
+        // replaces it all.
+        let size = if prepend { 0 } else { usize::MAX >> 1 };
+        // SAFETY: data slice valid for the call.
+        status(unsafe { raw::proxy_set_buffer_bytes(if upstream { 3 } else { 2 }, 0, size, data.as_ptr(), data.len()) })
+    }
+
     fn log(&self, level: LogLevel, message: &str) {
         let l = match level {
             LogLevel::Trace => 0,
@@ -590,6 +611,9 @@ struct RootState<P: Plugin> {
     plugin: Option<Rc<P>>,
     /// Streams of this root paused for a delay, with the phase to resume.
     scheduler: Scheduler<Phase>,
+    /// Streams and connections of this root due for `on_periodic` (not paused). The payload
+    /// is unused: the same type as `scheduler` costs no more code.
+    periodic: Scheduler<Phase>,
     /// When `Plugin::tick` is due next.
     plugin_wake: Option<Duration>,
     rng: WyRand,
@@ -598,10 +622,11 @@ struct RootState<P: Plugin> {
 impl<P: Plugin> RootState<P> {
     /// The earliest of the next stream deadline and the plugin's next tick.
     fn next_wake(&mut self) -> Option<Duration> {
-        match (self.scheduler.next_deadline(), self.plugin_wake) {
+        let min = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        min(min(self.scheduler.next_deadline(), self.periodic.next_deadline()), self.plugin_wake)
     }
 
     fn arm(&mut self, host: &ProxyHost) {
@@ -614,8 +639,40 @@ struct StreamState<P: Plugin> {
     root: u32,
     /// `None` when the plugin had no valid configuration: the stream passes through.
     filter: Option<P::Filter>,
+    /// A network filter's connection instead (`export_network_filter!`), from
+    /// `proxy_on_new_connection` on (the context is created before Envoy says which it is).
+    conn: Option<Box<dyn Connection>>,
     done: bool,
     logged: bool,
+    /// `HttpFilter::periodic` was asked (once, after the first callback).
+    periodic_asked: bool,
+}
+
+/// A connection's network filter behind calls that take no `&dyn Host` at the call site: the
+/// host is bound where the connection is created (`on_new_connection`, compiled only into
+/// modules that export network callbacks), so HTTP-only modules link none of it.
+trait Connection {
+    fn data(&mut self, upstream: bool, size: usize, end_of_stream: bool) -> Flow;
+    fn periodic(&mut self) -> Option<Duration>;
+    fn close(&mut self);
+}
+
+struct OnProxy(Box<dyn NetworkFilter>);
+
+impl Connection for OnProxy {
+    fn data(&mut self, upstream: bool, size: usize, end_of_stream: bool) -> Flow {
+        if upstream {
+            self.0.on_upstream_data(&ProxyHost, size, end_of_stream)
+        } else {
+            self.0.on_downstream_data(&ProxyHost, size, end_of_stream)
+        }
+    }
+    fn periodic(&mut self) -> Option<Duration> {
+        self.0.on_periodic(&ProxyHost)
+    }
+    fn close(&mut self) {
+        self.0.on_close(&ProxyHost);
+    }
 }
 
 /// Who gets a callout's reply.
@@ -707,6 +764,17 @@ impl<P: Plugin> Contexts<P> {
         }
     }
 
+    /// Call `on_periodic` of stream `id` after `d`, arming the root tick if that is sooner.
+    fn schedule_periodic(&mut self, root_id: u32, id: u32, d: Duration, host: &ProxyHost) {
+        let Some(root) = self.roots.get_mut(&root_id) else { return };
+        let now = since_epoch(host.now());
+        let earlier = root.next_wake().is_none_or(|n| now + d < n);
+        root.periodic.schedule(id, now + d, Phase::Request);
+        if earlier {
+            root.arm(host);
+        }
+    }
+
     /// Run the plugin's root work (`Plugin::tick`) and schedule its next call.
     fn plugin_tick(&mut self, root_id: u32, host: &ProxyHost) {
         let Some(plugin) = self.roots.get(&root_id).and_then(|r| r.plugin.clone()) else { return };
@@ -765,6 +833,7 @@ impl<P: Plugin> Vm<P> {
                     RootState {
                         plugin: None,
                         scheduler: Scheduler::default(),
+                        periodic: Scheduler::default(),
                         plugin_wake: None,
                         rng: WyRand::from_entropy(),
                     },
@@ -778,7 +847,10 @@ impl<P: Plugin> Vm<P> {
                 }
                 None => None,
             };
-            c.streams.insert(id, StreamState { root: root_id, filter, done: false, logged: false });
+            c.streams.insert(
+                id,
+                StreamState { root: root_id, filter, conn: None, done: false, logged: false, periodic_asked: false },
+            );
         });
     }
 
@@ -811,6 +883,7 @@ impl<P: Plugin> Vm<P> {
             let now = since_epoch(host.now());
             let Some(root) = c.roots.get_mut(&root_id) else { return };
             let due = root.scheduler.pop_due(now);
+            let periodic_due = root.periodic.pop_due(now);
             let plugin_due = root.plugin_wake.is_some_and(|w| w <= now);
             for (id, phase) in due {
                 let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { continue };
@@ -821,6 +894,23 @@ impl<P: Plugin> Vm<P> {
                 c.adopt_callouts(Owner::Stream(id, phase));
                 if c.flow(id, phase, flow, &host) == 0 {
                     resume::<P>(&host, id, phase);
+                }
+            }
+            for (id, _) in periodic_due {
+                if host.set_effective_context(id).is_err() {
+                    continue; // the stream went away
+                }
+                let next = match c.streams.get_mut(&id) {
+                    Some(s) if !s.done => match (s.filter.as_mut(), s.conn.as_mut()) {
+                        (Some(f), _) => f.on_periodic(&host),
+                        (None, Some(conn)) => conn.periodic(),
+                        (None, None) => None,
+                    },
+                    _ => None,
+                };
+                c.adopt_callouts(Owner::Stream(id, Phase::Request));
+                if let (Some(d), Some(root)) = (next, c.roots.get_mut(&root_id)) {
+                    root.periodic.schedule(id, now + d, Phase::Request);
                 }
             }
             let _ = host.set_effective_context(root_id);
@@ -836,10 +926,20 @@ impl<P: Plugin> Vm<P> {
     /// Run a stream callback and turn its `Flow` into the ABI's action (0 continue, 1 pause).
     pub fn on_stream(&self, id: u32, phase: Phase, f: impl FnOnce(&mut P::Filter, &ProxyHost) -> Flow) -> u32 {
         self.with(0, |c| {
-            let Some(filter) = c.streams.get_mut(&id).and_then(|s| s.filter.as_mut()) else { return 0 };
+            let Some(stream) = c.streams.get_mut(&id) else { return 0 };
+            let Some(filter) = stream.filter.as_mut() else { return 0 };
             let host = ProxyHost;
             let flow = f(filter, &host);
+            let periodic = if stream.periodic_asked {
+                None
+            } else {
+                stream.periodic_asked = true;
+                filter.periodic().map(|d| (stream.root, d))
+            };
             c.adopt_callouts(Owner::Stream(id, phase));
+            if let Some((root_id, d)) = periodic {
+                c.schedule_periodic(root_id, id, d, &host);
+            }
             c.flow(id, phase, flow, &host)
         })
     }
@@ -946,10 +1046,14 @@ impl<P: Plugin> Vm<P> {
         stream.done = true;
         if let Some(root) = c.roots.get_mut(&stream.root) {
             root.scheduler.cancel(id);
+            root.periodic.cancel(id);
         }
         c.callouts.drop_stream(id);
         if let Some(filter) = stream.filter.as_mut() {
             filter.on_done(&ProxyHost);
+        }
+        if let Some(conn) = stream.conn.as_mut() {
+            conn.close();
         }
     }
 
@@ -961,6 +1065,74 @@ impl<P: Plugin> Vm<P> {
             }
         });
     }
+    // --- network filters ---
+
+    /// `proxy_on_new_connection`: context `id` is a connection, not an HTTP stream.
+    pub fn on_new_connection(&self, id: u32) -> u32
+    where
+        P: NetworkPlugin,
+    {
+        self.with(0, |c| {
+            let Some(stream) = c.streams.get_mut(&id) else { return 0 };
+            let root_id = stream.root;
+            let Some(plugin) = c.roots.get(&root_id).and_then(|r| r.plugin.clone()) else { return 0 };
+            let host = ProxyHost;
+            let mut conn = plugin.new_connection(id);
+            conn.on_new_connection(&host);
+            let periodic = conn.periodic();
+            stream.filter = None;
+            stream.conn = Some(Box::new(OnProxy(conn)));
+            stream.periodic_asked = true;
+            if let Some(d) = periodic {
+                c.schedule_periodic(root_id, id, d, &host);
+            }
+            0
+        })
+    }
+
+    /// `proxy_on_downstream_data` / `proxy_on_upstream_data`: 0 continue, 1 stop iteration.
+    pub fn on_data(&self, id: u32, upstream: bool, size: usize, end_of_stream: bool) -> u32 {
+        self.with(0, |c| {
+            let Some(stream) = c.streams.get_mut(&id).filter(|s| !s.done) else { return 0 };
+            let Some(conn) = stream.conn.as_mut() else { return 0 };
+            let flow = conn.data(upstream, size, end_of_stream);
+            u32::from(flow != Flow::Continue)
+        })
+    }
+
+    /// `proxy_on_downstream_connection_close` / `proxy_on_upstream_connection_close`.
+    pub fn on_connection_close(&self, id: u32) {
+        self.with((), |c| Self::finish(c, id));
+    }
+}
+
+/// Export the network-filter callbacks of `$plugin` (a `NetworkPlugin`), beside
+/// `export_http_filter!` in the same module: the module then loads as
+/// `envoy.filters.network.wasm` too. Modules without it export no network callbacks.
+#[macro_export]
+macro_rules! export_network_filter {
+    ($plugin:ty) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_new_connection(id: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_new_connection(id))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_downstream_data(id: u32, size: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_data(id, false, size, end_of_stream != 0))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_upstream_data(id: u32, size: usize, end_of_stream: u32) -> u32 {
+            __MESHWASM_VM.with(|vm| vm.on_data(id, true, size, end_of_stream != 0))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_downstream_connection_close(id: u32, _peer: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_connection_close(id))
+        }
+        #[no_mangle]
+        pub extern "C" fn proxy_on_upstream_connection_close(id: u32, _peer: u32) {
+            __MESHWASM_VM.with(|vm| vm.on_connection_close(id))
+        }
+    };
 }
 
 /// Export the Proxy-Wasm ABI for plugin `$plugin`: the request phase only (`request`), plus

@@ -152,6 +152,15 @@ impl TestCerts {
         self.clients.push((name.to_string(), files));
         &self.clients.last().expect("just pushed").1
     }
+
+    /// Issues a server certificate from the trusted CA with these URI and DNS SANs (a
+    /// SPIFFE identity for mTLS between two proxies); found again with [`TestCerts::client`]
+    /// under `name`.
+    pub fn add_server(&mut self, name: &str, uri_sans: &[&str], dns_sans: &[&str]) -> &CertFiles {
+        let files = leaf(&self.dir, name, &self.issuer, uri_sans, dns_sans, &[], ExtendedKeyUsagePurpose::ServerAuth);
+        self.clients.push((name.to_string(), files));
+        &self.clients.last().expect("just pushed").1
+    }
 }
 
 impl Drop for TestCerts {

@@ -23,6 +23,7 @@ pub mod client;
 pub mod collector;
 pub mod envoy;
 pub mod ext_authz;
+pub mod grpc_stream;
 pub mod jwks_server;
 pub mod jwt;
 pub mod prometheus;

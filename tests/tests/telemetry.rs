@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use meshwasm_tests::grpc_stream::{MessageServer, MessageStream};
 use meshwasm_tests::prometheus::{self, Sample};
-use meshwasm_tests::{eventually, wasm_module, workspace_root, Envoy, Request, Upstream};
+use meshwasm_tests::server::ServerThread;
+use meshwasm_tests::{eventually, wasm_module, workspace_root, Envoy, Request, TestCerts, Upstream};
 
 const REQUESTS: u64 = 10;
 const SERVER_IP: [u8; 4] = [127, 0, 0, 2];
@@ -115,10 +117,31 @@ struct Side<'a> {
     /// `None`: no telemetry filter on this proxy.
     filter: Option<Value>,
     extra_tags: &'a [&'a str],
+    /// gRPC: Envoy's `grpc_stats` filter (with `emit_filter_state`, as istiod configures it)
+    /// before the telemetry filter, and HTTP/2 to the cluster.
+    grpc: bool,
+}
+
+/// Envoy's native gRPC statistics filter, whose filter state carries the message counts.
+fn grpc_stats_filter() -> Value {
+    json!({"name": "envoy.filters.http.grpc_stats", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+        "emit_filter_state": true, "stats_for_all_methods": false}})
+}
+
+fn http2(cluster: &mut Value) {
+    cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}});
 }
 
 fn bootstrap(side: &Side<'_>, admin: u16, port: u16) -> String {
     let mut filters = Vec::new();
+    let mut cluster = side.cluster.clone();
+    if side.grpc {
+        filters.push(grpc_stats_filter());
+        http2(&mut cluster);
+    }
     if let Some(cfg) = &side.filter {
         filters.push(wasm_filter(cfg));
     }
@@ -140,7 +163,7 @@ fn bootstrap(side: &Side<'_>, admin: u16, port: u16) -> String {
                     "route_config": {"name": "routes", "virtual_hosts": [{"name": "all", "domains": ["*"],
                         "routes": [{"name": side.route, "match": {"prefix": "/"}, "route": {"cluster": cluster_name, "timeout": "10s"}}]}]},
                     "http_filters": filters}}]}]}],
-            "clusters": [side.cluster],
+            "clusters": [cluster],
         },
     })
     .to_string()
@@ -185,6 +208,7 @@ struct Scenario {
     /// carries this `istio.workload` metadata.
     endpoint_workload: Option<&'static str>,
     extra_tags: &'static [&'static str],
+    grpc: bool,
 }
 
 struct Run {
@@ -220,6 +244,7 @@ fn server_side<'a>(s: &'a Scenario, vars: &HashMap<&str, String>, upstream: Sock
         cluster,
         filter: Some(s.server_config.clone()),
         extra_tags: s.extra_tags,
+        grpc: s.grpc,
     }
 }
 
@@ -233,6 +258,7 @@ fn client_side<'a>(s: &'a Scenario, vars: &HashMap<&str, String>) -> Side<'a> {
         cluster: client_cluster(s, vars),
         filter: Some(s.client_config.clone()),
         extra_tags: s.extra_tags,
+        grpc: s.grpc,
     }
 }
 
@@ -290,6 +316,25 @@ fn run(s: &Scenario) -> Run {
 /// `/stats/prometheus` holds exactly the series of istio/proxy's expected file (every
 /// label, every value, nothing more for that metric name).
 fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) {
+    if let Err(e) = series_match(envoy, expected_file, vars) {
+        panic!("{e}");
+    }
+}
+
+/// Waits (up to 15 s) until `/stats/prometheus` holds exactly the expected series, as
+/// istio/proxy's driver does for values reported periodically; fails with the last difference.
+fn await_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match series_match(envoy, expected_file, vars) {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("after 15 s: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn series_match(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String>) -> Result<(), String> {
     let expected = yaml(&fill(&read(&format!("metric/{expected_file}")), vars));
     let name = expected["name"].as_str().expect("name");
     let samples: Vec<Sample> = prometheus::parse(&envoy.prometheus()).into_iter().filter(|s| s.name == name).collect();
@@ -316,7 +361,14 @@ fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String
         })
         .collect();
     let show = || samples.iter().map(|s| format!("  {:?} {}", s.labels, s.value)).collect::<Vec<_>>().join("\n");
-    assert_eq!(samples.len(), want.len(), "{expected_file}: {name} series count; got:\n{}", show());
+    if samples.len() != want.len() {
+        return Err(format!(
+            "{expected_file}: {name} series count: got {}, want {}; got:\n{}",
+            samples.len(),
+            want.len(),
+            show()
+        ));
+    }
     for (labels, value) in &want {
         let Some(got) = samples.iter().find(|s| &s.labels == labels) else {
             let nearest = samples.first().map(|s| {
@@ -324,10 +376,16 @@ fn assert_series(envoy: &Envoy, expected_file: &str, vars: &HashMap<&str, String
                 let extra: Vec<_> = s.labels.iter().filter(|(k, _)| !labels.contains_key(*k)).collect();
                 format!("differs in {missing:?}; extra {extra:?}")
             });
-            panic!("{expected_file}: no {name} series with labels {labels:?}\n{nearest:?}\ngot:\n{}", show());
+            return Err(format!(
+                "{expected_file}: no {name} series with labels {labels:?}\n{nearest:?}\ngot:\n{}",
+                show()
+            ));
         };
-        assert_eq!(got.value, *value, "{expected_file}: value of {name}{labels:?}");
+        if got.value != *value {
+            return Err(format!("{expected_file}: value of {name}{labels:?}: got {}, want {value}", got.value));
+        }
     }
+    Ok(())
 }
 
 // === istio/proxy stats configs → Telemetry API overrides ===
@@ -377,6 +435,9 @@ fn telemetry_api(stats: &Value) -> Value {
         overrides.push(o);
     }
     let mut spec = json!({"metrics": [{"providers": [{"name": "prometheus"}], "overrides": overrides}]});
+    if let Some(d) = stats["tcp_reporting_duration"].as_str() {
+        spec["tcpReportingInterval"] = json!(d);
+    }
     match &stats["disable_host_header_fallback"] {
         Value::Bool(true) => spec["disableHostHeaderFallback"] = json!(true),
         Value::String(s) if s == "true" => spec["disableHostHeaderFallback"] = json!(true),
@@ -507,6 +568,250 @@ fn customized_overrides() {
     assert!(!bytes[0].labels.contains_key("reporter"), "reporter removed from request_bytes");
 }
 
+// === gRPC message counters ===
+
+#[test]
+fn grpc_message_counters_while_the_stream_runs_and_at_its_end() {
+    // istio/proxy's TestStatsGrpcStream: Envoy's grpc_stats filter before the telemetry filter
+    // on both proxies, its stats configs (reports every second: `tcp_reporting_duration: 1s`),
+    // one bidirectional stream to a real gRPC server.
+    let mut vars = base_vars();
+    let s = Scenario {
+        client_config: stats_file("client_config_grpc.yaml.tmpl", &vars),
+        server_config: stats_file("server_config_grpc.yaml.tmpl", &vars),
+        server_inbound_metadata: true,
+        extra_tags: &["configurable_metric_a"],
+        grpc: true,
+        ..Scenario::default()
+    };
+    let upstream = MessageServer::start();
+    let server = start(&server_side(&s, &vars, upstream.addr()));
+    vars.insert("Ports.ServerPort", server.listener_addr().port().to_string());
+    let client = start(&client_side(&s, &vars));
+
+    let mut stream = MessageStream::open(client.listener_addr());
+    assert_eq!(stream.send(&[1, 5, 7]), 13, "replies received");
+    vars.insert("Vars.RequestMessages", "3".into());
+    vars.insert("Vars.ResponseMessages", "13".into());
+    // The stream is still open: only the periodic reports can show these.
+    for (envoy, side) in [(&server, "server"), (&client, "client")] {
+        await_series(envoy, &format!("{side}_request_messages.yaml.tmpl"), &vars);
+        await_series(envoy, &format!("{side}_response_messages.yaml.tmpl"), &vars);
+    }
+    assert_eq!(requests_total(&client), 0.0, "the call is not over");
+
+    assert_eq!(stream.send(&[10, 1, 1, 1, 1]), 27, "replies received");
+    assert_eq!(stream.close().expect("the server ends the call with OK"), 0);
+    vars.insert("Vars.RequestMessages", "8".into());
+    vars.insert("Vars.ResponseMessages", "27".into());
+    // Deltas: the end of the stream adds what the periodic reports had not counted yet.
+    for (envoy, side) in [(&server, "server"), (&client, "client")] {
+        await_series(envoy, &format!("{side}_request_messages.yaml.tmpl"), &vars);
+        await_series(envoy, &format!("{side}_response_messages.yaml.tmpl"), &vars);
+    }
+    // The call itself is one gRPC request with the 25 labels (and the added one).
+    let calls = eventually("the call counted", Duration::from_secs(10), || {
+        let s = requests_series(&client);
+        (s.iter().map(|s| s.value).sum::<f64>() == 1.0).then_some(s)
+    });
+    assert_eq!(calls.len(), 1);
+    let l = &calls[0].labels;
+    assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("grpc", "0"));
+    assert_eq!(l.len(), 26, "{l:?}");
+}
+
+// === TCP metrics (the network filter) ===
+
+const SPIFFE_TCP_CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SPIFFE_TCP_SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+/// A raw TCP upstream as istio/proxy's `TCPServer{Prefix: "hello"}`: answers every read with
+/// `hello ` and the bytes read; closes when the client does.
+fn tcp_upstream() -> ServerThread {
+    ServerThread::spawn("meshwasm-tcp-hello", SocketAddr::from(([127, 0, 0, 1], 0)), |listener| async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut out = b"hello ".to_vec();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// istio/proxy's `TCPConnection`: connect, send `world\n`, read the whole reply, close.
+fn tcp_connection(addr: SocketAddr) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"world\n").expect("write");
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("reply");
+    assert_eq!(&got, b"hello world\n", "the application's bytes only, no exchange frame");
+}
+
+fn wasm_network_filter(config: &Value) -> Value {
+    let mut f = wasm_filter(config);
+    f["name"] = json!("envoy.filters.network.wasm");
+    f["typed_config"]["@type"] = json!("type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm");
+    f
+}
+
+fn tls_context(kind: &str, certs: &meshwasm_tests::certs::CertFiles, ca: &std::path::Path) -> Value {
+    let mut ctx = json!({"@type": format!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}"),
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": {"filename": certs.cert}, "private_key": {"filename": certs.key}}],
+            "validation_context": {"trusted_ca": {"filename": ca}}}});
+    if kind == "DownstreamTlsContext" {
+        ctx["require_client_certificate"] = json!(true);
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
+}
+
+/// A TCP proxy: `[telemetry network filter, tcp_proxy]` on one listener, mTLS on the link
+/// between the two proxies (the server's listener, the client's cluster).
+fn tcp_bootstrap(side: &Side<'_>, downstream_tls: Option<&Value>, admin: u16, port: u16) -> String {
+    let cluster_name = side.cluster["name"].as_str().expect("cluster name").to_string();
+    let mut filters = Vec::new();
+    if let Some(cfg) = &side.filter {
+        filters.push(wasm_network_filter(cfg));
+    }
+    filters.push(json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": format!("{}_tcp", side.direction.to_lowercase()), "cluster": cluster_name}}));
+    let mut chain = json!({"filters": filters});
+    if let Some(tls) = downstream_tls {
+        chain["transport_socket"] = tls.clone();
+    }
+    json!({
+        "node": {"id": side.node_id, "cluster": "test-cluster", "metadata": side.metadata},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "stats_config": stats_config(side.extra_tags),
+        "static_resources": {
+            "listeners": [{"name": side.direction.to_lowercase(), "traffic_direction": side.direction,
+                "address": {"socket_address": {"address": side.ip.to_string(), "port_value": port}},
+                "filter_chains": [chain]}],
+            "clusters": [side.cluster],
+        },
+    })
+    .to_string()
+}
+
+struct TcpRun {
+    client: Envoy,
+    server: Envoy,
+    _upstream: ServerThread,
+    _certs: TestCerts,
+}
+
+/// istio/proxy's TestTCPMetadataExchange topology: client proxy → (mTLS, SPIFFE identities)
+/// → server proxy → a TCP upstream; `config` on both proxies.
+fn tcp_run(config: Value) -> TcpRun {
+    let mut certs = TestCerts::generate();
+    let client_cert = certs.add_client("tcp-client", &[SPIFFE_TCP_CLIENT], &[]).clone();
+    let server_cert = certs.add_server("tcp-server", &[SPIFFE_TCP_SERVER], &["localhost"]).clone();
+    let upstream = tcp_upstream();
+    let mut vars = base_vars();
+    let s = Scenario {
+        client_config: config.clone(),
+        server_config: config,
+        server_inbound_metadata: true,
+        ..Scenario::default()
+    };
+    let server_tls = tls_context("DownstreamTlsContext", &server_cert, certs.ca());
+    let server_side = server_side(&s, &vars, upstream.addr());
+    let server = Envoy::start_bootstrap(&[server_side.ip], 1, |admin, ports| {
+        tcp_bootstrap(&server_side, Some(&server_tls), admin, ports[0])
+    });
+    vars.insert("Ports.ServerPort", server.listener_addr().port().to_string());
+    let mut client_side = client_side(&s, &vars);
+    client_side.cluster["transport_socket"] = tls_context("UpstreamTlsContext", &client_cert, certs.ca());
+    let client =
+        Envoy::start_bootstrap(&[client_side.ip], 1, |admin, ports| tcp_bootstrap(&client_side, None, admin, ports[0]));
+    TcpRun { client, server, _upstream: upstream, _certs: certs }
+}
+
+#[test]
+fn tcp_metrics_with_in_band_metadata_exchange() {
+    // istio/proxy's TestTCPMetadataExchange: 10 connections, each `world\n` → `hello world\n`.
+    let r = tcp_run(json!({"tcpMetadataExchange": true}));
+    for _ in 0..10 {
+        tcp_connection(r.client.listener_addr());
+    }
+    let vars = base_vars();
+    for (envoy, side) in [(&r.client, "client"), (&r.server, "server")] {
+        for m in ["connection_open", "connection_close", "received_bytes", "sent_bytes"] {
+            await_series(envoy, &format!("tcp_{side}_{m}.yaml.tmpl"), &vars);
+        }
+    }
+}
+
+#[test]
+fn tcp_metrics_report_while_the_connection_is_open_and_without_exchange() {
+    // Without the exchange the server knows the client by its certificate only (istio/proxy's
+    // tcp_server_connection_open_without_mx: the namespace from the SPIFFE id, as its native
+    // filter), and the client falls back to the endpoint's metadata.
+    let r = tcp_run(json!({"tcpReportingInterval": "0.2s"}));
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(r.client.listener_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"world\n").expect("write");
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("reply");
+    // Open: the periodic reports show the connection and its bytes so far.
+    let open = |envoy: &Envoy| {
+        let p = prometheus::parse(&envoy.prometheus());
+        let v = |n: &str| p.iter().filter(|s| s.name == n).map(|s| s.value).sum::<f64>();
+        (
+            v("istio_tcp_connections_opened_total"),
+            v("istio_tcp_connections_closed_total"),
+            v("istio_tcp_received_bytes_total"),
+            v("istio_tcp_sent_bytes_total"),
+        )
+    };
+    for envoy in [&r.client, &r.server] {
+        eventually("periodic TCP report", Duration::from_secs(10), || {
+            (open(envoy) == (1.0, 0.0, 6.0, 12.0)).then_some(())
+        });
+    }
+    s.write_all(b"again\n").expect("write");
+    s.read_exact(&mut got).expect("reply");
+    drop(s);
+    for envoy in [&r.client, &r.server] {
+        eventually("the close reported", Duration::from_secs(10), || {
+            (open(envoy) == (1.0, 1.0, 12.0, 24.0)).then_some(())
+        });
+    }
+    // One connection per side, as istio/proxy's series for the server without exchange.
+    let mut vars = base_vars();
+    vars.insert("Vars.WasmRuntime", String::new());
+    let p = prometheus::parse(&r.server.prometheus());
+    let opened: Vec<&Sample> = p.iter().filter(|s| s.name == "istio_tcp_connections_opened_total").collect();
+    assert_eq!(opened.len(), 1);
+    let expected = yaml(&fill(&read("metric/tcp_server_connection_open_without_mx.yaml.tmpl"), &vars));
+    for l in expected["metric"][0]["label"].as_array().expect("labels") {
+        let name = l["name"].as_str().expect("name");
+        assert_eq!(opened[0].labels.get(name).map(String::as_str), l["value"].as_str(), "{name}");
+    }
+    assert_eq!(opened[0].labels.len(), 23);
+    let c = prometheus::parse(&r.client.prometheus());
+    let client_open = c.iter().find(|s| s.name == "istio_tcp_connections_opened_total").expect("client series");
+    assert_eq!(client_open.labels["destination_workload"], "unknown", "no exchange, no endpoint metadata");
+    assert_eq!(client_open.labels["destination_principal"], SPIFFE_TCP_SERVER, "from the upstream certificate");
+    assert_eq!(client_open.labels["destination_service"], "server.default.svc.cluster.local");
+}
+
 // === maxSeries: a label-cardinality flood ===
 
 /// RSS of a process in KiB (`/proc/<pid>/status`).
@@ -595,6 +900,7 @@ fn flood_client(config: Value, upstream: SocketAddr) -> Envoy {
         cluster,
         filter: Some(config),
         extra_tags: &[],
+        grpc: false,
     };
     start(&side)
 }
@@ -701,7 +1007,14 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
     let mut v = vars.clone();
     v.insert("Ports.ServerPort", server.listener_addr().port().to_string());
     let client = start(&client_side(&s, &v));
-    let prom = meshwasm_tests::prometheus::Prometheus::start(&[client.admin_addr(), server.admin_addr()]);
+    // TCP too: the same workloads through the network filter (exchange on, mTLS between them).
+    let tcp = tcp_run(json!({"tcpMetadataExchange": true, "tcpReportingInterval": "1s"}));
+    let prom = meshwasm_tests::prometheus::Prometheus::start(&[
+        client.admin_addr(),
+        server.admin_addr(),
+        tcp.client.admin_addr(),
+        tcp.server.admin_addr(),
+    ]);
     let port = client.listener_addr().port();
     let send = |status: u16| {
         let rsp = client.send(
@@ -733,8 +1046,11 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
     let background = {
         let stop = stop.clone();
         let addr = client.listener_addr();
+        let tcp_addr = tcp.client.listener_addr();
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // One TCP connection (6 bytes in, 12 out) per group of five requests.
+                tcp_connection(tcp_addr);
                 for st in ["200", "200", "200", "200", "503"] {
                     let req = Request::get("/")
                         .authority(&format!("127.0.0.1:{}", addr.port()))
@@ -810,8 +1126,34 @@ fn prometheus_scrapes_both_envoys_and_istio_dashboards_evaluate() {
         p50 <= bucket_hi && p50 >= bucket_hi / 10.0,
         "P50 response size {p50} in the bucket of the mean {mean_resp}"
     );
-    // No TCP traffic: the TCP panels are empty.
-    assert!(panel("Istio Service Dashboard", "TCP Received Bytes").is_empty());
+    // TCP bytes: every connection received 6 bytes and sent 12, reported together at its
+    // close, so the sent rate is twice the received rate on both reporters; the inbound
+    // panels name the client workload (known from the exchange) over mTLS.
+    let received = panel("Istio Service Dashboard", "TCP Received Bytes");
+    let sent = panel("Istio Service Dashboard", "TCP Sent Bytes");
+    assert!(received.len() == 1 && received[0].1 > 0.0, "TCP Received Bytes: {received:?}");
+    assert!(sent.len() == 1, "TCP Sent Bytes: {sent:?}");
+    let ratio = sent[0].1 / received[0].1;
+    assert!((1.9..=2.1).contains(&ratio), "sent/received rate {ratio} (traffic implies 2)");
+    let inbound = panel("Istio Workload Dashboard", "Bytes Received from Incoming TCP Connection");
+    // Query A (mTLS) holds the server's report, B (not mTLS) the client's, whose policy is
+    // `unknown` as in Istio.
+    assert_eq!(inbound.len(), 2, "{inbound:?}");
+    assert!(inbound.iter().all(|(l, v)| l["source_workload"] == "productpage-v1" && *v > 0.0), "{inbound:?}");
+    let server_traffic = panel("Istio Workload Dashboard", "TCP Server Traffic");
+    assert!(server_traffic.len() == 1 && server_traffic[0].1 > 0.0, "TCP Server Traffic: {server_traffic:?}");
+    // The totals, exactly: 6 and 12 bytes per connection on each reporter.
+    let total = |q: &str| prom.vector(q).expect("query").first().map_or(0.0, |r| r.1);
+    let conns = total(r#"sum(istio_tcp_connections_closed_total{reporter="destination"})"#);
+    assert!(conns > 0.0);
+    for reporter in ["source", "destination"] {
+        eventually("TCP totals scraped", Duration::from_secs(10), || {
+            let c = total(&format!(r#"sum(istio_tcp_connections_closed_total{{reporter="{reporter}"}})"#));
+            let rx = total(&format!(r#"sum(istio_tcp_received_bytes_total{{reporter="{reporter}"}})"#));
+            let tx = total(&format!(r#"sum(istio_tcp_sent_bytes_total{{reporter="{reporter}"}})"#));
+            (c >= conns && rx == 6.0 * c && tx == 12.0 * c).then_some(())
+        });
+    }
 }
 
 #[test]

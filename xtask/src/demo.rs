@@ -1,5 +1,6 @@
-//! `cargo xtask demo [--serve]`: a stock Envoy with the meshwasm fault and rate-limit filters
-//! in front of a local upstream, a scripted tour of what they do, their metrics, and a report.
+//! `cargo xtask demo [--serve]`: a stock Envoy with every meshwasm filter (fault, ratelimit,
+//! retry, authz, telemetry), each on its own listener in front of a local upstream, a scripted
+//! tour of what they do, their metrics, and a report.
 //!
 //! - Listener `ingress`: the fault filter, configured by `envoy-configs/demo-fault.json`.
 //! - Listener `ratelimit`: the rate-limit filter, configured by
@@ -9,6 +10,13 @@
 //!   in a `redis-server` the demo starts (read back with `redis-cli`). Without `redis-server` the service counts in its
 //!   own memory (`--memory`, like Limitador's default storage): the global rule runs either way.
 //!
+//! - Listeners `retry`, `authz`, `telemetry`: the other three filters, configured by
+//!   `envoy-configs/demo-retry.json` (over the carrier route `envoy-configs/retry-carrier.yaml`),
+//!   `demo-authz.json` (AuthorizationPolicy ALLOW/DENY/CUSTOM with `meshwasm-ext-authz` as the
+//!   authorizer, RequestAuthentication with an inline key set; tokens in
+//!   `demo-authz-tokens.txt`) and `demo-telemetry.json` (Istio's standard metrics as the
+//!   server workload of `node.metadata`); their tours are in `demo/filters.rs`.
+//!
 //! The bootstrap is `envoy-configs/demo.yaml`. Rendered files and logs land in `target/xtask/`.
 //! Every child process is killed when the demo ends, whichever way it ends.
 
@@ -17,6 +25,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod filters;
 
 use crate::build;
 use crate::envoy::{self, Envoy, Launch, Proc};
@@ -42,13 +52,24 @@ pub fn run(args: &[String]) -> Result<()> {
         Err(why) => println!("    note: {why}: the rate-limit service counts in memory (--memory)"),
     }
     println!("    ratelimit-service  h2c://{}  (pid {})", global.rls_addr, global.rls.pid());
+    let mut authz_cmd = Command::new(&bins.ext_authz);
+    authz_cmd.args(["--http", "127.0.0.1:0"]);
+    let ext_authz = start_listening_with("demo-ext-authz", authz_cmd)?;
+    println!("    ext-authz          http://{}  (pid {})", ext_authz.1, ext_authz.0.pid());
 
-    step("starting Envoy (--concurrency 2): dist/fault.wasm on listener ingress, dist/ratelimit.wasm on listener ratelimit");
+    step("starting Envoy (--concurrency 2): dist/fault.wasm on listener ingress, dist/ratelimit.wasm on listener ratelimit, dist/retry.wasm on retry, dist/authz.wasm on authz, dist/telemetry.wasm on telemetry");
     let fault_plugin = plugin_config("demo-fault.json")?;
     let ratelimit_file = "demo-ratelimit.json";
     let ratelimit_plugin = plugin_config(ratelimit_file)?;
     let fault_filter = envoy::wasm_filter("fault", &build::module_path("fault"), &fault_plugin)?;
     let ratelimit_filter = envoy::wasm_filter("ratelimit", &build::module_path("ratelimit"), &ratelimit_plugin)?;
+    let more_filter = |name: &str| -> Result<String> {
+        envoy::wasm_filter(name, &build::module_path(name), &plugin_config(&format!("demo-{name}.json"))?)
+    };
+    let (retry_filter, authz_filter, telemetry_filter) =
+        (more_filter("retry")?, more_filter("authz")?, more_filter("telemetry")?);
+    let stats_config = stats_config()?;
+    let carrier = envoy::template("retry-carrier.yaml")?;
     let clusters = envoy::render(
         &envoy::template("clusters/ratelimit-service.yaml")?,
         &[("RLS_PORT", &global.rls_addr.port().to_string())],
@@ -60,6 +81,12 @@ pub fn run(args: &[String]) -> Result<()> {
             ("RATELIMIT_FILTERS", &ratelimit_filter),
             ("EXTRA_CLUSTERS", &clusters),
             ("UPSTREAM_PORT", &upstream.1.port().to_string()),
+            ("RETRY_FILTERS", &retry_filter),
+            ("AUTHZ_FILTERS", &authz_filter),
+            ("TELEMETRY_FILTERS", &telemetry_filter),
+            ("RETRY_CARRIER", &carrier),
+            ("STATS_CONFIG", &stats_config),
+            ("EXT_AUTHZ_PORT", &ext_authz.1.port().to_string()),
         ],
     )?;
     let envoy = Envoy::start(&envoy_bin, Launch { name: "demo-envoy", config: &config, concurrency: 2, cpus: None })?;
@@ -81,6 +108,11 @@ pub fn run(args: &[String]) -> Result<()> {
         envoy::indent(svc.trim())
     );
 
+    let retry_addr = envoy.listener("retry")?;
+    let authz_addr = envoy.listener("authz")?;
+    let telemetry_addr = envoy.listener("telemetry")?;
+    println!("    envoy     retry http://{retry_addr}  authz http://{authz_addr}  telemetry http://{telemetry_addr}");
+
     let mut results = tour(addr)?;
     results.extend(ratelimit_tour(rl_addr, &global)?);
 
@@ -98,6 +130,9 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("      {line}");
     }
     results.extend(ratelimit_counters(&envoy)?);
+    results.extend(filters::retry_tour(retry_addr, &envoy)?);
+    results.extend(filters::authz_tour(authz_addr, &envoy)?);
+    results.extend(filters::telemetry_tour(telemetry_addr, &envoy)?);
 
     step("report");
     println!("    {:<58} {:<14} {:<14} {:>9}  ok", "scenario", "expected", "got", "latency");
@@ -117,7 +152,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     if serve {
-        serve_forever(addr, rl_addr, &envoy)?;
+        serve_forever(addr, rl_addr, [retry_addr, authz_addr, telemetry_addr], &envoy)?;
     }
     Ok(())
 }
@@ -133,12 +168,37 @@ fn plugin_config(name: &str) -> Result<String> {
 struct Helpers {
     upstream: PathBuf,
     ratelimit_service: PathBuf,
+    ext_authz: PathBuf,
 }
 
-/// `meshwasm-upstream` and `meshwasm-ratelimit-service` from the integration-test crate (dev
-/// profile: they share the build with `cargo test`, and neither needs an optimizer).
+/// `envoy-configs/telemetry-stats.yaml` (the telemetry filter's Prometheus labels and
+/// histogram buckets) with the meshwasm `rule` tag of the other filters added.
+fn stats_config() -> Result<String> {
+    let text = envoy::template("telemetry-stats.yaml")?;
+    let rule = r"  - tag_name: rule
+    regex: '^wasmcustom\.meshwasm\.[a-z_]+\.(rule\.([^.]+)\.)'";
+    let mut out = String::new();
+    let mut added = false;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        out.push_str(line);
+        out.push('\n');
+        if line == "  stats_tags:" {
+            out.push_str(rule);
+            out.push('\n');
+            added = true;
+        }
+    }
+    if !added {
+        bail!("envoy-configs/telemetry-stats.yaml has no `  stats_tags:` line");
+    }
+    Ok(out)
+}
+
+/// `meshwasm-upstream`, `meshwasm-ratelimit-service` and `meshwasm-ext-authz` from the
+/// integration-test crate (dev profile: they share the build with `cargo test`, and none needs
+/// an optimizer).
 fn build_helpers() -> Result<Helpers> {
-    step("building meshwasm-upstream and meshwasm-ratelimit-service");
+    step("building meshwasm-upstream, meshwasm-ratelimit-service and meshwasm-ext-authz");
     run_cmd(cargo().args([
         "build",
         "--quiet",
@@ -148,15 +208,27 @@ fn build_helpers() -> Result<Helpers> {
         "meshwasm-upstream",
         "--bin",
         "meshwasm-ratelimit-service",
+        "--bin",
+        "meshwasm-ext-authz",
     ]))?;
     let dir = root().join("target").join("debug");
-    Ok(Helpers { upstream: dir.join("meshwasm-upstream"), ratelimit_service: dir.join("meshwasm-ratelimit-service") })
+    Ok(Helpers {
+        upstream: dir.join("meshwasm-upstream"),
+        ratelimit_service: dir.join("meshwasm-ratelimit-service"),
+        ext_authz: dir.join("meshwasm-ext-authz"),
+    })
 }
 
 /// Start a server on a kernel-chosen port (`--listen 127.0.0.1:0` is appended); it prints
 /// `listening on <addr>`.
 fn start_listening(name: &str, mut cmd: Command) -> Result<(Proc, SocketAddr)> {
     cmd.args(["--listen", "127.0.0.1:0"]);
+    start_listening_with(name, cmd)
+}
+
+/// Start a server whose command line already says where to listen; it prints
+/// `listening on <addr>`.
+fn start_listening_with(name: &str, cmd: Command) -> Result<(Proc, SocketAddr)> {
     let mut proc = Proc::spawn(name, cmd)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -682,7 +754,8 @@ fn ratelimit_counters(envoy: &Envoy) -> Result<Vec<Outcome>> {
 /// Keep Envoy, the upstream and the rate-limit service running until Enter (or Ctrl-C, which
 /// the terminal delivers to our whole process group, children included). With no terminal
 /// on stdin, run until killed.
-fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, envoy: &Envoy) -> Result<()> {
+fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, more: [SocketAddr; 3], envoy: &Envoy) -> Result<()> {
+    let [retry_addr, authz_addr, telemetry_addr] = more;
     step("serving; try:");
     println!("    curl -i http://{addr}/productpage");
     println!("    curl -i -H 'end-user: jason' http://{addr}/ratings/1");
@@ -691,6 +764,11 @@ fn serve_forever(addr: SocketAddr, rl_addr: SocketAddr, envoy: &Envoy) -> Result
     println!("    curl -s -o /dev/null -w '%{{time_total}}s\\n' -H 'x-envoy-fault-delay-request: 300' http://{addr}/");
     println!("    for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/api/orders; done");
     println!("    for i in $(seq 4); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'x-api-key: erin' http://{rl_addr}/search; done");
+    println!("    curl -i -H 'x-flaky-key: k1' -H 'x-flaky-fail: 2' -H 'x-flaky-mode: status=503' http://{retry_addr}/ratings/1");
+    println!("    curl -i http://{authz_addr}/admin/users");
+    println!("    curl -i -H \"authorization: Bearer $(grep ^alice envoy-configs/demo-authz-tokens.txt | cut -d' ' -f2)\" http://{authz_addr}/private/notes");
+    println!("    curl -i -H 'x-ext-authz: deny' http://{authz_addr}/protected/doc");
+    println!("    curl -s http://{telemetry_addr}/reviews/1 >/dev/null; curl -s 'http://{}/stats/prometheus?filter=istio_requests_total'", envoy.admin);
     println!("    curl -s 'http://{}/stats?filter=meshwasm'", envoy.admin);
     println!("    access log + Envoy log: {}", rel(&envoy.proc.log));
     println!("\npress Enter (or Ctrl-C) to stop");

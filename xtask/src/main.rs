@@ -23,8 +23,9 @@ usage: cargo xtask <command> [options]
 commands:
   build              build every filter for wasm32-wasip1, optimize with wasm-opt, copy to dist/
   test               run EVERY test: unit, real-Envoy integration, examples, clippy, fuzz smoke
-  demo [--serve]     run Envoy with the fault and ratelimit filters against a local upstream (and
-                     the rate-limit service on Redis) and show what they do;
+  demo [--serve]     run one Envoy with every filter (fault, ratelimit, retry, authz, telemetry), each
+                     on its own listener, against a local upstream, the rate-limit service (on
+                     Redis when installed) and an ext_authz server, and show what they do;
                      --serve keeps them running (Enter or Ctrl-C stops them)
   bench [options]    bare Envoy vs no-op wasm vs meshwasm filters vs Envoy's native filters
       --duration <s>   measured seconds per configuration per round (default 10)

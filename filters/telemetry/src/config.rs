@@ -94,10 +94,23 @@ impl Metric {
     fn is_tcp(self) -> bool {
         matches!(self, Metric::TcpOpened | Metric::TcpClosed | Metric::TcpSent | Metric::TcpReceived)
     }
+
+    /// How many of `STANDARD_TAGS` (a prefix) the metric carries, as istio/proxy emits them:
+    /// 25 for HTTP; 23 for TCP (no `response_code`, `grpc_response_status`); 20 for the gRPC
+    /// message counters, which istio/proxy reports while the stream runs, before the
+    /// protocol, flags, security policy and response labels exist.
+    pub fn standard_tag_count(self) -> usize {
+        match self {
+            Metric::GrpcRequestMessages | Metric::GrpcResponseMessages => 20,
+            m if m.is_tcp() => 23,
+            _ => 25,
+        }
+    }
 }
 
-/// The standard labels, in the order Istio emits them. TCP metrics have all but the last
-/// two (23); HTTP and gRPC metrics have all 25.
+/// The standard labels, in the order Istio emits them. HTTP metrics have all 25, TCP
+/// metrics the first 23, the gRPC message counters the first 20
+/// (`Metric::standard_tag_count`).
 pub const STANDARD_TAGS: [&str; 25] = [
     "reporter",
     "source_workload",
@@ -166,6 +179,9 @@ pub struct Config {
     pub reporter: Option<Reporter>,
     pub disable_host_header_fallback: bool,
     pub tcp_reporting_interval: Duration,
+    /// Network filter: exchange peer metadata in-band at the start of each connection
+    /// (istio/proxy's TCP frame). Both proxies must have it on.
+    pub tcp_metadata_exchange: bool,
     /// Per metric, per worker VM: distinct label sets past this fold into one overflow series.
     pub max_series: Option<usize>,
     pub exprs: Vec<Expr>,
@@ -218,6 +234,8 @@ struct RawSpec {
     disable_host_header_fallback: bool,
     #[serde(default, deserialize_with = "meshwasm_sdk_ext::duration::de_opt")]
     tcp_reporting_interval: Option<Duration>,
+    #[serde(default)]
+    tcp_metadata_exchange: bool,
     #[serde(default)]
     max_series: Option<u64>,
 }
@@ -340,7 +358,7 @@ impl Config {
             tags: STANDARD_TAGS
                 .iter()
                 .enumerate()
-                .take(if m.is_tcp() { 23 } else { 25 })
+                .take(m.standard_tag_count())
                 .map(|(i, t)| ((*t).to_string(), Source::Standard(i)))
                 .collect(),
         };
@@ -428,6 +446,7 @@ impl Config {
                         if metric.is_some_and(|x| x.index() != i) {
                             continue;
                         }
+                        let base = Metric::ALL.get(i).map_or(25, |m| m.standard_tag_count());
                         if let Some(d) = o.disabled {
                             plan.enabled = !d;
                         }
@@ -443,7 +462,13 @@ impl Config {
                                         slot.1 = Source::Expr(*id);
                                     }
                                 }
-                                (Some(id), None) => plan.tags.push((tag.clone(), Source::Expr(*id))),
+                                // As istio/proxy: a standard label the metric does not
+                                // carry (`response_code` on a TCP metric) is not added;
+                                // one removed by an earlier override comes back.
+                                (Some(id), None) => match STANDARD_TAGS.iter().position(|t| t == tag) {
+                                    Some(pos) if pos >= base => {}
+                                    _ => plan.tags.push((tag.clone(), Source::Expr(*id))),
+                                },
                             }
                         }
                     }
@@ -454,6 +479,7 @@ impl Config {
             reporter,
             disable_host_header_fallback: raw.disable_host_header_fallback,
             tcp_reporting_interval,
+            tcp_metadata_exchange: raw.tcp_metadata_exchange,
             max_series,
             exprs,
             plans,
@@ -483,6 +509,30 @@ mod tests {
         assert!(p.enabled);
         assert_eq!(p.tags.len(), 25);
         assert_eq!(c.plan(Reporter::Server, Metric::TcpSent).unwrap().tags.len(), 23);
+        let g = c.plan(Reporter::Client, Metric::GrpcRequestMessages).unwrap();
+        assert_eq!(g.tags.len(), 20);
+        assert_eq!(g.tags.last().unwrap().0, "destination_cluster");
+    }
+
+    #[test]
+    fn upserting_a_standard_label_a_metric_lacks_does_not_add_it() {
+        let c = Config::from_value(&json!({"metrics": [{"overrides": [
+            {"tagOverrides": {"response_code": {"value": "'x'"}, "extra": {"value": "'y'"},
+                              "request_protocol": {"operation": "REMOVE"}}},
+            {"match": {"metric": "TCP_SENT_BYTES"}, "tagOverrides": {"request_protocol": {"value": "'tcp2'"}}}
+        ]}]}))
+        .unwrap();
+        let names = |m: Metric| -> Vec<String> {
+            c.plan(Reporter::Client, m).unwrap().tags.iter().map(|(t, _)| t.clone()).collect()
+        };
+        let tcp = names(Metric::TcpSent);
+        assert!(!tcp.contains(&"response_code".to_string()), "{tcp:?}");
+        assert!(tcp.contains(&"extra".to_string()));
+        assert!(tcp.contains(&"request_protocol".to_string()), "removed, then upserted again");
+        assert!(!names(Metric::TcpOpened).contains(&"request_protocol".to_string()));
+        let grpc = names(Metric::GrpcResponseMessages);
+        assert_eq!(grpc.len(), 21, "{grpc:?}");
+        assert!(names(Metric::RequestCount).contains(&"response_code".to_string()));
     }
 
     #[test]

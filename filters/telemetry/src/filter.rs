@@ -10,13 +10,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use meshwasm_sdk_ext::props::{decode_int, metadata_json};
 use meshwasm_sdk_ext::{ConfigError, Flow, HeaderMap, Host, HttpFilter, LogLevel, MetricKind, Plugin};
 
-use crate::config::{Config, Metric, Reporter, Source};
+use crate::config::{Config, Metric, Plan, Reporter, Source};
 use crate::expr::{walk, Attributes, Seg, Val};
 use crate::labels::{self, escape, Inputs};
 use crate::peer::{self, Workload};
@@ -60,6 +61,8 @@ pub struct TelemetryPlugin {
     node_id: String,
     /// The `x-envoy-peer-metadata` value this proxy sends.
     exchange: String,
+    /// The TCP exchange frame this proxy sends (with `tcpMetadataExchange`).
+    pub(crate) tcp_frame: Vec<u8>,
     reporter: Cell<Option<Reporter>>,
     peers: RefCell<HashMap<String, Rc<Workload>>>,
     clusters: RefCell<HashMap<String, Rc<Value>>>,
@@ -76,6 +79,7 @@ impl TelemetryPlugin {
             crate::export::resource_attributes(&local, &node_id),
         );
         let exchange = peer::encode_exchange(&node_metadata);
+        let tcp_frame = if config.tcp_metadata_exchange { peer::encode_tcp_frame(&node_metadata) } else { Vec::new() };
         let node = serde_json::json!({"id": node_id, "metadata": node_metadata});
         Self {
             reporter: Cell::new(config.reporter),
@@ -84,6 +88,7 @@ impl TelemetryPlugin {
             local,
             node_id,
             exchange,
+            tcp_frame,
             peers: RefCell::default(),
             clusters: RefCell::default(),
             series: RefCell::default(),
@@ -96,7 +101,7 @@ impl TelemetryPlugin {
     }
 
     /// The reporter: configured, or from the listener's direction (read once per VM).
-    fn reporter(&self, host: &dyn Host) -> Reporter {
+    pub(crate) fn reporter(&self, host: &dyn Host) -> Reporter {
         if let Some(r) = self.reporter.get() {
             return r;
         }
@@ -144,6 +149,116 @@ impl TelemetryPlugin {
         }
         clusters.insert(cluster.to_string(), v.clone());
         v
+    }
+
+    /// The labels of one stream or connection as Istio derives them: the standard values
+    /// (index-aligned with `STANDARD_TAGS`) and the tag override expressions' values.
+    /// `response`: `(code, grpc status, flags)` once final; `None` before (periodic gRPC
+    /// reports: the metrics reported then do not carry those labels). `peer` gets the
+    /// client's endpoint-metadata fallback.
+    pub(crate) fn labels(
+        &self,
+        host: &dyn Host,
+        reporter: Reporter,
+        peer: &mut Option<Rc<Workload>>,
+        authority: Option<&str>,
+        grpc: bool,
+        response: Option<(u64, Option<u64>, u64)>,
+    ) -> (Vec<String>, Vec<String>) {
+        let plugin = self;
+        let config = &plugin.config;
+
+        // Client side without exchange: the endpoint's `istio.workload` metadata.
+        if peer.is_none() && reporter == Reporter::Client {
+            *peer = host
+                .property(&["xds", "upstream_host_metadata"])
+                .and_then(|b| meshwasm_sdk_ext::props::metadata_namespace(&b, "istio").ok().flatten())
+                .and_then(|v| v.get("workload").and_then(Value::as_str).and_then(Workload::from_endpoint))
+                .map(Rc::new);
+        }
+
+        let route = prop_string(host, &["xds", "route_name"]);
+        let cluster = prop_string(host, &["xds", "cluster_name"]);
+        let cluster_md = if cluster.is_empty() { None } else { Some(plugin.cluster_metadata(host, &cluster)) };
+        let istio_md = cluster_md.as_deref().and_then(|m| m.get("filter_metadata")).and_then(|m| m.get("istio"));
+        let (service_host, service_name) =
+            labels::destination_service(authority, config.disable_host_header_fallback, &route, &cluster, istio_md);
+        // Certificates exist only on a TLS connection: one read decides whether to look.
+        let side = match reporter {
+            Reporter::Server => "connection",
+            Reporter::Client => "upstream",
+        };
+        let (peer_san, local_san) = if host.property(&[side, "tls_version"]).is_some_and(|v| !v.is_empty()) {
+            (
+                prop_string(host, &[side, "uri_san_peer_certificate"]),
+                prop_string(host, &[side, "uri_san_local_certificate"]),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let (response_code, grpc_status, flags) = response.unwrap_or((0, None, 0));
+        let standard = labels::standard(&Inputs {
+            reporter,
+            local: &plugin.local,
+            peer: peer.as_deref(),
+            service_host: &service_host,
+            service_name: &service_name,
+            peer_san: &peer_san,
+            local_san: &local_san,
+            grpc,
+            response_code,
+            grpc_status,
+            response_flags: flags,
+        });
+
+        // Tag override expressions: each evaluated once per derivation.
+        let values: Vec<String> = if config.has_exprs() {
+            let mut view = View { host, plugin, peer: peer.as_deref(), reporter, cluster_md: cluster_md.clone() };
+            config
+                .exprs
+                .iter()
+                .map(|e| e.eval(&mut view).map_or_else(|| labels::UNKNOWN.to_string(), |v| v.render()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (standard, values)
+    }
+
+    /// The metric id of `metric`'s series for these label values (standard values
+    /// index-aligned with `STANDARD_TAGS`, expression values with `Config::exprs`), or of
+    /// its overflow series past `maxSeries`.
+    pub(crate) fn series(
+        &self,
+        host: &dyn Host,
+        metric: Metric,
+        kind: MetricKind,
+        plan: &Plan,
+        standard: &[String],
+        values: &[String],
+    ) -> Option<u32> {
+        let mut name = String::with_capacity(1024);
+        name.push_str(metric.prom_name());
+        for (tag, src) in &plan.tags {
+            let v = match src {
+                Source::Standard(i) => standard.get(*i).map(String::as_str),
+                Source::Expr(i) => values.get(*i).map(String::as_str),
+            };
+            push_tag(&mut name, tag, v.unwrap_or(labels::UNKNOWN));
+        }
+        let overflow = || {
+            let mut o = String::from(metric.prom_name());
+            for (tag, src) in &plan.tags {
+                let v = if *src == Source::Standard(0) {
+                    standard.first().map_or("", String::as_str)
+                } else {
+                    OVERFLOW_VALUE
+                };
+                push_tag(&mut o, tag, v);
+            }
+            o
+        };
+        self.series_id(host, metric, kind, &name, overflow)
     }
 
     /// The metric id for series `name` of `metric`, or the overflow series' past `maxSeries`.
@@ -243,6 +358,10 @@ impl Plugin for TelemetryPlugin {
             status: None,
             trace: None,
             rng: meshwasm_sdk_ext::rng::WyRand::new(_seed),
+            peer_read: false,
+            message_ids: None,
+            messages_reported: [0; 2],
+            messages_done: false,
         }
     }
 }
@@ -263,13 +382,21 @@ pub struct TelemetryFilter {
     /// This request's span (`trace.rs`), when tracing is configured for the reporter.
     trace: Option<crate::trace::Active>,
     rng: meshwasm_sdk_ext::rng::WyRand,
+    /// The exchange had its chance (server: request headers; client: response headers):
+    /// periodic gRPC reports may start.
+    peer_read: bool,
+    /// The gRPC message counters' series, once derived.
+    message_ids: Option<[Option<u32>; 2]>,
+    /// Request and response messages reported so far.
+    messages_reported: [u64; 2],
+    messages_done: bool,
 }
 
 fn prop_string(host: &dyn Host, path: &[&str]) -> String {
     host.property(path).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default()
 }
 
-fn prop_int(host: &dyn Host, path: &[&str]) -> Option<u64> {
+pub(crate) fn prop_int(host: &dyn Host, path: &[&str]) -> Option<u64> {
     host.property(path).and_then(|b| decode_int(&b)).and_then(|v| u64::try_from(v).ok())
 }
 
@@ -408,8 +535,28 @@ impl TelemetryFilter {
         let _ = host.set_header(map, peer::HEADER, Some(&self.plugin.exchange));
     }
 
+    /// The labels of this stream as Istio derives them: the standard values (index-aligned
+    /// with `STANDARD_TAGS`) and the tag override expressions' values. `at_end`: the
+    /// response's code, flags and gRPC status are final (the log phase); before it (periodic
+    /// gRPC reports) they are not read, and the metrics reported then do not carry them.
+    fn derive(&mut self, host: &dyn Host, reporter: Reporter, at_end: bool) -> (Vec<String>, Vec<String>) {
+        let response = if at_end {
+            let code = match self.status {
+                Some(code) => code,
+                None => prop_int(host, &["response", "code"]).unwrap_or(0),
+            };
+            let grpc_status = if self.grpc { prop_int(host, &["response", "grpc_status"]) } else { None };
+            Some((code, grpc_status, prop_int(host, &["response", "flags"]).unwrap_or(0)))
+        } else {
+            None
+        };
+        let plugin = self.plugin.clone();
+        plugin.labels(host, reporter, &mut self.peer, self.host.as_deref(), self.grpc, response)
+    }
+
     /// The end of the stream: derive the labels and record the four HTTP metrics. Returns
-    /// the standard label values (for the access log), `None` if already reported.
+    /// the standard label values (for the access log and the span), `None` if already
+    /// reported.
     fn report(&mut self, host: &dyn Host) -> Option<Vec<String>> {
         if self.reported {
             return None;
@@ -418,72 +565,7 @@ impl TelemetryFilter {
         let reporter = self.reporter(host);
         let plugin = self.plugin.clone();
         let config = &plugin.config;
-
-        // Client side without exchange: the endpoint's `istio.workload` metadata.
-        if self.peer.is_none() && reporter == Reporter::Client {
-            self.peer = host
-                .property(&["xds", "upstream_host_metadata"])
-                .and_then(|b| meshwasm_sdk_ext::props::metadata_namespace(&b, "istio").ok().flatten())
-                .and_then(|v| v.get("workload").and_then(Value::as_str).and_then(Workload::from_endpoint))
-                .map(Rc::new);
-        }
-
-        let route = prop_string(host, &["xds", "route_name"]);
-        let cluster = prop_string(host, &["xds", "cluster_name"]);
-        let cluster_md = if cluster.is_empty() { None } else { Some(plugin.cluster_metadata(host, &cluster)) };
-        let istio_md = cluster_md.as_deref().and_then(|m| m.get("filter_metadata")).and_then(|m| m.get("istio"));
-        let (service_host, service_name) = labels::destination_service(
-            self.host.as_deref(),
-            config.disable_host_header_fallback,
-            &route,
-            &cluster,
-            istio_md,
-        );
-        // Certificates exist only on a TLS connection: one read decides whether to look.
-        let side = match reporter {
-            Reporter::Server => "connection",
-            Reporter::Client => "upstream",
-        };
-        let (peer_san, local_san) = if host.property(&[side, "tls_version"]).is_some_and(|v| !v.is_empty()) {
-            (
-                prop_string(host, &[side, "uri_san_peer_certificate"]),
-                prop_string(host, &[side, "uri_san_local_certificate"]),
-            )
-        } else {
-            (String::new(), String::new())
-        };
-        let response_code = match self.status {
-            Some(code) => code,
-            None => prop_int(host, &["response", "code"]).unwrap_or(0),
-        };
-        let grpc_status = if self.grpc { prop_int(host, &["response", "grpc_status"]) } else { None };
-        let flags = prop_int(host, &["response", "flags"]).unwrap_or(0);
-        let standard = labels::standard(&Inputs {
-            reporter,
-            local: &plugin.local,
-            peer: self.peer.as_deref(),
-            service_host: &service_host,
-            service_name: &service_name,
-            peer_san: &peer_san,
-            local_san: &local_san,
-            grpc: self.grpc,
-            response_code,
-            grpc_status,
-            response_flags: flags,
-        });
-
-        // Tag override expressions: each evaluated once per request.
-        let values: Vec<String> = if config.has_exprs() {
-            let mut view =
-                View { host, plugin: &plugin, peer: self.peer.as_deref(), reporter, cluster_md: cluster_md.clone() };
-            config
-                .exprs
-                .iter()
-                .map(|e| e.eval(&mut view).map_or_else(|| labels::UNKNOWN.to_string(), |v| v.render()))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let (standard, values) = self.derive(host, reporter, true);
 
         let mut measured: [Option<u64>; 3] = [None; 3];
         for (metric, kind) in HTTP_METRICS {
@@ -500,28 +582,7 @@ impl TelemetryFilter {
                 }
                 _ => *measured[2].get_or_insert_with(|| prop_int(host, &["response", "total_size"]).unwrap_or(0)),
             };
-            let mut name = String::with_capacity(1024);
-            name.push_str(metric.prom_name());
-            for (tag, src) in &plan.tags {
-                let v = match src {
-                    Source::Standard(i) => standard.get(*i).map(String::as_str),
-                    Source::Expr(i) => values.get(*i).map(String::as_str),
-                };
-                push_tag(&mut name, tag, v.unwrap_or(labels::UNKNOWN));
-            }
-            let overflow = || {
-                let mut o = String::from(metric.prom_name());
-                for (tag, src) in &plan.tags {
-                    let v = if *src == Source::Standard(0) {
-                        standard.first().map_or("", String::as_str)
-                    } else {
-                        OVERFLOW_VALUE
-                    };
-                    push_tag(&mut o, tag, v);
-                }
-                o
-            };
-            let Some(id) = plugin.series_id(host, metric, kind, &name, overflow) else { continue };
+            let Some(id) = plugin.series(host, metric, kind, plan, &standard, &values) else { continue };
             let r = match kind {
                 MetricKind::Counter => host.increment_metric(id, 1),
                 _ => host.record_metric(id, value),
@@ -532,6 +593,56 @@ impl TelemetryFilter {
         }
         Some(standard)
     }
+
+    /// gRPC message counters, as istio/proxy reports them: the counts Envoy's
+    /// `envoy.filters.http.grpc_stats` filter keeps in filter state (`emit_filter_state:
+    /// true`), as deltas since the last report — every `tcpReportingInterval` once the peer is
+    /// known, and at the end of the stream. The labels are derived once, at the first report.
+    fn report_messages(&mut self, host: &dyn Host, at_end: bool) {
+        if !self.grpc || self.messages_done {
+            return;
+        }
+        if !(self.peer_read || at_end) {
+            return;
+        }
+        self.messages_done = at_end;
+        let Some(counts) = host.property(&["filter_state", GRPC_STATS_STATE]).and_then(|b| parse_message_counts(&b))
+        else {
+            return;
+        };
+        let reporter = self.reporter(host);
+        let plugin = self.plugin.clone();
+        let ids = match self.message_ids {
+            Some(ids) => ids,
+            None => {
+                let (standard, values) = self.derive(host, reporter, false);
+                let id = |metric: Metric| {
+                    let plan = plugin.config.plan(reporter, metric).filter(|p| p.enabled)?;
+                    plugin.series(host, metric, MetricKind::Counter, plan, &standard, &values)
+                };
+                let ids = [id(Metric::GrpcRequestMessages), id(Metric::GrpcResponseMessages)];
+                self.message_ids = Some(ids);
+                ids
+            }
+        };
+        for ((id, count), reported) in ids.iter().zip(counts).zip(self.messages_reported.iter_mut()) {
+            let delta = count.saturating_sub(*reported);
+            *reported = count;
+            if let Some(id) = id {
+                let _ = host.increment_metric(*id, i64::try_from(delta).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+/// The filter state key of Envoy's `envoy.filters.http.grpc_stats` filter.
+pub const GRPC_STATS_STATE: &str = "envoy.filters.http.grpc_stats";
+
+/// The grpc_stats filter state object as Envoy prints it: `<request count>,<response count>`.
+fn parse_message_counts(b: &[u8]) -> Option<[u64; 2]> {
+    let s = std::str::from_utf8(b).ok()?;
+    let (req, rsp) = s.trim().split_once(',')?;
+    Some([req.trim().parse().ok()?, rsp.trim().parse().ok()?])
 }
 
 /// `<tag>=.=<value>;.;`: the segment the bootstrap `stats_tags` turn into a label.
@@ -549,7 +660,10 @@ impl HttpFilter for TelemetryFilter {
         self.grpc =
             host.header(HeaderMap::RequestHeaders, "content-type").is_some_and(|c| c.starts_with("application/grpc"));
         match reporter {
-            Reporter::Server => self.peer_asked = self.take_peer(host, HeaderMap::RequestHeaders),
+            Reporter::Server => {
+                self.peer_asked = self.take_peer(host, HeaderMap::RequestHeaders);
+                self.peer_read = true;
+            }
             Reporter::Client => self.send_exchange(host, HeaderMap::RequestHeaders),
         }
         if let Some(plan) = self.plugin.config.tracing.plans.get(reporter.index()).and_then(Option::as_ref) {
@@ -564,6 +678,7 @@ impl HttpFilter for TelemetryFilter {
         match self.reporter(host) {
             Reporter::Client => {
                 self.take_peer(host, HeaderMap::ResponseHeaders);
+                self.peer_read = true;
             }
             Reporter::Server if self.peer_asked => self.send_exchange(host, HeaderMap::ResponseHeaders),
             Reporter::Server => {}
@@ -571,8 +686,20 @@ impl HttpFilter for TelemetryFilter {
         Flow::Continue
     }
 
+    /// gRPC streams report their message counts every `tcpReportingInterval` (istio/proxy's
+    /// `tcp_reporting_duration`, which it uses for both).
+    fn periodic(&self) -> Option<Duration> {
+        self.grpc.then_some(self.plugin.config.tcp_reporting_interval)
+    }
+
+    fn on_periodic(&mut self, host: &dyn Host) -> Option<Duration> {
+        self.report_messages(host, false);
+        (!self.messages_done).then_some(self.plugin.config.tcp_reporting_interval)
+    }
+
     /// Envoy's access-log phase: the final attributes are readable (Istio records here too).
     fn on_log(&mut self, host: &dyn Host) {
+        self.report_messages(host, true);
         let Some(standard) = self.report(host) else { return };
         let plugin = self.plugin.clone();
         if !plugin.config.access_log.is_empty() {
@@ -775,6 +902,52 @@ mod tests {
         ] {
             assert!(s.contains(want), "{want} in {s}");
         }
+    }
+
+    #[test]
+    fn grpc_message_counters_report_deltas_once_the_peer_is_known_and_at_the_end() {
+        let cfg = json!({"tcpReportingInterval": "1s", "metrics": [{"overrides": [
+            {"tagOverrides": {"configurable_metric_a": {"value": "xds.node.metadata.LABELS.version"},
+                              "response_code": {"value": "'x'"}}}]}]});
+        let client = plugin(cfg, "CLIENT", node_md("productpage-v1", "productpage", "c1"));
+        let h = FakeHost::with_request(&[(":authority", "server:80"), ("content-type", "application/grpc")]);
+        let mut f = client.new_filter(2, 0);
+        f.on_request_headers(&h, false);
+        assert_eq!(f.periodic(), Some(Duration::from_secs(1)));
+        // Before the response headers the peer is not known: nothing yet.
+        h.set_property(&["filter_state", GRPC_STATS_STATE], b"1,0");
+        assert_eq!(f.on_periodic(&h), Some(Duration::from_secs(1)));
+        assert!(series(&h, "istio_request_messages_total").is_empty());
+        *h.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+        f.on_response_headers(&h, false);
+        h.set_property(&["filter_state", GRPC_STATS_STATE], b"3,13");
+        f.on_periodic(&h);
+        let req = series(&h, "istio_request_messages_total");
+        assert_eq!(req.len(), 1);
+        assert_eq!(req[0].1, 3);
+        assert!(req[0].0.ends_with("destination_cluster=.=unknown;.;configurable_metric_a=.=v1;.;"), "{}", req[0].0);
+        assert!(!req[0].0.contains("response_code"), "not a label of the message counters");
+        assert_eq!(series(&h, "istio_response_messages_total")[0].1, 13);
+        // Unchanged counts add nothing; the end adds the rest, once.
+        f.on_periodic(&h);
+        h.set_property(&["filter_state", GRPC_STATS_STATE], b"8,27");
+        end(&h, 200);
+        f.on_log(&h);
+        f.on_log(&h);
+        assert_eq!(series(&h, "istio_request_messages_total")[0].1, 8);
+        assert_eq!(series(&h, "istio_response_messages_total")[0].1, 27);
+        assert_eq!(f.on_periodic(&h), None, "no reports after the end");
+        let total = &series(&h, "istio_requests_total")[0].0;
+        assert!(total.contains("request_protocol=.=grpc;") && total.contains("response_code=.=x;"), "{total}");
+
+        // Plain HTTP has no periodic work; undecodable counts are ignored.
+        let h = FakeHost::with_request(&[(":authority", "server:80")]);
+        let mut f = client.new_filter(3, 0);
+        f.on_request_headers(&h, true);
+        assert_eq!(f.periodic(), None);
+        assert_eq!(parse_message_counts(b"7"), None);
+        assert_eq!(parse_message_counts(b"x,1"), None);
+        assert_eq!(parse_message_counts(b"2,5"), Some([2, 5]));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! meshwasm telemetry: Istio's standard metrics (`istio_requests_total`,
-//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`) with
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`, the
+//! gRPC message counters, and as a network filter the four TCP metrics) with
 //! every label Istio derives, peer metadata exchange over Istio's headers, and the Telemetry
 //! API's metric overrides.
 //!
@@ -19,6 +20,7 @@ pub mod filter;
 pub mod labels;
 pub mod observe;
 pub mod peer;
+pub mod tcp;
 pub mod trace;
 
 pub use filter::{TelemetryFilter, TelemetryPlugin};
@@ -29,4 +31,6 @@ pub use filter::{TelemetryFilter, TelemetryPlugin};
 #[allow(unsafe_code)] // the ABI exports are #[no_mangle]
 mod entry {
     meshwasm_sdk_ext::export_http_filter!(crate::TelemetryPlugin, request, response_headers);
+    // Also a network filter (TCP metrics, `tcp::TelemetryConnection`).
+    meshwasm_sdk_ext::export_network_filter!(crate::TelemetryPlugin);
 }

@@ -99,16 +99,90 @@ impl Workload {
     }
 }
 
-/// The `x-envoy-peer-metadata` value a proxy sends: its node metadata, restricted to the
-/// exchanged keys, as a base64 serialized Struct.
-pub fn encode_exchange(node_metadata: &Value) -> String {
+/// The node metadata restricted to the exchanged keys, as a serialized Struct.
+fn exchange_struct(node_metadata: &Value) -> Vec<u8> {
     let mut m = Map::new();
     for k in EXCHANGED_KEYS {
         if let Some(v) = node_metadata.get(*k) {
             m.insert((*k).to_string(), v.clone());
         }
     }
-    base64::encode(&meshwasm_sdk_ext::props::struct_to_bytes(&Value::Object(m)))
+    meshwasm_sdk_ext::props::struct_to_bytes(&Value::Object(m))
+}
+
+/// The `x-envoy-peer-metadata` value a proxy sends: its node metadata, restricted to the
+/// exchanged keys, as a base64 serialized Struct.
+pub fn encode_exchange(node_metadata: &Value) -> String {
+    base64::encode(&exchange_struct(node_metadata))
+}
+
+// === TCP metadata exchange (istio/proxy's in-band frame) ===
+
+/// The frame's magic number (istio/proxy's `MetadataExchangeInitialHeader`).
+pub const TCP_MAGIC: u32 = 0x3D23_0467;
+/// Magic and length, both big-endian `u32`.
+pub const TCP_HEADER: usize = 8;
+/// The largest frame body accepted (a peer claiming more is not a peer).
+pub const TCP_MAX_BODY: usize = 64 * 1024;
+const STRUCT_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Struct";
+
+/// The frame a proxy sends at the start of a TCP connection: the header, then a
+/// `google.protobuf.Any` holding the exchanged node metadata `Struct`.
+pub fn encode_tcp_frame(node_metadata: &Value) -> Vec<u8> {
+    let mut any = Vec::new();
+    meshwasm_sdk_ext::proto::put_bytes(1, STRUCT_TYPE_URL.as_bytes(), &mut any);
+    meshwasm_sdk_ext::proto::put_bytes(2, &exchange_struct(node_metadata), &mut any);
+    let mut out = Vec::with_capacity(TCP_HEADER + any.len());
+    out.extend_from_slice(&TCP_MAGIC.to_be_bytes());
+    out.extend_from_slice(&u32::try_from(any.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&any);
+    out
+}
+
+/// What the first bytes of a connection hold.
+#[derive(Debug, PartialEq)]
+pub enum TcpFrame {
+    /// Not a frame: the bytes are the application's.
+    None,
+    /// The start of a frame: wait for more bytes.
+    Partial,
+    /// A whole frame of this many bytes, and the peer it carries (an undecodable body is
+    /// still a frame: it is stripped, the peer stays unknown).
+    Whole(usize, Option<Box<Workload>>),
+}
+
+pub fn decode_tcp_frame(data: &[u8]) -> TcpFrame {
+    let magic = TCP_MAGIC.to_be_bytes();
+    let n = data.len().min(4);
+    if data.get(..n) != magic.get(..n) {
+        return TcpFrame::None;
+    }
+    let Some(len) = data.get(4..TCP_HEADER).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+        return TcpFrame::Partial;
+    };
+    let len = u32::from_be_bytes(len) as usize;
+    if len > TCP_MAX_BODY {
+        return TcpFrame::None;
+    }
+    let Some(body) = data.get(TCP_HEADER..TCP_HEADER + len) else { return TcpFrame::Partial };
+    TcpFrame::Whole(TCP_HEADER + len, decode_any_struct(body).ok().map(|md| Box::new(Workload::from_metadata(&md))))
+}
+
+fn decode_any_struct(any: &[u8]) -> Result<Value, String> {
+    let mut r = meshwasm_sdk_ext::proto::Reader::new(any);
+    let mut value = None;
+    while let Some((field, wire)) = r.key()? {
+        match (field, wire) {
+            (1, 2) => {
+                if r.string()? != STRUCT_TYPE_URL {
+                    return Err("not a Struct".into());
+                }
+            }
+            (2, 2) => value = Some(r.bytes()?),
+            (_, w) => r.skip(w)?,
+        }
+    }
+    meshwasm_sdk_ext::props::struct_from_bytes(value.ok_or("no value")?)
 }
 
 /// Decode a peer's `x-envoy-peer-metadata` value.
@@ -165,6 +239,32 @@ mod tests {
         assert!(raw.get("STS_PORT").is_none(), "only the exchanged keys travel");
         assert!(decode_exchange("!!!").is_err());
         assert!(decode_exchange("AAAA").is_err() || decode_exchange("AAAA").is_ok(), "never panics");
+    }
+
+    #[test]
+    fn tcp_frame_roundtrip_partial_and_foreign_bytes() {
+        let frame = encode_tcp_frame(&client_md());
+        let mut data = frame.clone();
+        data.extend_from_slice(b"world\n");
+        match decode_tcp_frame(&data) {
+            TcpFrame::Whole(n, Some(w)) => {
+                assert_eq!(n, frame.len());
+                assert_eq!(*w, Workload::from_metadata(&client_md()));
+            }
+            other => panic!("{other:?}"),
+        }
+        for cut in [1, 3, 4, 7, 8, frame.len() - 1] {
+            assert_eq!(decode_tcp_frame(&frame[..cut]), TcpFrame::Partial, "{cut} bytes");
+        }
+        assert_eq!(decode_tcp_frame(b"GET / HTTP/1.1"), TcpFrame::None);
+        assert_eq!(decode_tcp_frame(b""), TcpFrame::Partial);
+        let mut huge = TCP_MAGIC.to_be_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_tcp_frame(&huge), TcpFrame::None);
+        let mut junk = TCP_MAGIC.to_be_bytes().to_vec();
+        junk.extend_from_slice(&3u32.to_be_bytes());
+        junk.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert_eq!(decode_tcp_frame(&junk), TcpFrame::Whole(11, None));
     }
 
     #[test]
