@@ -1,4 +1,4 @@
-//! A JWKS server for the JWT tests (and `meshwasm-jwks-server`, the example's): HTTP/1.1 on
+//! A JWKS server for the JWT tests (and `meshwasm-jwks serve`, the example's): HTTP/1.1 on
 //! hyper, answering every `GET` with the key set the test gave it, switchable at run time:
 //!
 //! - [`Mode::Serve`]: 200, `content-type: application/json`, the current key set;
@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 
 use crate::server::{accept_loop, ServerThread};
 
@@ -97,16 +98,24 @@ impl JwksServer {
 }
 
 fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> ServerThread {
-    ServerThread::spawn("meshwasm-jwks", addr, move |listener| async move {
-        accept_loop(listener, move |stream| {
-            let shared = shared.clone();
-            async move {
-                let svc = hyper::service::service_fn(move |req| handle(req, shared.clone()));
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            }
-        })
-        .await;
+    ServerThread::spawn("meshwasm-jwks", addr, move |listener| serve_shared(listener, shared))
+}
+
+/// Serve the key set `jwks` (JSON text) on `listener` until the process ends (the
+/// `meshwasm-jwks serve` binary).
+pub async fn serve(listener: TcpListener, jwks: String) {
+    serve_shared(listener, Arc::new(Shared { mode: Mutex::new((Mode::Serve, jwks)), fetches: AtomicU64::new(0) })).await
+}
+
+async fn serve_shared(listener: TcpListener, shared: Arc<Shared>) {
+    accept_loop(listener, move |stream| {
+        let shared = shared.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone()));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        }
     })
+    .await;
 }
 
 async fn handle(

@@ -24,25 +24,32 @@
 //!   core nobody else uses, which a shared machine does not guarantee (each sample records how
 //!   busy the proxy's core was, and how much of it other processes took).
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::build::{self, Module};
 use crate::envoy::{self, Envoy, Launch};
 use crate::{bail, http, json, on_path, output, root, step, Context, Result};
 
+mod jwt;
+
 /// The performance target: a meshwasm filter's per-request overhead (fault; ratelimit: "limiter
 /// overhead over bare Envoy within 1.3× the no-op module's") at most 1.3× the no-op module's.
 const TARGET_RATIO: f64 = 1.3;
 /// The telemetry filter's target (issue 9): overhead within 2× the no-op module's.
 const TELEMETRY_TARGET_RATIO: f64 = 2.0;
+/// RequestAuthentication's target (issue 8): with a cached token, within 1.5× the no-op's.
+const JWT_TARGET_RATIO: f64 = 1.5;
 
 /// The target ratio of one configuration.
 fn target_ratio(key: &str) -> f64 {
     if key.starts_with("telemetry") {
         TELEMETRY_TARGET_RATIO
+    } else if key == "authz_jwt" {
+        JWT_TARGET_RATIO
     } else {
         TARGET_RATIO
     }
@@ -59,15 +66,22 @@ const HEADLINE: &[&str] = &[
     "retry_budget",
     "telemetry",
     "authz",
+    "authz_jwt",
+    "authz_jwt_fresh",
+    "authz_jwt_fresh_es256",
+    "authz_jwt_fresh_eddsa",
+    "authz_jwt_fresh_hs256",
     "noop_sdk",
     "native_fault",
     "native_local_ratelimit",
     "native_rbac",
+    "native_jwt",
 ];
 
-/// Rows shown for comparison only: no target applies to them.
+/// Rows shown for comparison only: no target applies to them (the uncached JWT rows measure
+/// the signature's cost per algorithm).
 fn is_reference(key: &str) -> bool {
-    key == "noop_sdk" || key.starts_with("native_")
+    key == "noop_sdk" || key.starts_with("native_") || key.starts_with("authz_jwt_fresh")
 }
 
 /// Rules that never match the benchmark's traffic: the common path of a production config.
@@ -296,6 +310,24 @@ fn setups() -> Result<Vec<Setup>> {
     ])
 }
 
+/// What a configuration's requests carry beyond `BENCH_HEADER`, and what proves they were
+/// exercised as intended (the JWT rows; empty for the others).
+#[derive(Default)]
+struct Load {
+    /// Headers of the probe's `GET /` and of every wrk request.
+    headers: Vec<(String, String)>,
+    /// A wrk Lua script, and the files handed to it after `--`, one per wrk run in turn.
+    script: Option<(PathBuf, Vec<PathBuf>)>,
+    /// More probes: `GET /` with these headers must get this status.
+    probes: Vec<(Vec<(String, String)>, u16)>,
+    /// Counters that must cover every measured request.
+    covers: Vec<&'static str>,
+    /// Counters that must not move after the probes.
+    still: Vec<&'static str>,
+    /// wrk runs so far (picks the script's file).
+    runs: Cell<usize>,
+}
+
 /// One wrk measurement.
 #[derive(Clone, Copy, Default)]
 struct Sample {
@@ -315,6 +347,9 @@ struct Sample {
 
 struct Running {
     setup: Setup,
+    load: Load,
+    /// `load.still`'s counters after the probes.
+    still_before: Vec<u64>,
     envoy: Envoy,
     addr: SocketAddr,
     samples: Vec<Sample>,
@@ -335,13 +370,19 @@ pub fn run(opts: Options) -> Result<()> {
     }
 
     let modules = build::run()?;
-    let all = setups()?;
+    let mut all = setups()?;
     if let Some(only) = &opts.only {
-        let keys: Vec<&str> = all.iter().map(|s| s.key).collect();
+        let keys: Vec<&str> = all.iter().map(|s| s.key).chain(jwt::KEYS).collect();
         if let Some(unknown) = only.iter().find(|k| !keys.contains(&k.as_str())) {
             bail!("--only: unknown configuration `{unknown}`; keys: {}", keys.join(" "));
         }
     }
+    let keep = |key: &str| match &opts.only {
+        Some(only) => key == "bare" || key == "noop" || only.iter().any(|k| k == key),
+        None => true,
+    };
+    let (jwt_setups, mut loads) = jwt::setups(&keep)?;
+    all.extend(jwt_setups);
     let envoy_bin = envoy::ensure()?;
     let envoy_version = output(Command::new(&envoy_bin).arg("--version"))?.trim().to_string();
 
@@ -359,10 +400,6 @@ pub fn run(opts: Options) -> Result<()> {
     println!("    upstream (direct_response Envoy) on 127.0.0.1:{upstream_port}, pid {}", upstream.proc.pid());
 
     let mut runs = Vec::new();
-    let keep = |key: &str| match &opts.only {
-        Some(only) => key == "bare" || key == "noop" || only.iter().any(|k| k == key),
-        None => true,
-    };
     for setup in all.into_iter().filter(|s| keep(s.key)) {
         let config = envoy::render_bootstrap(
             "bench.yaml",
@@ -371,14 +408,19 @@ pub fn run(opts: Options) -> Result<()> {
         let name = format!("bench-{}", setup.key);
         let envoy = Envoy::start(&envoy_bin, Launch { name: &name, config: &config, concurrency: 1, cpus: proxy_cpu })?;
         let addr = envoy.listener("ingress")?;
-        probe(&setup, &envoy, addr)?;
+        let load = loads.remove(setup.key).unwrap_or_default();
+        probe(&setup, &load, &envoy, addr)?;
         // The probes may have been rejected on purpose: only later rejections invalidate.
         let rejected_before = match setup.counters {
             Some(c) => counter(&envoy, c.rejected)?.unwrap_or(0),
             None => 0,
         };
+        let mut still_before = Vec::new();
+        for c in &load.still {
+            still_before.push(counter(&envoy, c)?.unwrap_or(0));
+        }
         println!("    {:<22} {addr}  pid {}  ({})", setup.key, envoy.proc.pid(), setup.label);
-        runs.push(Running { setup, envoy, addr, samples: Vec::new(), rejected_before });
+        runs.push(Running { setup, load, still_before, envoy, addr, samples: Vec::new(), rejected_before });
     }
 
     let per_round = opts.warmup + opts.duration;
@@ -400,7 +442,7 @@ pub fn run(opts: Options) -> Result<()> {
             let Some(r) = runs.get_mut(idx) else { continue };
             r.envoy.proc.check_alive()?;
             if opts.warmup > 0 {
-                let w = wrk_run(&wrk, r.addr, opts.warmup, opts.connections, load_cpu)?;
+                let w = wrk_run(&wrk, r.addr, opts.warmup, opts.connections, load_cpu, &r.load)?;
                 if w.bad > 0 {
                     bail!(
                         "{}: {} requests failed or were not 2xx during the warm-up: the benchmark is invalid",
@@ -411,7 +453,7 @@ pub fn run(opts: Options) -> Result<()> {
             }
             let (cpu0, up0, core0) =
                 (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
-            let mut s = wrk_run(&wrk, r.addr, opts.duration, opts.connections, load_cpu)?;
+            let mut s = wrk_run(&wrk, r.addr, opts.duration, opts.connections, load_cpu, &r.load)?;
             let (cpu1, up1, core1) =
                 (cpu_ticks(r.envoy.proc.pid())?, cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
             if let (Some((b0, t0)), Some((b1, t1))) = (core0, core1) {
@@ -466,12 +508,19 @@ pub fn run(opts: Options) -> Result<()> {
 /// A normal request must pass (200); where the configuration injects faults, the triggering
 /// request must be faulted; where it rate limits, the normal request must be counted as
 /// admitted by the limiter. Otherwise we would benchmark the wrong thing.
-fn probe(setup: &Setup, envoy: &Envoy, addr: SocketAddr) -> Result<()> {
+fn probe(setup: &Setup, load: &Load, envoy: &Envoy, addr: SocketAddr) -> Result<()> {
     let before = match setup.counters {
         Some(c) => counter(envoy, c.admitted)?.unwrap_or(0),
         None => 0,
     };
-    let rsp = http::get(addr, "/", &[BENCH_HEADER])?;
+    let headers = |extra: &[(String, String)]| -> Vec<(String, String)> {
+        let mut h = vec![(BENCH_HEADER.0.to_string(), BENCH_HEADER.1.to_string())];
+        h.extend(extra.iter().cloned());
+        h
+    };
+    let normal = headers(&load.headers);
+    let normal: Vec<(&str, &str)> = normal.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let rsp = http::get(addr, "/", &normal)?;
     if rsp.status != 200 {
         bail!("{}: GET / returned {} (expected 200): {}", setup.key, rsp.status, rsp.text());
     }
@@ -492,6 +541,19 @@ fn probe(setup: &Setup, envoy: &Envoy, addr: SocketAddr) -> Result<()> {
                 "{}: GET {path} {headers:?} returned {} (expected the fault {status}): the filter is not active",
                 setup.key,
                 rsp.status
+            );
+        }
+    }
+    for (extra, status) in &load.probes {
+        let h = headers(extra);
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let rsp = http::get(addr, "/", &h)?;
+        if rsp.status != *status {
+            bail!(
+                "{}: GET / {h:?} returned {} {} (expected {status}): the filter does not check what it should",
+                setup.key,
+                rsp.status,
+                rsp.text()
             );
         }
     }
@@ -516,6 +578,20 @@ fn check_counters(r: &Running) -> Result<()> {
             c.admitted
         );
     }
+    for name in &r.load.covers {
+        let n = counter(&r.envoy, name)?.unwrap_or(0);
+        println!("    {:<22} {name} = {n} (measured {measured})", r.setup.key);
+        if n < measured {
+            bail!("{}: {name} = {n} but wrk measured {measured} requests: the benchmark is invalid", r.setup.key);
+        }
+    }
+    for (name, before) in r.load.still.iter().zip(&r.still_before) {
+        let moved = counter(&r.envoy, name)?.unwrap_or(0).saturating_sub(*before);
+        println!("    {:<22} {name} +{moved} after the probes", r.setup.key);
+        if moved > 0 {
+            bail!("{}: {name} moved by {moved} after the probes: the benchmark is invalid", r.setup.key);
+        }
+    }
     Ok(())
 }
 
@@ -535,7 +611,14 @@ fn counter(envoy: &Envoy, name: &str) -> Result<Option<u64>> {
 
 // === wrk ===
 
-fn wrk_run(wrk: &Path, addr: SocketAddr, secs: u64, connections: u32, cpus: Option<&str>) -> Result<Sample> {
+fn wrk_run(
+    wrk: &Path,
+    addr: SocketAddr,
+    secs: u64,
+    connections: u32,
+    cpus: Option<&str>,
+    load: &Load,
+) -> Result<Sample> {
     let mut cmd = match (cpus, on_path("taskset")) {
         (Some(c), Some(taskset)) => {
             let mut cmd = Command::new(taskset);
@@ -546,8 +629,23 @@ fn wrk_run(wrk: &Path, addr: SocketAddr, secs: u64, connections: u32, cpus: Opti
     };
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"])
         .arg("-H")
-        .arg(format!("{}: {}", BENCH_HEADER.0, BENCH_HEADER.1))
-        .arg(format!("http://{addr}/"));
+        .arg(format!("{}: {}", BENCH_HEADER.0, BENCH_HEADER.1));
+    for (k, v) in &load.headers {
+        if load.script.is_none() {
+            cmd.arg("-H").arg(format!("{k}: {v}"));
+        }
+    }
+    if let Some((script, _)) = &load.script {
+        cmd.arg("-s").arg(script);
+    }
+    cmd.arg(format!("http://{addr}/"));
+    if let Some((_, files)) = &load.script {
+        let n = load.runs.get();
+        load.runs.set(n + 1);
+        if let Some(f) = files.get(n % files.len().max(1)) {
+            cmd.arg("--").arg(f);
+        }
+    }
     let out = output(&mut cmd)?;
     parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
 }
@@ -820,6 +918,15 @@ impl Report {
                 r.med.foreign * 100.0
             );
         }
+        if let Some(cached) = self.row("authz_jwt") {
+            let fresh: Vec<&Row> = self.rows.iter().filter(|r| r.key.starts_with("authz_jwt_fresh")).collect();
+            if !fresh.is_empty() {
+                md.push_str("\n## JWT: signature verification per request (uncached − cached, Envoy CPU µs/req, best of rounds)\n\n| configuration | CPU µs/req | − cached token |\n|---|---:|---:|\n");
+                for r in fresh {
+                    let _ = writeln!(md, "| {} | {:.1} | {:.1} |", r.label, r.best_cpu, r.best_cpu - cached.best_cpu);
+                }
+            }
+        }
         md.push_str("\n## Rounds (req/s)\n\n| configuration |");
         let rounds = self.rows.first().map(|r| r.samples.len()).unwrap_or(0);
         for i in 1..=rounds {
@@ -868,6 +975,9 @@ impl Report {
         md.push_str(
             "- native RBAC: envoy-configs/filters/native-rbac.yaml (istiod's translation of the same policy)\n",
         );
+        if self.rows.iter().any(|r| jwt::KEYS.contains(&r.key)) {
+            md.push_str(&jwt::describe());
+        }
         md.push_str("- every configuration was probed before measuring: GET / → 200, and the faulting request → 503 where a fault filter is configured (authz and RBAC: GET / without the header → 403); where a limiter or authorizer is configured, GET / must add one to its `ok`/`allowed` counter\n");
         md.push_str("- every wrk run (warm-ups included) saw only 2xx responses, and each limiter's `rate_limited` (authorizer's `denied`) counter did not move after the probes, with its `ok` (`allowed`) counter covering every measured request\n");
         md.push_str("\nA ratio's denominator (no-op overhead) is small, so ratios are noisy: read them with the rounds table.\n");
