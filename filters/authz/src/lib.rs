@@ -15,6 +15,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod policy;
 pub mod rbac;
+pub mod re;
 pub mod remote;
 pub mod x509;
 
