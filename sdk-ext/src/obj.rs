@@ -60,6 +60,7 @@ impl<'a> Obj<'a> {
             let expected = match fields {
                 [] => "there are no fields".to_string(),
                 [one] => format!("expected `{one}`"),
+                [a, b] => format!("expected `{a}` or `{b}`"),
                 _ => format!(
                     "expected one of {}",
                     fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
