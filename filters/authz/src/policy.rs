@@ -224,8 +224,7 @@ impl TryFrom<AuthzConfigJson> for Config {
             // the one reported.
             list.sort_by(|a, b| a.id.cmp(&b.id));
         }
-        let uses_direct =
-            |ps: &[NamedPolicy]| ps.iter().any(|p| format!("{:?}", p.policy.principals).contains("DirectRemoteIp"));
+        let uses_direct = |ps: &[NamedPolicy]| ps.iter().any(|p| p.policy.uses_direct_ip());
         let all = [&cfg.custom, &cfg.audit, &cfg.deny, &cfg.shadow_deny, &cfg.allow, &cfg.shadow_allow];
         if all.iter().any(|l| uses_direct(l)) {
             cfg.direct_address =

@@ -310,6 +310,19 @@ impl Policy {
         }
         self.principals.iter().any(p)
     }
+
+    /// Whether this policy reads the directly connected peer (`ipBlocks`, `source.ip`).
+    pub fn uses_direct_ip(&self) -> bool {
+        fn p(x: &Principal) -> bool {
+            match x {
+                Principal::And(v) | Principal::Or(v) => v.iter().any(p),
+                Principal::Not(b) => p(b),
+                Principal::DirectRemoteIp(_) => true,
+                _ => false,
+            }
+        }
+        self.principals.iter().any(p)
+    }
 }
 
 // === JSON form, for the conformance test against istiod's output ===
