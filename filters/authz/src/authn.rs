@@ -289,7 +289,7 @@ impl Authn {
             }
         }
         // istiod sorts the rules by issuer (a stable sort) and names them origins-<index>.
-        rules.sort_by(|a, b| a.0.issuer.cmp(&b.0.issuer));
+        crate::sort::sort_by(&mut rules, |a, b| a.0.issuer.cmp(&b.0.issuer));
         let mut remotes: Vec<Remote> = Vec::new();
         let mut providers = Vec::new();
         for (i, (rule, path)) in rules.iter().enumerate() {
@@ -420,7 +420,7 @@ impl Authn {
         // istiod: the user's claims plus `permission` and `scope`, deduplicated and sorted.
         let mut space_delimited: Vec<String> = rule.space_delimited_claims.clone().unwrap_or_default();
         space_delimited.extend(["permission".to_string(), "scope".to_string()]);
-        space_delimited.sort();
+        crate::sort::sort(&mut space_delimited);
         space_delimited.dedup();
         Ok(Provider {
             name: String::new(),
@@ -627,7 +627,7 @@ fn extract(p: &Provider, req: &Request) -> Vec<Token> {
     let mut tokens = Vec::new();
     // Header locations, in the order of Envoy's map keyed by name + prefix.
     let mut headers: Vec<&(String, String)> = p.headers.iter().collect();
-    headers.sort_by(|a, b| format!("{}{}", a.0, a.1).cmp(&format!("{}{}", b.0, b.1)));
+    crate::sort::sort_by(&mut headers, |a, b| format!("{}{}", a.0, a.1).cmp(&format!("{}{}", b.0, b.1)));
     for (name, prefix) in headers {
         for value in req.values(name) {
             let token = if prefix.is_empty() {
@@ -643,7 +643,7 @@ fn extract(p: &Provider, req: &Request) -> Vec<Token> {
         if let Some(path) = req.first(":path") {
             let params = query_params(path);
             let mut names: Vec<&String> = p.params.iter().collect();
-            names.sort();
+            crate::sort::sort(&mut names);
             names.dedup();
             for name in names {
                 if let Some(v) = params.get(name).and_then(|v| v.first()) {
@@ -653,7 +653,7 @@ fn extract(p: &Provider, req: &Request) -> Vec<Token> {
         }
     }
     let mut cookies: Vec<&String> = p.cookies.iter().collect();
-    cookies.sort();
+    crate::sort::sort(&mut cookies);
     cookies.dedup();
     for name in cookies {
         if let Some(v) = cookie(req, name) {

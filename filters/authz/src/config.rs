@@ -533,9 +533,9 @@ impl AuthzConfigJson {
                 match o.raw("jwks") {
                     None => BTreeMap::new(),
                     // Paths as serde's: `jwks.<uri>.<field>`, whatever the URI holds.
-                    Some(Value::Object(m)) => m
-                        .iter()
-                        .map(|(k, v)| {
+                    Some(Value::Object(m)) => {
+                        let mut out = BTreeMap::new();
+                        for (k, v) in m {
                             let read = JwksSourceJson::read(v, &Path::root()).map_err(|mut e| {
                                 e.path = if e.path.is_empty() {
                                     format!("jwks.{k}")
@@ -543,10 +543,11 @@ impl AuthzConfigJson {
                                     format!("jwks.{k}.{}", e.path)
                                 };
                                 e
-                            });
-                            Ok((k.clone(), read?))
-                        })
-                        .collect::<Result<_, ConfigError>>()?,
+                            })?;
+                            out.insert(k.clone(), read);
+                        }
+                        out
+                    }
                     Some(v) => return Err(meshwasm_sdk_ext::obj::invalid_type(v, "a map", &p)),
                 }
             },

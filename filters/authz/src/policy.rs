@@ -222,7 +222,7 @@ impl TryFrom<AuthzConfigJson> for Config {
         ] {
             // Envoy keeps RBAC policies in a map ordered by name: the first matching name is
             // the one reported.
-            list.sort_by(|a, b| a.id.cmp(&b.id));
+            crate::sort::sort_by(list, |a, b| a.id.cmp(&b.id));
         }
         let uses_direct = |ps: &[NamedPolicy]| ps.iter().any(|p| p.policy.uses_direct_ip());
         let all = [&cfg.custom, &cfg.audit, &cfg.deny, &cfg.shadow_deny, &cfg.allow, &cfg.shadow_allow];
