@@ -353,21 +353,45 @@ mod tests {
         .prop_map(|v| v.concat())
     }
 
-    /// istiod's shapes (see `crate::istio`) and the URI template classes.
-    fn istio_pattern() -> impl Strategy<Value = String> {
+    /// istiod's shapes (see `crate::istio`) and the URI template classes, each with an
+    /// identity or path built to match it (so that matches, not only misses, are compared).
+    fn istio_pattern() -> impl Strategy<Value = (String, String)> {
         use crate::istio::quote_meta;
         prop_oneof![
-            Just(".+".to_string()),
-            value().prop_map(|s| format!("spiffe://.*{}", quote_meta(&s))),
-            (value(), value()).prop_map(|(ns, sa)| format!(
-                "spiffe://.+/ns/{}/(.+/|)sa/{}(/.+)?",
-                quote_meta(&ns),
-                quote_meta(&sa)
+            Just((".+".to_string(), "x".to_string())),
+            value().prop_map(|s| (format!("spiffe://.*{}", quote_meta(&s)), format!("spiffe://td/{s}"))),
+            (value(), value()).prop_map(|(ns, sa)| (
+                format!("spiffe://.+/ns/{}/(.+/|)sa/{}(/.+)?", quote_meta(&ns), quote_meta(&sa)),
+                format!("spiffe://td/ns/{ns}/sa/{sa}")
             )),
-            value().prop_map(|ns| format!(".*/ns/{}/.*", quote_meta(&ns).replace("\\*", ".*"))),
-            value().prop_map(|td| format!("spiffe://{}/.*", quote_meta(&td).replace("\\*", "[^/]*"))),
-            prop::collection::vec(prop_oneof![value(), Just("*".to_string()), Just("**".to_string())], 1..4)
-                .prop_map(|segs| crate::rbac::UriTemplate::regex_source(&format!("/{}", segs.join("/")))),
+            value().prop_map(|ns| (
+                format!(".*/ns/{}/.*", quote_meta(&ns).replace("\\*", ".*")),
+                format!("spiffe://td/ns/{}/sa/x", ns.replace('*', "q"))
+            )),
+            value().prop_map(|td| (
+                format!("spiffe://{}/.*", quote_meta(&td).replace("\\*", "[^/]*")),
+                format!("spiffe://{}/ns/a", td.replace('*', "q"))
+            )),
+            prop::collection::vec(prop_oneof![value(), Just("*".to_string()), Just("**".to_string())], 1..4).prop_map(
+                |segs| {
+                    let path: Vec<&str> = segs
+                        .iter()
+                        .map(|s| {
+                            if s == "*" {
+                                "seg"
+                            } else if s == "**" {
+                                "a/b"
+                            } else {
+                                s.as_str()
+                            }
+                        })
+                        .collect();
+                    (
+                        crate::rbac::UriTemplate::regex_source(&format!("/{}", segs.join("/"))),
+                        format!("/{}", path.join("/")),
+                    )
+                }
+            ),
         ]
     }
 
@@ -417,8 +441,10 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
         #[test]
-        fn same_as_regex_lite_on_istio_shapes((src, hs) in istio_pattern().prop_flat_map(inputs)) {
+        fn same_as_regex_lite_on_istio_shapes(((src, hs), built) in istio_pattern().prop_flat_map(|(src, built)| (inputs(src), Just(built)))) {
             prop_assert!(Regex::new(&src).is_some(), "istiod's shape refused: {:?}", src);
+            let mut hs = hs;
+            hs.push(built);
             agree(&src, &hs)?;
         }
 
@@ -432,6 +458,20 @@ mod tests {
         fn never_accepts_what_regex_lite_reads_otherwise(src in "[-a.*+?()|\\[\\]{}^$\\\\/&~#:]{0,12}", hs in prop::collection::vec("[-a.*/\\[\\]&~\n]{0,8}", 8)) {
             agree(&src, &hs)?;
         }
+    }
+
+    /// The built identities match in most cases, so the comparison above sees matches.
+    #[test]
+    fn built_inputs_mostly_match() {
+        use proptest::strategy::ValueTree;
+        use proptest::test_runner::TestRunner;
+        let mut runner = TestRunner::deterministic();
+        let mut hits = 0;
+        for _ in 0..500 {
+            let (src, built) = istio_pattern().new_tree(&mut runner).unwrap().current();
+            hits += usize::from(Regex::new(&src).unwrap().is_match(&built));
+        }
+        assert!(hits > 250, "{hits} of 500 built inputs matched");
     }
 
     #[test]
