@@ -60,6 +60,7 @@ impl<'a> Obj<'a> {
             let expected = match fields {
                 [] => "there are no fields".to_string(),
                 [one] => format!("expected `{one}`"),
+                [a, b] => format!("expected `{a}` or `{b}`"),
                 _ => format!(
                     "expected one of {}",
                     fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
@@ -143,7 +144,13 @@ impl<'a> Obj<'a> {
         let Some(v) = self.map.get(k) else { return Ok(BTreeMap::new()) };
         let p = self.path(k);
         let Value::Object(m) = v else { return Err(invalid_type(v, "a map", &p)) };
-        m.iter().map(|(key, v)| Ok((key.clone(), string(v, &p.field(key))?.to_string()))).collect()
+        // A loop, not `collect`: `BTreeMap::from_iter` sorts with std's stable sort, one more
+        // instantiation of it in the module (the keys of a JSON object are unique and ordered).
+        let mut out = BTreeMap::new();
+        for (key, v) in m {
+            out.insert(key.clone(), string(v, &p.field(key))?.to_string());
+        }
+        Ok(out)
     }
 }
 

@@ -495,16 +495,10 @@ pub fn direct_address(v: Option<&str>, path: &Path) -> Result<DirectAddress, Con
 
 use meshwasm_sdk_ext::obj::Obj;
 
+use crate::authn::JwksSourceJson;
+
 fn list<T>(o: &Obj<'_>, k: &str, read: fn(&Value, &Path) -> Result<T, ConfigError>) -> Result<Vec<T>, ConfigError> {
     o.list(k)?.into_iter().map(|(p, v)| read(v, &p)).collect()
-}
-
-/// Field `k` read by serde's derived reader (absent: `T::default()`, as `#[serde(default)]`).
-fn with_serde<T: serde::de::DeserializeOwned + Default>(o: &Obj<'_>, k: &str) -> Result<T, ConfigError> {
-    match o.raw(k) {
-        None => Ok(T::default()),
-        Some(v) => meshwasm_sdk_ext::config::from_value(v).map_err(|e| e.within(o.path(k).as_str())),
-    }
 }
 
 fn opt<T>(o: &Obj<'_>, k: &str, read: fn(&Value, &Path) -> Result<T, ConfigError>) -> Result<Option<T>, ConfigError> {
@@ -533,21 +527,53 @@ impl AuthzConfigJson {
             trust_domain: o.opt_string("trustDomain")?,
             trust_domain_aliases: o.strings("trustDomainAliases")?,
             direct_remote_address: o.opt_string("directRemoteAddress")?,
-            // The JWT half is read with serde (its crypto dwarfs its readers' size).
-            authentication: with_serde(&o, "authentication")?,
-            jwks: with_serde(&o, "jwks")?,
+            authentication: list(&o, "authentication", ResourceJson::read)?,
+            jwks: {
+                let p = o.path("jwks");
+                match o.raw("jwks") {
+                    None => BTreeMap::new(),
+                    // Paths as serde's: `jwks.<uri>.<field>`, whatever the URI holds.
+                    Some(Value::Object(m)) => {
+                        let mut out = BTreeMap::new();
+                        for (k, v) in m {
+                            let read = JwksSourceJson::read(v, &Path::root()).map_err(|mut e| {
+                                e.path = if e.path.is_empty() {
+                                    format!("jwks.{k}")
+                                } else {
+                                    format!("jwks.{k}.{}", e.path)
+                                };
+                                e
+                            })?;
+                            out.insert(k.clone(), read);
+                        }
+                        out
+                    }
+                    Some(v) => return Err(meshwasm_sdk_ext::obj::invalid_type(v, "a map", &p)),
+                }
+            },
         })
     }
 }
 
-impl ResourceJson<PolicySpecJson> {
+/// A spec type the module reads by hand.
+pub trait ReadSpec: Sized {
+    fn read(v: &Value, path: &Path) -> Result<Self, ConfigError>;
+}
+
+impl ReadSpec for PolicySpecJson {
+    fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        PolicySpecJson::read(v, path)
+    }
+}
+
+impl<S: ReadSpec> ResourceJson<S> {
     pub fn read(v: &Value, path: &Path) -> Result<Self, ConfigError> {
         let o = Obj::new(v, path, "struct ResourceJson", &["apiVersion", "kind", "metadata", "spec", "status"])?;
         Ok(Self {
             api_version: o.str("apiVersion")?.to_string(),
             kind: o.str("kind")?.to_string(),
             metadata: MetadataJson::read(o.required("metadata")?, &o.path("metadata"))?,
-            spec: PolicySpecJson::read(o.required("spec")?, &o.path("spec"))?,
+            spec: S::read(o.required("spec")?, &o.path("spec"))?,
             status: o.get("status").cloned(),
         })
     }

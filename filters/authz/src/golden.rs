@@ -220,8 +220,26 @@ fn hand_reader_matches_serde() {
     let (cases, providers) = cases();
     let mut compared = 0;
     let mut errors = 0;
-    for case in &cases {
-        let cfg = case_config(case, &providers);
+    // The golden cases, and RequestAuthentication configurations with every field.
+    let mut configs: Vec<Value> = cases.iter().map(|case| case_config(case, &providers)).collect();
+    configs.push(json!({
+        "authentication": [{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "foo"},
+            "spec": {"selector": {"matchLabels": {"app": "a"}}, "jwtRules": [
+                {"issuer": "https://issuer.example", "audiences": ["api", "web"], "jwks": "{\"keys\": []}",
+                 "fromHeaders": [{"name": "x-jwt", "prefix": "Bearer "}, {"name": "x-raw"}],
+                 "fromParams": ["token"], "fromCookies": ["session"], "outputPayloadToHeader": "x-payload",
+                 "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}], "forwardOriginalToken": true,
+                 "timeout": "2s", "spaceDelimitedClaims": ["roles"]},
+                {"issuer": "i2", "jwksUri": "https://keys.example/jwks.json"}]}}],
+        "jwks": {"https://keys.example/jwks.json": {"cluster": "keys", "cacheDuration": "5m"},
+                 "[odd].key": {"cluster": "c"}}
+    }));
+    configs.push(json!({"authentication": [{"apiVersion": "security.istio.io/v1beta1", "kind": "RequestAuthentication",
+        "metadata": {"name": "j"}, "spec": {"jwtRules": [{}], "targetRef": {"kind": "Gateway"}, "targetRefs": []}, "status": {}}],
+        "jwks": {}}));
+    for cfg in &configs {
+        let cfg = cfg.clone();
         let mut all = vec![cfg.clone()];
         variants(&cfg, &mut all, &cfg, &mut Vec::new());
         for v in &all {

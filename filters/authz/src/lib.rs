@@ -15,7 +15,10 @@ pub mod jwks;
 pub mod jwt;
 pub mod policy;
 pub mod rbac;
+pub mod re;
 pub mod remote;
+pub mod rsa;
+pub mod sort;
 pub mod x509;
 
 #[cfg(test)]

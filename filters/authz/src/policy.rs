@@ -2,8 +2,6 @@
 //! which CUSTOM policy sends a request to its authorizer, then AUDIT, DENY and ALLOW with
 //! their dry-run (shadow) twins, in the order istiod emits the filters.
 
-use std::collections::HashSet;
-
 use meshwasm_sdk_ext::config::{parse_json, ConfigError, Path};
 use meshwasm_sdk_ext::metrics::sanitize_label;
 
@@ -100,8 +98,10 @@ impl TryFrom<AuthzConfigJson> for Config {
         }
 
         let mut cfg = Config { direct_address: None, authn, ..Config::default() };
-        let mut seen_resources = HashSet::new();
-        let mut labels = HashSet::new();
+        // Vectors, not hash sets: configuration-sized, and no hash table code for these types
+        // in the module.
+        let mut seen_resources: Vec<(String, String)> = Vec::new();
+        let mut labels: Vec<String> = Vec::new();
         for (i, r) in raw.policies.iter().enumerate() {
             let path = root.field("policies").index(i);
             if !API_VERSIONS.contains(&r.api_version.as_str()) {
@@ -117,15 +117,18 @@ impl TryFrom<AuthzConfigJson> for Config {
                 return Err(path.field("metadata").field("name").err("must not be empty"));
             }
             let ns = r.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            if !seen_resources.insert((ns.clone(), name.clone())) {
+            let resource = (ns.clone(), name.clone());
+            if seen_resources.contains(&resource) {
                 return Err(path.field("metadata").err(format!("duplicate policy {ns}/{name}")));
             }
+            seen_resources.push(resource);
             let label = sanitize_label(&format!("{ns}.{name}"));
-            if !labels.insert(label.clone()) {
+            if labels.contains(&label) {
                 return Err(path
                     .field("metadata")
                     .err(format!("policy {ns}/{name} has the same stats label {label:?} as another policy")));
             }
+            labels.push(label.clone());
             let spec_path = path.field("spec");
             let action = action(&r.spec, &spec_path.field("action"))?;
             let dry = dry_run(r, &path.field("metadata").field("annotations"))?;
@@ -222,10 +225,9 @@ impl TryFrom<AuthzConfigJson> for Config {
         ] {
             // Envoy keeps RBAC policies in a map ordered by name: the first matching name is
             // the one reported.
-            list.sort_by(|a, b| a.id.cmp(&b.id));
+            crate::sort::sort_by(list, |a, b| a.id.cmp(&b.id));
         }
-        let uses_direct =
-            |ps: &[NamedPolicy]| ps.iter().any(|p| format!("{:?}", p.policy.principals).contains("DirectRemoteIp"));
+        let uses_direct = |ps: &[NamedPolicy]| ps.iter().any(|p| p.policy.uses_direct_ip());
         let all = [&cfg.custom, &cfg.audit, &cfg.deny, &cfg.shadow_deny, &cfg.allow, &cfg.shadow_allow];
         if all.iter().any(|l| uses_direct(l)) {
             cfg.direct_address =

@@ -8,7 +8,7 @@
 
 use std::net::IpAddr;
 
-use regex_lite::Regex;
+use crate::re::Regex;
 
 /// `envoy.type.matcher.v3.StringMatcher` (the forms istiod emits).
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ impl PartialEq for StringMatch {
 impl StringMatch {
     /// A full-match regex; `None` if it does not compile (istiod's output always does).
     pub fn regex(src: &str) -> Option<Self> {
-        Regex::new(&format!("^(?:{src})$")).ok().map(|r| Self::Regex(r, src.to_string()))
+        Regex::new(src).map(|r| Self::Regex(r, src.to_string()))
     }
 
     pub fn matches(&self, v: &str) -> bool {
@@ -135,21 +135,31 @@ impl PartialEq for UriTemplate {
 const SEGMENT: &str = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]";
 
 impl UriTemplate {
-    pub fn new(template: &str) -> Self {
-        let mut re = String::from("^");
-        let segments: Vec<&str> = template.split('/').collect();
-        for (i, seg) in segments.iter().enumerate() {
+    /// The full-match regex of a template: `*` one segment, `**` any number of them.
+    pub fn regex_source(template: &str) -> String {
+        let mut re = String::new();
+        for (i, seg) in template.split('/').enumerate() {
             if i > 0 {
                 re.push('/');
             }
-            match *seg {
-                "*" => re.push_str(&format!("{SEGMENT}+")),
-                "**" => re.push_str(&format!("(?:{SEGMENT}|/)*")),
-                lit => re.push_str(&regex_lite::escape(lit)),
+            match seg {
+                "*" => {
+                    re.push_str(SEGMENT);
+                    re.push('+');
+                }
+                "**" => {
+                    re.push_str("(?:");
+                    re.push_str(SEGMENT);
+                    re.push_str("|/)*");
+                }
+                lit => re.push_str(&crate::re::escape(lit)),
             }
         }
-        re.push('$');
-        Self { template: template.to_string(), regex: Regex::new(&re).ok() }
+        re
+    }
+
+    pub fn new(template: &str) -> Self {
+        Self { template: template.to_string(), regex: Regex::new(&Self::regex_source(template)) }
     }
 
     fn matches(&self, path: &str) -> bool {
@@ -295,6 +305,19 @@ impl Policy {
                 Principal::And(v) | Principal::Or(v) => v.iter().any(p),
                 Principal::Not(b) => p(b),
                 Principal::Authenticated(_) => true,
+                _ => false,
+            }
+        }
+        self.principals.iter().any(p)
+    }
+
+    /// Whether this policy reads the directly connected peer (`ipBlocks`, `source.ip`).
+    pub fn uses_direct_ip(&self) -> bool {
+        fn p(x: &Principal) -> bool {
+            match x {
+                Principal::And(v) | Principal::Or(v) => v.iter().any(p),
+                Principal::Not(b) => p(b),
+                Principal::DirectRemoteIp(_) => true,
                 _ => false,
             }
         }
