@@ -515,6 +515,66 @@ fn authz_policy(r: &Resource, out: &mut Output) {
 
 fn authz_authn(r: &Resource, out: &mut Output) {
     push_to(out, "authentication", as_printed(r));
+    // A remote key set needs the Envoy cluster the filter fetches it through (the filter's
+    // top-level `jwks` map), which the resource does not carry. istiod, when Envoy fetches
+    // keys itself (`PILOT_JWT_ENABLE_REMOTE_JWKS`), points jwt_authn at the service's outbound
+    // cluster, `outbound|<port>||<host>`: use that name and say so.
+    let rules = r.value.pointer("/spec/jwtRules").and_then(Value::as_array).cloned().unwrap_or_default();
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(uri) = rule.get("jwksUri").and_then(Value::as_str) else { continue };
+        if rule.get("jwks").is_some() {
+            continue;
+        }
+        let Some(cluster) = outbound_cluster(uri) else {
+            // The filter refuses it with the path (reported by check_plugins).
+            continue;
+        };
+        let config = out.plugins.entry("authz".into()).or_insert_with(|| json!({}));
+        if let Some(map) = config.as_object_mut() {
+            let jwks = map.entry("jwks").or_insert_with(|| json!({}));
+            if let Some(jwks) = jwks.as_object_mut() {
+                if !jwks.contains_key(uri) {
+                    jwks.insert(uri.to_string(), json!({ "cluster": cluster }));
+                    out.notes.push(format!(
+                        "{}: spec.jwtRules[{i}].jwksUri: fetched through the Envoy cluster `{cluster}` (istiod's name for that service): define it in your Envoy configuration (with TLS for https), or rename it in the plugin's \"jwks\" map",
+                        r.id()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// `https://host[:port]/path` → `outbound|<port>||<host>` (port 443 for https, 80 for http
+/// when the URI names none), as istiod names the outbound cluster of a service.
+fn outbound_cluster(uri: &str) -> Option<String> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // `[v6]:port`, `[v6]`, `host:port`, `host`.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6.split_once(']')?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, p.parse::<u16>().ok()?),
+                None if after.is_empty() => (h, default_port),
+                None => return None,
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().ok()?),
+            None => (authority, default_port),
+        },
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(format!("outbound|{port}||{}", host.to_ascii_lowercase()))
 }
 
 // === Telemetry ===
@@ -686,6 +746,35 @@ mod tests {
             "{:?}",
             out.errors
         );
+    }
+
+    #[test]
+    fn a_remote_key_set_gets_istiods_outbound_cluster_and_a_note() {
+        assert_eq!(
+            outbound_cluster("https://auth.example.com/keys").as_deref(),
+            Some("outbound|443||auth.example.com")
+        );
+        assert_eq!(outbound_cluster("http://Keys.Svc:8080/jwks.json").as_deref(), Some("outbound|8080||keys.svc"));
+        assert_eq!(outbound_cluster("https://[fd00::1]:8443/k").as_deref(), Some("outbound|8443||fd00::1"));
+        assert_eq!(outbound_cluster("ftp://x/y"), None);
+        assert_eq!(outbound_cluster("https://:443/"), None);
+        let ra = Resource {
+            file: "a.yaml".into(),
+            value: json!({"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                          "metadata": {"name": "jwt"},
+                          "spec": {"jwtRules": [{"issuer": "https://auth.example.com",
+                                                 "jwksUri": "https://auth.example.com/.well-known/jwks.json"}]}}),
+        };
+        let out = convert(&[ra]);
+        assert_eq!(
+            out.plugins["authz"]["jwks"],
+            json!({"https://auth.example.com/.well-known/jwks.json": {"cluster": "outbound|443||auth.example.com"}})
+        );
+        assert!(out
+            .notes
+            .iter()
+            .any(|n| n.contains("jwtRules[0].jwksUri") && n.contains("outbound|443||auth.example.com")));
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::build::{self, FILTERS, TARGET};
 use crate::{bail, cargo, envoy, json, output, rel, root, run_cmd, step, Context, Result};
@@ -208,9 +209,14 @@ fn validate_istio_resources() -> Result<()> {
     if files.is_empty() {
         bail!("no Istio resources found under examples/");
     }
+    // Built with the workspace's feature set (what `cargo test --workspace` just compiled):
+    // `cargo run -p meshwasm` alone would resolve features differently and rebuild its
+    // dependencies.
+    run_cmd(cargo().args(["build", "-q", "--workspace", "--bin", "meshwasm"]))?;
+    let bin = root().join("target").join("debug").join("meshwasm");
     let meshwasm = || {
-        let mut c = cargo();
-        c.args(["run", "-q", "-p", "meshwasm", "--", "validate", "--crds"]).arg(&crds);
+        let mut c = Command::new(&bin);
+        c.args(["validate", "--crds"]).arg(&crds);
         c
     };
     let mut cmd = meshwasm();
