@@ -140,37 +140,35 @@ impl PublicKey {
         self.bits.div_ceil(8)
     }
 
-    /// Montgomery product `a · b · R⁻¹ mod n` (`a`, `b` < n, as long as `n`): per word of
-    /// `b`, one pass that adds `a · bᵢ` and `m · n` (with `m` chosen to clear the low word)
-    /// and shifts down by a word (FIOS).
+    /// Montgomery product `a · b · R⁻¹ mod n` (CIOS; `a`, `b` < n, as long as `n`).
     fn mul(&self, a: &[u32], b: &[u32]) -> Vec<u32> {
         let l = self.n.len();
-        let (a0, n0) = (u64::from(a.first().copied().unwrap_or(0)), u64::from(self.n.first().copied().unwrap_or(0)));
-        let mut t = vec![0u32; l + 1];
-        let mut u = vec![0u32; l + 1];
+        let mut t = vec![0u32; l + 2];
+        let carry_into = |t: &mut [u32], mut c: u64| {
+            for x in t.iter_mut().skip(l) {
+                let v = u64::from(*x) + c;
+                *x = v as u32;
+                c = v >> 32;
+            }
+        };
         for &bi in b {
-            let bi = u64::from(bi);
-            let v1 = u64::from(t.first().copied().unwrap_or(0)) + a0 * bi;
-            let m = u64::from((v1 as u32).wrapping_mul(self.n0inv));
-            let mut c1 = v1 >> 32;
-            let mut c2 = (u64::from(v1 as u32) + m * n0) >> 32;
-            for (((out, &tj), &aj), &nj) in
-                u.iter_mut().zip(t.iter().skip(1)).zip(a.iter().skip(1)).zip(self.n.iter().skip(1))
-            {
-                let v1 = u64::from(tj) + u64::from(aj) * bi + c1;
-                c1 = v1 >> 32;
-                let v2 = u64::from(v1 as u32) + m * u64::from(nj) + c2;
-                c2 = v2 >> 32;
-                *out = v2 as u32;
+            let mut c = 0u64;
+            for (tj, &aj) in t.iter_mut().zip(a) {
+                let v = u64::from(*tj) + u64::from(aj) * u64::from(bi) + c;
+                *tj = v as u32;
+                c = v >> 32;
             }
-            let top = u64::from(t.get(l).copied().unwrap_or(0)) + c1 + c2;
-            if let Some(x) = u.get_mut(l - 1) {
-                *x = top as u32;
+            carry_into(&mut t, c);
+            let m = t.first().copied().unwrap_or(0).wrapping_mul(self.n0inv);
+            let mut c = 0u64;
+            for (tj, &nj) in t.iter_mut().zip(&self.n) {
+                let v = u64::from(*tj) + u64::from(m) * u64::from(nj) + c;
+                *tj = v as u32;
+                c = v >> 32;
             }
-            if let Some(x) = u.get_mut(l) {
-                *x = (top >> 32) as u32;
-            }
-            std::mem::swap(&mut t, &mut u);
+            carry_into(&mut t, c);
+            // t[0] is now 0: divide by 2³².
+            t.rotate_left(1);
         }
         // t < 2n: one subtraction at most.
         let high = t.get(l).copied().unwrap_or(0);
@@ -404,34 +402,6 @@ mod tests {
 
     fn hash_of(i: u8) -> Hash {
         [Hash::Sha256, Hash::Sha384, Hash::Sha512][usize::from(i % 3)]
-    }
-
-    /// Timing against the crate (`cargo test --release -p meshwasm-authz rsa_speed -- --ignored
-    /// --nocapture`): native, so only the ratio means something for the module.
-    #[test]
-    #[ignore]
-    fn rsa_speed_vs_crate() {
-        let sk = &keys()[3]; // 2048 bits, e = 65537
-        let pk = lib::PublicKey::from(sk);
-        let ours = ours_key(&pk);
-        let sig = sign(sk, false, Hash::Sha256, b"message", 0).unwrap();
-        let n = 2000;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            assert!(verify_pkcs1v15(&ours, Hash::Sha256, b"message", &sig));
-        }
-        let a = t.elapsed().as_micros() as f64 / f64::from(n);
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            assert!(theirs(&pk, false, Hash::Sha256, b"message", &sig));
-        }
-        let b = t.elapsed().as_micros() as f64 / f64::from(n);
-        let t = std::time::Instant::now();
-        for _ in 0..200 {
-            ours_key(&pk);
-        }
-        let c = t.elapsed().as_micros() as f64 / 200.0;
-        eprintln!("RS256 2048-bit verify: rsa.rs {a:.1} us, rsa crate {b:.1} us; key load {c:.1} us");
     }
 
     proptest! {
