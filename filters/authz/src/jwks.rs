@@ -4,13 +4,12 @@
 //! differs from the token's; the key type decides the algorithm family (an RSA key never
 //! verifies HS*, an `oct` key only verifies HMAC).
 //!
-//! Crypto: RustCrypto (`p256`/`p384` ECDSA, `ed25519-dalek`, `hmac` + `sha2`) and this
-//! crate's `rsa` (PKCS#1 v1.5 and PSS, proven equal to the `rsa` crate), public-key
-//! operations only.
+//! Crypto: RustCrypto (`rsa` PKCS#1 v1.5 and PSS, `p256`/`p384` ECDSA, `ed25519-dalek`,
+//! `hmac` + `sha2`), public-key operations only.
 
 use ed25519_dalek::Verifier as _;
 use hmac::{KeyInit, Mac};
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use rsa::signature::hazmat::PrehashVerifier;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
@@ -18,7 +17,7 @@ use crate::jwt::{b64url_decode, parse_object, Jwt, Status};
 
 #[derive(Clone)]
 pub enum Material {
-    Rsa(crate::rsa::PublicKey),
+    Rsa(rsa::PublicKey),
     P256(p256::ecdsa::VerifyingKey),
     P384(p384::ecdsa::VerifyingKey),
     /// P-521 keys parse in Envoy; this module has no P-521 arithmetic and never verifies
@@ -112,12 +111,12 @@ fn parse_key(m: &Map<String, Value>) -> Result<Jwk, String> {
             let n = decode(&required(m, "n", "RSA")?)?;
             let e = decode(&required(m, "e", "RSA")?)?;
             let e_trim: Vec<u8> = e.iter().copied().skip_while(|b| *b == 0).collect();
-            let e = match e_trim.as_slice() {
-                [3] => 3,
-                [1, 0, 1] => 65537,
-                _ => return Err("RSA [e] must be 3 or 65537".into()),
-            };
-            Material::Rsa(crate::rsa::PublicKey::new(&n, e).map_err(|e| format!("RSA key: {e}"))?)
+            if e_trim != [3] && e_trim != [1, 0, 1] {
+                return Err("RSA [e] must be 3 or 65537".into());
+            }
+            let n = rsa::BoxedUint::from_be_slice_vartime(&n);
+            let e = rsa::BoxedUint::from_be_slice_vartime(&e);
+            Material::Rsa(rsa::PublicKey::new_with_size_limits(n, e, 512..=16384).map_err(|e| format!("RSA key: {e}"))?)
         }
         "EC" => {
             if !alg.is_empty() && !alg.starts_with("ES") {
@@ -296,17 +295,27 @@ fn ec_rs(sig: &[u8], width: usize) -> Option<Vec<u8>> {
     Some(rs)
 }
 
-fn rsa_verify(key: &crate::rsa::PublicKey, alg: &str, data: &[u8], sig: &[u8]) -> bool {
-    use crate::rsa::{verify_pkcs1v15, verify_pss, Hash};
-    let hash = match alg {
-        "RS384" | "PS384" => Hash::Sha384,
-        "RS512" | "PS512" => Hash::Sha512,
-        _ => Hash::Sha256,
+fn rsa_verify(key: &rsa::PublicKey, alg: &str, data: &[u8], sig: &[u8]) -> bool {
+    use rsa::{pkcs1v15, pss};
+    let bits = match alg {
+        "RS384" | "PS384" => 384,
+        "RS512" | "PS512" => 512,
+        _ => 256,
     };
     if alg.starts_with("RS") {
-        verify_pkcs1v15(key, hash, data, sig)
+        let Ok(sig) = pkcs1v15::Signature::try_from(sig) else { return false };
+        match bits {
+            384 => pkcs1v15::VerifyingKey::<Sha384>::new(key.clone()).verify(data, &sig).is_ok(),
+            512 => pkcs1v15::VerifyingKey::<Sha512>::new(key.clone()).verify(data, &sig).is_ok(),
+            _ => pkcs1v15::VerifyingKey::<Sha256>::new(key.clone()).verify(data, &sig).is_ok(),
+        }
     } else if alg.starts_with("PS") {
-        verify_pss(key, hash, data, sig)
+        let Ok(sig) = pss::Signature::try_from(sig) else { return false };
+        match bits {
+            384 => pss::VerifyingKey::<Sha384>::new_with_auto_salt_len(key.clone()).verify(data, &sig).is_ok(),
+            512 => pss::VerifyingKey::<Sha512>::new_with_auto_salt_len(key.clone()).verify(data, &sig).is_ok(),
+            _ => pss::VerifyingKey::<Sha256>::new_with_auto_salt_len(key.clone()).verify(data, &sig).is_ok(),
+        }
     } else {
         false
     }

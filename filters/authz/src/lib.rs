@@ -17,7 +17,6 @@ pub mod policy;
 pub mod rbac;
 pub mod re;
 pub mod remote;
-pub mod rsa;
 pub mod sort;
 pub mod x509;
 
