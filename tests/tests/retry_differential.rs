@@ -3,9 +3,7 @@
 //! (`pilot/pkg/networking/core/route/retry`: `DefaultPolicy`, `ConvertPolicy`,
 //! `parseRetryOn`, and `setTimeout`). One Envoy, two listeners on the same upstream: the
 //! filter with the shipped carrier route, and the native route. Each failure pattern is sent
-//! to both; status, body, attempt count, response flags and timing class must agree.
-
-use std::time::Duration;
+//! to both; status, body, attempt count and response flags must agree.
 
 use meshwasm_tests::{Envoy, Filter, Listener, Request, Response, Route, Upstream};
 use serde_json::{json, Value};
@@ -95,16 +93,13 @@ struct Outcome {
     body: String,
     attempts: usize,
     flags: String,
-    timing: &'static str,
 }
 
-fn timing(rsp: &Response) -> &'static str {
-    match rsp.elapsed {
-        d if d < Duration::from_millis(150) => "fast",
-        d if d < Duration::from_millis(650) => "per-try or timeout",
-        _ => "slow",
-    }
-}
+// No timing class: Envoy's retry back-off is jittered (up to 25 + 50 + 100 ms for three
+// retries), so a request retried without any timeout can take as long as one that hit a
+// 200 ms per-try timeout, and a loaded machine stretches both; a class by elapsed time failed
+// on a busy CI-like run. Timeouts show deterministically in the status (504), the attempt
+// count and the response flags (UT), which are compared.
 
 #[test]
 fn filter_matches_native_retry_policy_as_istiod_configures_it() {
@@ -151,7 +146,6 @@ fn filter_matches_native_retry_policy_as_istiod_configures_it() {
                     body: if rsp.status == 200 { "<echo>".to_string() } else { rsp.text() },
                     attempts: up.attempts(&key).len(),
                     flags: rsp.header("x-flags").unwrap_or("").to_string(),
-                    timing: timing(&rsp),
                 });
             }
             seen_flags.insert(outcomes[0].flags.clone());
