@@ -5,7 +5,7 @@
 //! filter with the shipped carrier route, and the native route. Each failure pattern is sent
 //! to both; status, body, attempt count and response flags must agree.
 
-use meshwasm_tests::{Envoy, Filter, Listener, Request, Response, Route, Upstream};
+use meshwasm_tests::{Envoy, Filter, Listener, Request, Route, Upstream};
 use serde_json::{json, Value};
 
 fn carrier() -> String {
