@@ -35,6 +35,9 @@ commands:
       --only <keys>    subset, e.g. fault_rules,native_fault (bare and noop always run);
                        keys: bare noop noop_sdk fault_rules fault_rules_tuned fault_headers
                              native_fault ratelimit ratelimit_tuned native_local_ratelimit
+                             retry retry_budget telemetry authz native_rbac authz_jwt
+                             authz_jwt_fresh authz_jwt_fresh_es256 authz_jwt_fresh_eddsa
+                             authz_jwt_fresh_hs256 native_jwt
   oci [--push <registry/prefix> [--plain-http]]
                      build, then package every module as Wasm OCI images (compat and artifact)
                      with the `meshwasm` command: OCI layouts in dist/oci/, or pushed
