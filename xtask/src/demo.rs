@@ -707,16 +707,9 @@ const SERVICE_CLUSTER_STATS: [&str; 4] = [
 /// cluster's (one gRPC call per global-rule request, over HTTP/2).
 fn ratelimit_counters(envoy: &Envoy) -> Result<Vec<Outcome>> {
     let stats = envoy.admin_get("/stats?filter=meshwasm.ratelimit")?;
-    let value = |name: &str| -> String {
-        let full = format!("wasmcustom.meshwasm.ratelimit.{name}");
-        stats
-            .lines()
-            .find_map(|l| l.split_once(": ").filter(|(k, _)| *k == full).map(|(_, v)| v.trim().to_string()))
-            .unwrap_or_else(|| "-".into())
-    };
     let row = |what: &str, names: &[&str], expected: &str| {
-        let got = names.iter().map(|n| value(n)).collect::<Vec<_>>().join("/");
-        Outcome { name: what.to_string(), expected: expected.to_string(), ok: got == expected, got, latency: None }
+        let full: Vec<String> = names.iter().map(|n| format!("wasmcustom.meshwasm.ratelimit.{n}")).collect();
+        filters::counters(&stats, what, &full, expected)
     };
     let r = "rule.per-api-key";
     let mut out = vec![row(

@@ -19,8 +19,8 @@ struct Probe {
     body: Option<&'static str>,
     /// This response header must have this value.
     header: Option<(&'static str, &'static str)>,
-    /// Shown instead of a long header value in the printed curl line.
-    shown: Option<&'static str>,
+    /// Shown instead of the bearer token in the printed curl line.
+    shown: Option<String>,
 }
 
 impl Probe {
@@ -57,9 +57,11 @@ impl Probe {
         self
     }
 
-    fn shown(mut self, s: &'static str) -> Probe {
-        self.shown = Some(s);
-        self
+    /// `authorization: Bearer <the demo token called name>`, printed as `Bearer $NAME`.
+    fn bearer(mut self, tokens: &Tokens, name: &str) -> Result<Probe> {
+        self.headers.push(("authorization", format!("Bearer {}", tokens.get(name)?)));
+        self.shown = Some(format!("Bearer ${}", name.to_ascii_uppercase()));
+        Ok(self)
     }
 
     /// Send it, print it as a curl line with the answer, and judge it.
@@ -84,7 +86,7 @@ impl Probe {
         let curl_headers: String = self
             .headers
             .iter()
-            .map(|(k, v)| match self.shown {
+            .map(|(k, v)| match &self.shown {
                 Some(s) if *k == "authorization" => format!(" -H '{k}: {s}'"),
                 _ => format!(" -H '{k}: {v}'"),
             })
@@ -142,7 +144,7 @@ fn show_counters(stats: &str) {
 
 /// A counter row of the report: `names` read from admin `/stats` (missing = `-`), joined
 /// with `/`, must read `expected`.
-fn counters(stats: &str, what: &str, names: &[String], expected: &str) -> Outcome {
+pub(super) fn counters(stats: &str, what: &str, names: &[String], expected: &str) -> Outcome {
     let value = |full: &str| -> String {
         stats
             .lines()
@@ -181,7 +183,8 @@ pub fn retry_tour(addr: SocketAddr, envoy: &Envoy) -> Result<Vec<Outcome>> {
         out.push(p.run(addr, &["x-flaky-attempt"])?);
     }
     step("retry filter metrics: admin /stats?filter=meshwasm.retry (counters above zero)");
-    let stats = eventually_stats(envoy, "meshwasm.retry", |s| s.contains("rule.slow.timeouts: 1"))?;
+    let stats =
+        settled(|| envoy.admin_get("/stats?filter=meshwasm.retry"), |s: &String| s.contains("rule.slow.timeouts: 1"))?;
     show_counters(&stats);
     let r = |rule: &str, s: &str| format!("wasmcustom.meshwasm.retry.rule.{rule}.{s}");
     out.push(counters(
@@ -202,14 +205,14 @@ pub fn retry_tour(addr: SocketAddr, envoy: &Envoy) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
-/// Admin `/stats?filter=<filter>` once `ready` holds (log-phase counters land just after the
+/// `fetch()` once `ready` holds of it (log-phase counters and metrics land just after the
 /// response), or after 5 s as it is.
-fn eventually_stats(envoy: &Envoy, filter: &str, ready: impl Fn(&str) -> bool) -> Result<String> {
+fn settled<T>(mut fetch: impl FnMut() -> Result<T>, ready: impl Fn(&T) -> bool) -> Result<T> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let stats = envoy.admin_get(&format!("/stats?filter={filter}"))?;
-        if ready(&stats) || std::time::Instant::now() > deadline {
-            return Ok(stats);
+        let value = fetch()?;
+        if ready(&value) || std::time::Instant::now() > deadline {
+            return Ok(value);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -217,19 +220,28 @@ fn eventually_stats(envoy: &Envoy, filter: &str, ready: impl Fn(&str) -> bool) -
 
 // === authz ===
 
-/// `envoy-configs/demo-authz-tokens.txt`: `name token` lines.
-fn token(name: &str) -> Result<String> {
-    let path = root().join("envoy-configs").join("demo-authz-tokens.txt");
-    let text = std::fs::read_to_string(&path).context(format!("reading {}", path.display()))?;
-    match text.lines().filter(|l| !l.starts_with('#')).find_map(|l| l.split_once(' ').filter(|(k, _)| *k == name)) {
-        Some((_, t)) => Ok(t.trim().to_string()),
-        None => bail!("no token {name} in {}", path.display()),
+/// `envoy-configs/demo-authz-tokens.txt` (`name token` lines), read once.
+struct Tokens(Vec<(String, String)>);
+
+impl Tokens {
+    fn load() -> Result<Tokens> {
+        let path = root().join("envoy-configs").join("demo-authz-tokens.txt");
+        let text = std::fs::read_to_string(&path).context(format!("reading {}", path.display()))?;
+        let pairs = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(' '));
+        Ok(Tokens(pairs.map(|(k, t)| (k.to_string(), t.trim().to_string())).collect()))
+    }
+
+    fn get(&self, name: &str) -> Result<&str> {
+        match self.0.iter().find(|(k, _)| k == name) {
+            Some((_, t)) => Ok(t),
+            None => bail!("no token {name} in envoy-configs/demo-authz-tokens.txt"),
+        }
     }
 }
 
 pub fn authz_tour(addr: SocketAddr, envoy: &Envoy) -> Result<Vec<Outcome>> {
     step("traffic: authz filter (listener authz; Istio resources of envoy-configs/demo-authz.json)");
-    let bearer = |name: &str| -> Result<String> { Ok(format!("Bearer {}", token(name)?)) };
+    let tokens = Tokens::load()?;
     let probes = vec![
         Probe::get("authz: ALLOW api-readers (GET /api/*)", "/api/orders", 200),
         Probe::get("authz: no ALLOW policy matches (POST /api/*)", "/api/orders", 403)
@@ -238,22 +250,14 @@ pub fn authz_tour(addr: SocketAddr, envoy: &Envoy) -> Result<Vec<Outcome>> {
         Probe::get("authz: DENY deny-admin wins", "/admin/users", 403).body("RBAC: access denied"),
         Probe::get("authz: /private/* without a token", "/private/notes", 403).body("RBAC: access denied"),
         Probe::get("authz: /private/* with alice's token (requestPrincipals)", "/private/notes", 200)
-            .with("authorization", bearer("alice")?)
-            .shown("Bearer $ALICE"),
+            .bearer(&tokens, "alice")?,
         Probe::get("authz: /private/* with bob's token", "/private/notes", 403)
-            .with("authorization", bearer("bob")?)
-            .shown("Bearer $BOB")
+            .bearer(&tokens, "bob")?
             .body("RBAC: access denied"),
-        Probe::get("authz: /reports/* claim groups=admins (alice)", "/reports/q4", 200)
-            .with("authorization", bearer("alice")?)
-            .shown("Bearer $ALICE"),
-        Probe::get("authz: expired token", "/api/orders", 401)
-            .with("authorization", bearer("expired")?)
-            .shown("Bearer $EXPIRED")
-            .body("Jwt is expired"),
+        Probe::get("authz: /reports/* claim groups=admins (alice)", "/reports/q4", 200).bearer(&tokens, "alice")?,
+        Probe::get("authz: expired token", "/api/orders", 401).bearer(&tokens, "expired")?.body("Jwt is expired"),
         Probe::get("authz: wrong audience", "/api/orders", 403)
-            .with("authorization", bearer("wrong_aud")?)
-            .shown("Bearer $WRONG_AUD")
+            .bearer(&tokens, "wrong_aud")?
             .body("Audiences in Jwt are not allowed"),
         Probe::get("authz: CUSTOM ext_authz allows (x-ext-authz: allow)", "/protected/doc", 200)
             .with("x-ext-authz", "allow"),
@@ -302,17 +306,15 @@ pub fn telemetry_tour(addr: SocketAddr, envoy: &Envoy) -> Result<Vec<Outcome>> {
         .run(addr, &[])?;
     out.push(o);
     step("Istio's standard metrics in Prometheus format (admin /stats/prometheus, istio_requests_total)");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let series = loop {
-        let prom = envoy.admin_get("/stats/prometheus?filter=istio_requests_total")?;
-        let series: Vec<String> =
-            prom.lines().filter(|l| l.starts_with("istio_requests_total{")).map(str::to_string).collect();
-        let total: f64 = series.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
-        if total >= 4.0 || std::time::Instant::now() > deadline {
-            break series;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let series = settled(
+        || {
+            let prom = envoy.admin_get("/stats/prometheus?filter=istio_requests_total")?;
+            Ok(prom.lines().filter(|l| l.starts_with("istio_requests_total{")).map(str::to_string).collect())
+        },
+        |series: &Vec<String>| {
+            series.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>() >= 4.0
+        },
+    )?;
     for l in &series {
         println!("      {l}");
     }
