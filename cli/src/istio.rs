@@ -529,19 +529,22 @@ fn authz_authn(r: &Resource, out: &mut Output) {
             // The filter refuses it with the path (reported by check_plugins).
             continue;
         };
-        let config = out.plugins.entry("authz".into()).or_insert_with(|| json!({}));
-        if let Some(map) = config.as_object_mut() {
-            let jwks = map.entry("jwks").or_insert_with(|| json!({}));
-            if let Some(jwks) = jwks.as_object_mut() {
-                if !jwks.contains_key(uri) {
-                    jwks.insert(uri.to_string(), json!({ "cluster": cluster }));
-                    out.notes.push(format!(
-                        "{}: spec.jwtRules[{i}].jwksUri: fetched through the Envoy cluster `{cluster}` (istiod's name for that service): define it in your Envoy configuration (with TLS for https), or rename it in the plugin's \"jwks\" map",
-                        r.id()
-                    ));
-                }
-            }
+        // push_to above created the authz configuration as an object.
+        let jwks = out
+            .plugins
+            .get_mut("authz")
+            .and_then(Value::as_object_mut)
+            .map(|m| m.entry("jwks").or_insert_with(|| json!({})))
+            .and_then(Value::as_object_mut);
+        let Some(jwks) = jwks else { continue };
+        if jwks.contains_key(uri) {
+            continue;
         }
+        jwks.insert(uri.to_string(), json!({ "cluster": cluster }));
+        out.notes.push(format!(
+            "{}: spec.jwtRules[{i}].jwksUri: fetched through the Envoy cluster `{cluster}` (istiod's name for that service): define it in your Envoy configuration (with TLS for https), or rename it in the plugin's \"jwks\" map",
+            r.id()
+        ));
     }
 }
 
