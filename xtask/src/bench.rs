@@ -140,11 +140,14 @@ pub struct Options {
     pub connections: u32,
     /// Run only these configurations (bare and noop are always kept: ratios need them).
     pub only: Option<Vec<String>>,
+    /// Each configuration's filters K times in a row (an amplifier for comparing small
+    /// per-request costs; results are then per K filters, and are not written to bench/).
+    pub chain: u32,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { duration: 10, warmup: 2, rounds: 3, connections: 16, only: None };
+        let mut o = Options { duration: 10, warmup: 2, rounds: 3, connections: 16, only: None, chain: 1 };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             if flag == "--only" {
@@ -161,6 +164,7 @@ impl Options {
                 "--warmup" => o.warmup = value()?,
                 "--rounds" => o.rounds = u32::try_from(value()?.max(1)).unwrap_or(1),
                 "--connections" => o.connections = u32::try_from(value()?.max(1)).unwrap_or(16),
+                "--chain" => o.chain = u32::try_from(value()?.clamp(1, 50)).unwrap_or(1),
                 other => bail!("unknown bench option `{other}` (see `cargo xtask help`)"),
             }
         }
@@ -403,13 +407,13 @@ pub fn run(opts: Options) -> Result<()> {
     for setup in all.into_iter().filter(|s| keep(s.key)) {
         let config = envoy::render_bootstrap(
             "bench.yaml",
-            &[("HTTP_FILTERS", &setup.filters), ("UPSTREAM_PORT", &upstream_port)],
+            &[("HTTP_FILTERS", &setup.filters.repeat(opts.chain as usize)), ("UPSTREAM_PORT", &upstream_port)],
         )?;
         let name = format!("bench-{}", setup.key);
         let envoy = Envoy::start(&envoy_bin, Launch { name: &name, config: &config, concurrency: 1, cpus: proxy_cpu })?;
         let addr = envoy.listener("ingress")?;
         let load = loads.remove(setup.key).unwrap_or_default();
-        probe(&setup, &load, &envoy, addr)?;
+        probe(&setup, &load, &envoy, addr, opts.chain)?;
         // The probes may have been rejected on purpose: only later rejections invalidate.
         let rejected_before = match setup.counters {
             Some(c) => counter(&envoy, c.rejected)?.unwrap_or(0),
@@ -496,19 +500,21 @@ pub fn run(opts: Options) -> Result<()> {
     step("results");
     let md = report.markdown();
     println!("{md}");
-    let dir = root().join("bench");
+    // Only a full, unamplified run replaces the published results.
+    let dir =
+        if opts.only.is_none() && opts.chain == 1 { root().join("bench") } else { envoy::scratch_dir()?.join("bench") };
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("results.md"), &md)?;
     std::fs::write(dir.join("results.json"), report.json())?;
     std::fs::write(dir.join("chart.svg"), report.svg())?;
-    println!("wrote bench/results.md, bench/results.json, bench/chart.svg");
+    println!("wrote {}/results.md, results.json, chart.svg", dir.display());
     Ok(())
 }
 
 /// A normal request must pass (200); where the configuration injects faults, the triggering
 /// request must be faulted; where it rate limits, the normal request must be counted as
 /// admitted by the limiter. Otherwise we would benchmark the wrong thing.
-fn probe(setup: &Setup, load: &Load, envoy: &Envoy, addr: SocketAddr) -> Result<()> {
+fn probe(setup: &Setup, load: &Load, envoy: &Envoy, addr: SocketAddr, chain: u32) -> Result<()> {
     let before = match setup.counters {
         Some(c) => counter(envoy, c.admitted)?.unwrap_or(0),
         None => 0,
@@ -526,9 +532,9 @@ fn probe(setup: &Setup, load: &Load, envoy: &Envoy, addr: SocketAddr) -> Result<
     }
     if let Some(c) = setup.counters {
         let after = counter(envoy, c.admitted)?.unwrap_or(0);
-        if after != before + 1 {
+        if after != before + u64::from(chain) {
             bail!(
-                "{}: GET / moved {} from {before} to {after} (expected +1): the rate limiter is not in the path",
+                "{}: GET / moved {} from {before} to {after} (expected +{chain}): the filter is not in the path",
                 setup.key,
                 c.admitted
             );

@@ -713,9 +713,11 @@ pub struct Pending;
 pub struct Outcome {
     pub status: Status,
     /// The payload of the last verified token, normalized (the `payload` metadata).
-    pub payload: Option<Map<String, Value>>,
+    pub payload: Option<Rc<Value>>,
     /// Header effects in order.
     pub ops: Vec<Op>,
+    /// The request headers with `ops` applied: what the policies see next.
+    pub headers: Vec<(String, String)>,
     /// Signature verifications performed (0 when every token came from the cache).
     pub verified: u32,
     pub cache_hits: u32,
@@ -725,7 +727,7 @@ struct Run<'a, E: Env> {
     authn: &'a Authn,
     env: &'a mut E,
     req: Request,
-    payload: Option<Map<String, Value>>,
+    payload: Option<Rc<Value>>,
     verified: u32,
     cache_hits: u32,
 }
@@ -929,7 +931,9 @@ impl<E: Env> Run<'_, E> {
                 Location::Cookie => {}
             }
         }
-        self.payload = Some(normalize(&jwt.payload, &p.space_delimited));
+        let normalized =
+            jwt.normalized.get_or_init(|| Rc::new(Value::Object(normalize(&jwt.payload, &p.space_delimited))));
+        self.payload = Some(Rc::clone(normalized));
         Ok(Status::Ok)
     }
 
@@ -980,7 +984,14 @@ impl<E: Env> Run<'_, E> {
 pub fn authenticate<E: Env>(authn: &Authn, headers: Vec<(String, String)>, env: &mut E) -> Result<Outcome, Pending> {
     let req = Request::new(headers);
     if authn.providers.is_empty() || req.is_cors_preflight() {
-        return Ok(Outcome { status: Status::Ok, payload: None, ops: Vec::new(), verified: 0, cache_hits: 0 });
+        return Ok(Outcome {
+            status: Status::Ok,
+            payload: None,
+            ops: Vec::new(),
+            headers: req.headers,
+            verified: 0,
+            cache_hits: 0,
+        });
     }
     let mut run = Run { authn, env, req, payload: None, verified: 0, cache_hits: 0 };
     let n = authn.providers.len();
@@ -990,7 +1001,14 @@ pub fn authenticate<E: Env>(authn: &Authn, headers: Vec<(String, String)>, env: 
         let all: Vec<usize> = (0..n).collect();
         run.any(&all, true, false)?
     };
-    Ok(Outcome { status, payload: run.payload, ops: run.req.ops, verified: run.verified, cache_hits: run.cache_hits })
+    Ok(Outcome {
+        status,
+        payload: run.payload,
+        ops: run.req.ops,
+        headers: run.req.headers,
+        verified: run.verified,
+        cache_hits: run.cache_hits,
+    })
 }
 
 /// The local reply of a rejection: status, body, `www-authenticate`, response code details.

@@ -119,46 +119,64 @@ pub struct AuthzPlugin {
 
 /// Most tokens remembered per worker.
 pub const TOKEN_CACHE_SIZE: usize = 1024;
+/// Most token bytes remembered per worker (the cache keeps each token to compare it).
+pub const TOKEN_CACHE_BYTES: usize = 1 << 20;
 
-/// Verified tokens keyed by a SHA-256 of provider and token, each valid for the key set
-/// generation that verified it (a rotation forgets them) and dropped after its `exp`.
+/// Verified tokens, per provider, each valid for the key set generation that verified it (a
+/// rotation forgets them) and dropped after its `exp`. Keyed by the token itself: the map
+/// finds it by its (SipHash, randomly keyed) hash and a hit is an exact comparison of the
+/// whole token, so no forged token can ever alias a verified one. (A SHA-256 of the token
+/// as the key cost more per request in the VM than the rest of a cached request.)
 #[derive(Default)]
 pub struct TokenCache {
-    entries: HashMap<[u8; 32], (u64, Rc<Jwt>)>,
-}
-
-fn cache_key(provider: usize, token: &str) -> [u8; 32] {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update((provider as u64).to_le_bytes());
-    h.update(token.as_bytes());
-    h.finalize().into()
+    entries: Vec<HashMap<Box<str>, (u64, Rc<Jwt>)>>,
+    len: usize,
+    bytes: usize,
 }
 
 impl TokenCache {
     fn get(&self, provider: usize, token: &str, generation: u64, now: u64) -> Option<Rc<Jwt>> {
-        let (g, jwt) = self.entries.get(&cache_key(provider, token))?;
+        let (g, jwt) = self.entries.get(provider)?.get(token)?;
         (*g == generation && (jwt.exp == 0 || now <= jwt.exp.saturating_add(crate::jwt::CLOCK_SKEW_SECONDS)))
             .then(|| Rc::clone(jwt))
     }
 
     fn put(&mut self, provider: usize, token: &str, generation: u64, jwt: Rc<Jwt>, now: u64) {
-        if self.entries.len() >= TOKEN_CACHE_SIZE {
+        if token.len() > TOKEN_CACHE_BYTES / 16 {
+            return; // a huge token is verified each time rather than crowding out the rest
+        }
+        if self.len >= TOKEN_CACHE_SIZE || self.bytes + token.len() > TOKEN_CACHE_BYTES {
             let skew = crate::jwt::CLOCK_SKEW_SECONDS;
-            self.entries.retain(|_, (_, j)| j.exp == 0 || now <= j.exp.saturating_add(skew));
-            if self.entries.len() >= TOKEN_CACHE_SIZE {
-                self.entries.clear();
+            for m in &mut self.entries {
+                m.retain(|_, (_, j)| j.exp == 0 || now <= j.exp.saturating_add(skew));
+            }
+            self.recount();
+            if self.len >= TOKEN_CACHE_SIZE || self.bytes + token.len() > TOKEN_CACHE_BYTES {
+                self.entries.iter_mut().for_each(HashMap::clear);
+                self.recount();
             }
         }
-        self.entries.insert(cache_key(provider, token), (generation, jwt));
+        if self.entries.len() <= provider {
+            self.entries.resize_with(provider + 1, HashMap::default);
+        }
+        let Some(m) = self.entries.get_mut(provider) else { return };
+        if m.insert(token.into(), (generation, jwt)).is_none() {
+            self.len += 1;
+            self.bytes += token.len();
+        }
+    }
+
+    fn recount(&mut self) {
+        self.len = self.entries.iter().map(HashMap::len).sum();
+        self.bytes = self.entries.iter().flat_map(HashMap::keys).map(|k| k.len()).sum();
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 }
 
@@ -303,7 +321,8 @@ struct Attrs {
     peer: Option<Option<PeerIdentity>>,
     metadata: Option<Vec<u8>>,
     /// This filter's `jwt_authn` result: `{"payload": {...}}` after a verified token.
-    jwt: Option<serde_json::Value>,
+    /// The verified token's normalized payload: `metadata.filter_metadata[jwt_authn].payload`.
+    jwt: Option<Rc<serde_json::Value>>,
     /// RequestAuthentication is configured: `jwt_authn` metadata is `jwt`, not the host's.
     own_jwt: bool,
 }
@@ -347,11 +366,20 @@ impl HostAttrs<'_> {
 }
 
 impl Attributes for HostAttrs<'_> {
-    fn header_values(&mut self, name: &str) -> Vec<String> {
-        self.all_headers().iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        let mut values =
+            self.all_headers().iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let first = values.next()?;
+        let Some(second) = values.next() else { return Some(std::borrow::Cow::Borrowed(first)) };
+        let mut joined = format!("{first},{second}");
+        for v in values {
+            joined.push(',');
+            joined.push_str(v);
+        }
+        Some(std::borrow::Cow::Owned(joined))
     }
-    fn path(&mut self) -> Option<String> {
-        self.all_headers().iter().find(|(k, _)| k == ":path").map(|(_, v)| v.clone())
+    fn path(&mut self) -> Option<&str> {
+        self.all_headers().iter().find(|(k, _)| k == ":path").map(|(_, v)| v.as_str())
     }
     fn destination_ip(&mut self) -> Option<IpAddr> {
         self.destination().0
@@ -391,8 +419,12 @@ impl Attributes for HostAttrs<'_> {
     }
     fn metadata(&mut self, filter: &str, path: &[String]) -> Option<serde_json::Value> {
         if self.cache.own_jwt && filter == crate::istio::JWT_FILTER {
-            let mut v = self.cache.jwt.as_ref()?;
-            for k in path {
+            let (first, rest) = path.split_first()?;
+            if first != "payload" {
+                return None;
+            }
+            let mut v: &serde_json::Value = self.cache.jwt.as_deref()?;
+            for k in rest {
                 v = v.get(k)?;
             }
             return Some(v.clone());
@@ -571,11 +603,14 @@ impl AuthzFilter {
             State::AwaitKeys { since, deadline } => (since, deadline),
             _ => (now_ns, now_ns.saturating_add(nanos(authn.max_timeout()))),
         };
-        let headers = self.attrs(host).all_headers().clone();
+        self.attrs(host).all_headers();
+        let headers = self.attrs.headers.take().unwrap_or_default();
         let mut env = HostEnv { plugin: &plugin, host, now_ns, since_ns: since };
         let outcome = match authn::authenticate(authn, headers, &mut env) {
             Ok(o) => o,
             Err(authn::Pending) => {
+                // Read again when the keys are in (rare: before the first fetch).
+                self.attrs.headers = None;
                 // Polled: another worker's fetch lands in shared data, not in this VM.
                 self.state = State::AwaitKeys { since, deadline };
                 let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
@@ -591,11 +626,10 @@ impl AuthzFilter {
                 Op::SetPath(p) => host.set_header(HeaderMap::RequestHeaders, ":path", Some(p)),
             };
         }
-        if !outcome.ops.is_empty() {
-            // The policies see the request as jwt_authn left it.
-            self.attrs.headers = None;
-        }
-        self.attrs.jwt = outcome.payload.map(|p| serde_json::json!({ "payload": p }));
+        // The policies see the request as jwt_authn left it: `outcome.headers` is the request
+        // with the same removals and additions applied.
+        self.attrs.headers = Some(outcome.headers);
+        self.attrs.jwt = outcome.payload;
         if outcome.status == Status::Ok {
             plugin.count_jwt(host, JwtStat::Allowed, 1);
             return self.rbac(host);
@@ -997,6 +1031,42 @@ mod tests {
 
     fn exp(host: &FakeHost) -> u64 {
         unix_now(host) + 600
+    }
+
+    #[test]
+    fn the_token_cache_hits_only_the_exact_token_and_stays_within_its_budgets() {
+        let jwt = |exp: u64| {
+            let mut j = crate::jwt::Jwt::parse(&token("k1", exp)).unwrap();
+            j.exp = exp;
+            Rc::new(j)
+        };
+        let mut c = TokenCache::default();
+        let now = 1_000;
+        c.put(0, "aaaa.bbbb.cccc", 1, jwt(now + 100), now);
+        assert!(c.get(0, "aaaa.bbbb.cccc", 1, now).is_some());
+        for other in ["aaaa.bbbb.ccc", "aaaa.bbbb.ccccc", "aaaa.bbbb.cccC", ""] {
+            assert!(c.get(0, other, 1, now).is_none(), "{other:?}");
+        }
+        assert!(c.get(1, "aaaa.bbbb.cccc", 1, now).is_none(), "another provider");
+        assert!(c.get(0, "aaaa.bbbb.cccc", 2, now).is_none(), "another key generation");
+        assert!(c.get(0, "aaaa.bbbb.cccc", 1, now + 100 + 61).is_none(), "expired beyond the skew");
+        // Entries: never more than TOKEN_CACHE_SIZE.
+        for i in 0..TOKEN_CACHE_SIZE + 10 {
+            c.put(0, &format!("t{i}"), 1, jwt(now + 100), now);
+            assert!(c.len() <= TOKEN_CACHE_SIZE);
+        }
+        // Bytes: never more than TOKEN_CACHE_BYTES; a huge token is not kept at all.
+        let big = "x".repeat(TOKEN_CACHE_BYTES / 16 - 10);
+        for i in 0..40 {
+            c.put(0, &format!("{big}{i}"), 1, jwt(now + 100), now);
+            assert!(
+                c.bytes <= TOKEN_CACHE_BYTES
+                    && c.bytes == c.entries.iter().flat_map(HashMap::keys).map(|k| k.len()).sum::<usize>()
+            );
+        }
+        let huge = "y".repeat(TOKEN_CACHE_BYTES / 16 + 1);
+        c.put(0, &huge, 1, jwt(now + 100), now);
+        assert!(c.get(0, &huge, 1, now).is_none());
     }
 
     #[test]

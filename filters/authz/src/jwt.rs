@@ -320,6 +320,9 @@ pub struct Jwt {
     pub exp: u64,
     pub audiences: Vec<String>,
     pub signature: Vec<u8>,
+    /// The payload as the policies see it (normalized for the provider that verified the
+    /// token: a cached token belongs to one provider), built once per token, not per request.
+    pub normalized: std::cell::OnceCell<std::rc::Rc<Value>>,
 }
 
 impl Jwt {
@@ -379,6 +382,7 @@ impl Jwt {
             exp,
             audiences,
             signature,
+            normalized: std::cell::OnceCell::new(),
         })
     }
 

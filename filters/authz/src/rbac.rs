@@ -217,10 +217,12 @@ pub struct PeerIdentity {
 
 /// What matching reads about a request. Implementations read lazily and cache.
 pub trait Attributes {
-    /// Every value of request header `name` (lower case), in order; empty when absent.
-    fn header_values(&mut self, name: &str) -> Vec<String>;
+    /// Request header `name` (lower case) as Envoy's matchers read it
+    /// (`getAllOfHeaderAsString`): a repeated header's values joined with `,`; `None` when
+    /// absent. Borrowed unless the header repeats.
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, str>>;
     /// `:path` as Envoy has it after normalisation (with query and fragment).
-    fn path(&mut self) -> Option<String>;
+    fn path(&mut self) -> Option<&str>;
     fn destination_ip(&mut self) -> Option<IpAddr>;
     fn destination_port(&mut self) -> Option<u32>;
     /// The downstream remote address Envoy derived (x-forwarded-for when trusted).
@@ -236,13 +238,10 @@ pub trait Attributes {
 /// Envoy's header matcher: absent headers never match; a repeated header's values are
 /// joined with `,` and matched as one string (`getAllOfHeaderAsString`).
 fn header_matches(h: &HeaderMatch, a: &mut dyn Attributes) -> bool {
-    let values = a.header_values(&h.name);
-    if values.is_empty() {
-        return false;
-    }
+    let Some(value) = a.header(&h.name) else { return false };
     match &h.string {
         None => true,
-        Some(s) => s.matches(&values.join(",")),
+        Some(s) => s.matches(&value),
     }
 }
 
@@ -259,8 +258,8 @@ impl Permission {
             Self::Not(p) => !p.matches(a),
             Self::Any => true,
             Self::Header(h) => header_matches(h, a),
-            Self::UrlPath(s) => a.path().is_some_and(|p| s.matches(strip_query(&p))),
-            Self::UriTemplate(t) => a.path().is_some_and(|p| t.matches(strip_query(&p))),
+            Self::UrlPath(s) => a.path().is_some_and(|p| s.matches(strip_query(p))),
+            Self::UriTemplate(t) => a.path().is_some_and(|p| t.matches(strip_query(p))),
             Self::DestinationIp(c) => a.destination_ip().is_some_and(|ip| c.contains(ip)),
             Self::DestinationPort(port) => a.destination_port() == Some(*port),
             Self::RequestedServerName(s) => s.matches(&a.requested_server_name()),

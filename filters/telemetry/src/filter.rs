@@ -34,6 +34,9 @@ pub const OVERFLOW_VALUE: &str = "overflow";
 /// and a client sending random metadata must not grow memory without bound).
 const PEER_CACHE_MAX: usize = 1024;
 const CLUSTER_CACHE_MAX: usize = 1024;
+/// Label sets whose HTTP metric ids are remembered per VM; past this the cache starts over
+/// (a flood of distinct label values then takes the slow path, which `maxSeries` bounds).
+const LABEL_SET_CACHE_MAX: usize = 4096;
 
 /// The HTTP metrics this filter records, with their stat kind.
 const HTTP_METRICS: [(Metric, MetricKind); 4] = [
@@ -53,6 +56,14 @@ struct Series {
     overflow_id: Option<u32>,
 }
 
+/// The four HTTP metrics' ids for one label set (`HTTP_METRICS` order), and how many of
+/// them were folded into an overflow series (counted again on every request that uses them).
+#[derive(Clone, Copy)]
+struct HttpIds {
+    ids: [Option<u32>; 4],
+    folded: u8,
+}
+
 pub struct TelemetryPlugin {
     config: Config,
     /// `{"id": …, "metadata": {…}}` of this proxy's node (for `xds.node.*` expressions).
@@ -67,6 +78,9 @@ pub struct TelemetryPlugin {
     peers: RefCell<HashMap<String, Rc<Workload>>>,
     clusters: RefCell<HashMap<String, Rc<Value>>>,
     series: RefCell<Series>,
+    /// The HTTP metric ids by label set (`label_set_key`): one short lookup per request
+    /// instead of building and hashing four ~1 KiB stat names.
+    label_sets: RefCell<HashMap<String, HttpIds>>,
     /// Access-log (and span) exporters of this worker (`export.rs`).
     pub(crate) export: crate::export::Exporters,
 }
@@ -92,6 +106,7 @@ impl TelemetryPlugin {
             peers: RefCell::default(),
             clusters: RefCell::default(),
             series: RefCell::default(),
+            label_sets: RefCell::default(),
             export,
         }
     }
@@ -237,6 +252,19 @@ impl TelemetryPlugin {
         standard: &[String],
         values: &[String],
     ) -> Option<u32> {
+        self.series_folded(host, metric, kind, plan, standard, values).0
+    }
+
+    /// `series`, and whether the label set was folded into the overflow series.
+    fn series_folded(
+        &self,
+        host: &dyn Host,
+        metric: Metric,
+        kind: MetricKind,
+        plan: &Plan,
+        standard: &[String],
+        values: &[String],
+    ) -> (Option<u32>, bool) {
         let mut name = String::with_capacity(1024);
         name.push_str(metric.prom_name());
         for (tag, src) in &plan.tags {
@@ -269,10 +297,10 @@ impl TelemetryPlugin {
         kind: MetricKind,
         name: &str,
         overflow_name: impl FnOnce() -> String,
-    ) -> Option<u32> {
+    ) -> (Option<u32>, bool) {
         let mut s = self.series.borrow_mut();
         if let Some(id) = s.ids.get(name) {
-            return Some(*id);
+            return (Some(*id), false);
         }
         let count = s.counts.get(metric.index()).copied().unwrap_or(0);
         if self.config.max_series.is_some_and(|max| count >= max) {
@@ -280,9 +308,11 @@ impl TelemetryPlugin {
             let id = match s.ids.get(&overflow) {
                 Some(id) => Some(*id),
                 None => {
-                    let id = meshwasm_sdk_ext::metrics::define(host, kind, &overflow)?;
-                    s.ids.insert(overflow, id);
-                    Some(id)
+                    let id = meshwasm_sdk_ext::metrics::define(host, kind, &overflow);
+                    if let Some(id) = id {
+                        s.ids.insert(overflow, id);
+                    }
+                    id
                 }
             };
             if s.overflow_id.is_none() {
@@ -291,14 +321,40 @@ impl TelemetryPlugin {
             if let Some(oid) = s.overflow_id {
                 let _ = host.increment_metric(oid, 1);
             }
-            return id;
+            return (id, true);
         }
-        let id = meshwasm_sdk_ext::metrics::define(host, kind, name)?;
+        let Some(id) = meshwasm_sdk_ext::metrics::define(host, kind, name) else { return (None, false) };
         s.ids.insert(name.to_string(), id);
         if let Some(c) = s.counts.get_mut(metric.index()) {
             *c += 1;
         }
-        Some(id)
+        (Some(id), false)
+    }
+
+    /// The HTTP metric ids of a label set: remembered, or defined (and remembered) now.
+    fn http_ids(&self, host: &dyn Host, reporter: Reporter, standard: &[String], values: &[String]) -> HttpIds {
+        let key = label_set_key(reporter, standard, values);
+        if let Some(hit) = self.label_sets.borrow().get(&key).copied() {
+            if hit.folded > 0 {
+                if let Some(oid) = self.series.borrow().overflow_id {
+                    let _ = host.increment_metric(oid, i64::from(hit.folded));
+                }
+            }
+            return hit;
+        }
+        let mut out = HttpIds { ids: [None; 4], folded: 0 };
+        for ((metric, kind), slot) in HTTP_METRICS.iter().zip(out.ids.iter_mut()) {
+            let Some(plan) = self.config.plan(reporter, *metric).filter(|p| p.enabled) else { continue };
+            let (id, folded) = self.series_folded(host, *metric, *kind, plan, standard, values);
+            *slot = id;
+            out.folded += u8::from(folded);
+        }
+        let mut sets = self.label_sets.borrow_mut();
+        if sets.len() >= LABEL_SET_CACHE_MAX {
+            sets.clear();
+        }
+        sets.insert(key, out);
+        out
     }
 }
 
@@ -564,15 +620,11 @@ impl TelemetryFilter {
         self.reported = true;
         let reporter = self.reporter(host);
         let plugin = self.plugin.clone();
-        let config = &plugin.config;
         let (standard, values) = self.derive(host, reporter, true);
-
+        let ids = plugin.http_ids(host, reporter, &standard, &values);
         let mut measured: [Option<u64>; 3] = [None; 3];
-        for (metric, kind) in HTTP_METRICS {
-            let Some(plan) = config.plan(reporter, metric) else { continue };
-            if !plan.enabled {
-                continue;
-            }
+        for ((metric, kind), id) in HTTP_METRICS.iter().zip(ids.ids) {
+            let Some(id) = id else { continue };
             let value = match metric {
                 Metric::RequestCount => 1,
                 Metric::RequestDuration => *measured[0]
@@ -582,7 +634,6 @@ impl TelemetryFilter {
                 }
                 _ => *measured[2].get_or_insert_with(|| prop_int(host, &["response", "total_size"]).unwrap_or(0)),
             };
-            let Some(id) = plugin.series(host, metric, kind, plan, &standard, &values) else { continue };
             let r = match kind {
                 MetricKind::Counter => host.increment_metric(id, 1),
                 _ => host.record_metric(id, value),
@@ -643,6 +694,22 @@ fn parse_message_counts(b: &[u8]) -> Option<[u64; 2]> {
     let s = std::str::from_utf8(b).ok()?;
     let (req, rsp) = s.trim().split_once(',')?;
     Some([req.trim().parse().ok()?, rsp.trim().parse().ok()?])
+}
+
+/// A label set as one short map key: the reporter, then every standard and expression value,
+/// each length-prefixed (so no two label sets share a key).
+fn label_set_key(reporter: Reporter, standard: &[String], values: &[String]) -> String {
+    let mut key = String::with_capacity(512);
+    key.push(match reporter {
+        Reporter::Server => 's',
+        Reporter::Client => 'c',
+    });
+    for v in standard.iter().chain(values) {
+        key.push_str(&v.len().to_string());
+        key.push(':');
+        key.push_str(v);
+    }
+    key
 }
 
 /// `<tag>=.=<value>;.;`: the segment the bootstrap `stats_tags` turn into a label.
@@ -984,7 +1051,8 @@ mod tests {
         assert!(series(&h, "istio_request_duration_milliseconds").is_empty(), "disabled");
         assert!(!series(&h, "istio_request_bytes").is_empty());
         // Host fallback makes each authority a new series: 2 fit, the rest overflow.
-        for a in ["b", "c", "d", "b"] {
+        // The second "d" takes the label-set cache: it must still fold and be counted.
+        for a in ["b", "c", "d", "b", "d"] {
             run(a);
         }
         let names = series(&h, "istio_requests_total");
@@ -992,8 +1060,8 @@ mod tests {
         assert_eq!(names[1].1, 2, "b counted twice");
         assert!(names[2].0.contains("destination_service=.=overflow;"), "{names:?}");
         assert!(names[2].0.contains("reporter=.=source;"));
-        assert_eq!(names[2].1, 2, "c and d folded");
-        assert_eq!(h.metric_value(OVERFLOW_STAT), 6, "2 records of each of 3 metrics folded");
+        assert_eq!(names[2].1, 3, "c and d (twice) folded");
+        assert_eq!(h.metric_value(OVERFLOW_STAT), 9, "3 records of each of 3 metrics folded");
         assert!(client.series.borrow().counts.iter().all(|c| *c <= 2));
     }
 }
