@@ -117,6 +117,9 @@ pub struct AuthzPlugin {
 
 // === impl TokenCache ===
 
+/// One provider's verified tokens: token → (key set generation, token).
+type ProviderTokens = HashMap<Box<str>, (u64, Rc<Jwt>)>;
+
 /// Most tokens remembered per worker.
 pub const TOKEN_CACHE_SIZE: usize = 1024;
 /// Most token bytes remembered per worker (the cache keeps each token to compare it).
@@ -129,7 +132,7 @@ pub const TOKEN_CACHE_BYTES: usize = 1 << 20;
 /// as the key cost more per request in the VM than the rest of a cached request.)
 #[derive(Default)]
 pub struct TokenCache {
-    entries: Vec<HashMap<Box<str>, (u64, Rc<Jwt>)>>,
+    entries: Vec<ProviderTokens>,
     len: usize,
     bytes: usize,
 }
