@@ -97,6 +97,10 @@ pub trait Host {
     // --- headers ---
     fn header(&self, map: HeaderMap, name: &str) -> Option<String>;
     fn headers(&self, map: HeaderMap) -> Vec<(String, String)>;
+    /// The same pairs as one buffer with views: in the VM, half the cost of `headers`.
+    fn header_block(&self, map: HeaderMap) -> crate::Headers {
+        crate::Headers::from_pairs(&self.headers(map))
+    }
     /// Replace (or with `None`, remove) a header.
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> Result<(), HostError>;
     fn add_header(&self, map: HeaderMap, name: &str, value: &str) -> Result<(), HostError>;

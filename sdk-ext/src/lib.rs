@@ -12,6 +12,7 @@ pub mod config;
 pub mod duration;
 pub mod fake;
 pub mod filter;
+pub mod headers;
 pub mod host;
 pub mod matcher;
 pub mod metrics;
@@ -29,4 +30,5 @@ pub mod wasm;
 
 pub use config::{ConfigError, Path};
 pub use filter::{Flow, GrpcReply, HttpFilter, HttpReply, HttpResponse, NetworkFilter, NetworkPlugin, Plugin};
+pub use headers::Headers;
 pub use host::{GrpcCall, HeaderMap, Host, HostError, HttpCall, LocalReply, LogLevel, MetricKind};

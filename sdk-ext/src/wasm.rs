@@ -222,27 +222,7 @@ fn serialize_pairs(pairs: &[(String, String)]) -> Vec<u8> {
 }
 
 fn deserialize_pairs(b: &[u8]) -> Vec<(String, String)> {
-    let read_u32 = |at: usize| -> Option<usize> {
-        let s = b.get(at..at + 4)?;
-        Some(u32::from_le_bytes(s.try_into().ok()?) as usize)
-    };
-    let mut out = Vec::new();
-    let Some(n) = read_u32(0) else { return out };
-    let mut sizes = 4;
-    let mut data = 4 + n.saturating_mul(8);
-    for _ in 0..n {
-        let (Some(ks), Some(vs)) = (read_u32(sizes), read_u32(sizes + 4)) else { return out };
-        sizes += 8;
-        let k = b.get(data..data + ks).map(|s| String::from_utf8_lossy(s).into_owned());
-        data += ks + 1;
-        let v = b.get(data..data + vs).map(|s| String::from_utf8_lossy(s).into_owned());
-        data += vs + 1;
-        match (k, v) {
-            (Some(k), Some(v)) => out.push((k, v)),
-            _ => return out,
-        }
-    }
-    out
+    crate::Headers::from_serialized(b).to_vec()
 }
 
 // === impl ProxyHost ===
@@ -320,14 +300,16 @@ impl ProxyHost {
     }
 
     fn pairs(&self, map_type: u32) -> Vec<(String, String)> {
+        self.raw_pairs(map_type).map(|b| deserialize_pairs(&b)).unwrap_or_default()
+    }
+
+    /// `proxy_get_header_map_pairs`: the serialized map.
+    fn raw_pairs(&self, map_type: u32) -> Option<Vec<u8>> {
         let mut ptr = null_mut();
         let mut len = 0;
         // SAFETY: out-pointers to locals.
         let s = unsafe { raw::proxy_get_header_map_pairs(map_type, &mut ptr, &mut len) };
-        match status(s) {
-            Ok(()) => deserialize_pairs(&owned(ptr, len)),
-            Err(_) => Vec::new(),
-        }
+        status(s).ok().map(|()| owned(ptr, len))
     }
 
     pub fn cancel_grpc_call(&self, token: u32) {
@@ -357,6 +339,10 @@ impl Host for ProxyHost {
 
     fn headers(&self, map: HeaderMap) -> Vec<(String, String)> {
         self.pairs(header_map(map))
+    }
+
+    fn header_block(&self, map: HeaderMap) -> crate::Headers {
+        self.raw_pairs(header_map(map)).map(|b| crate::Headers::from_serialized(&b)).unwrap_or_default()
     }
 
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> Result<(), HostError> {

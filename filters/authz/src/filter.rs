@@ -13,8 +13,8 @@ use meshwasm_sdk_ext::config::ConfigError;
 use meshwasm_sdk_ext::host::plugin_name;
 use meshwasm_sdk_ext::metrics::{define, rule_metric_name};
 use meshwasm_sdk_ext::{
-    Flow, GrpcCall, GrpcReply, HeaderMap, Host, HttpCall, HttpFilter, HttpReply, LocalReply, LogLevel, MetricKind,
-    Plugin,
+    Flow, GrpcCall, GrpcReply, HeaderMap, Headers, Host, HttpCall, HttpFilter, HttpReply, LocalReply, LogLevel,
+    MetricKind, Plugin,
 };
 
 use crate::authn::{self, Env, KeyState, Keys, Op};
@@ -316,7 +316,7 @@ impl AuthzPlugin {
 /// The request as the matchers see it, read lazily from the host and cached for the stream.
 #[derive(Debug, Default)]
 struct Attrs {
-    headers: Option<Vec<(String, String)>>,
+    headers: Option<Headers>,
     destination: Option<Option<(Option<IpAddr>, Option<u32>)>>,
     remote: Option<Option<IpAddr>>,
     direct: Option<Option<IpAddr>>,
@@ -352,9 +352,9 @@ struct HostAttrs<'a> {
 }
 
 impl HostAttrs<'_> {
-    fn all_headers(&mut self) -> &Vec<(String, String)> {
+    fn all_headers(&mut self) -> &Headers {
         let host = self.host;
-        self.cache.headers.get_or_insert_with(|| host.headers(HeaderMap::RequestHeaders))
+        self.cache.headers.get_or_insert_with(|| host.header_block(HeaderMap::RequestHeaders))
     }
 
     fn destination(&mut self) -> (Option<IpAddr>, Option<u32>) {
@@ -370,19 +370,10 @@ impl HostAttrs<'_> {
 
 impl Attributes for HostAttrs<'_> {
     fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
-        let mut values =
-            self.all_headers().iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
-        let first = values.next()?;
-        let Some(second) = values.next() else { return Some(std::borrow::Cow::Borrowed(first)) };
-        let mut joined = format!("{first},{second}");
-        for v in values {
-            joined.push(',');
-            joined.push_str(v);
-        }
-        Some(std::borrow::Cow::Owned(joined))
+        self.all_headers().joined(name)
     }
     fn path(&mut self) -> Option<&str> {
-        self.all_headers().iter().find(|(k, _)| k == ":path").map(|(_, v)| v.as_str())
+        self.all_headers().get(":path")
     }
     fn destination_ip(&mut self) -> Option<IpAddr> {
         self.destination().0
@@ -606,14 +597,11 @@ impl AuthzFilter {
             State::AwaitKeys { since, deadline } => (since, deadline),
             _ => (now_ns, now_ns.saturating_add(nanos(authn.max_timeout()))),
         };
-        self.attrs(host).all_headers();
-        let headers = self.attrs.headers.take().unwrap_or_default();
+        let headers = self.attrs(host).all_headers().to_vec();
         let mut env = HostEnv { plugin: &plugin, host, now_ns, since_ns: since };
         let outcome = match authn::authenticate(authn, headers, &mut env) {
             Ok(o) => o,
             Err(authn::Pending) => {
-                // Read again when the keys are in (rare: before the first fetch).
-                self.attrs.headers = None;
                 // Polled: another worker's fetch lands in shared data, not in this VM.
                 self.state = State::AwaitKeys { since, deadline };
                 let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
@@ -631,7 +619,9 @@ impl AuthzFilter {
         }
         // The policies see the request as jwt_authn left it: `outcome.headers` is the request
         // with the same removals and additions applied.
-        self.attrs.headers = Some(outcome.headers);
+        if !outcome.ops.is_empty() {
+            self.attrs.headers = Some(Headers::from_pairs(&outcome.headers));
+        }
         self.attrs.jwt = outcome.payload;
         if outcome.status == Status::Ok {
             plugin.count_jwt(host, JwtStat::Allowed, 1);
@@ -643,7 +633,7 @@ impl AuthzFilter {
             bump(host, *id);
         }
         bump(host, plugin.ids.denied);
-        let uri = authn::Request::new(self.attrs(host).all_headers().clone()).original_uri();
+        let uri = authn::Request::new(self.attrs(host).all_headers().to_vec()).original_uri();
         let (status, body, www, details) = authn::rejection(outcome.status, &uri);
         plugin.log(host, LogLevel::Debug, &format!("jwt rejected: {body}"));
         self.deny(
@@ -716,7 +706,7 @@ impl AuthzFilter {
     fn check_input(&mut self, host: &dyn Host) -> CheckInput {
         let headers = {
             let mut a = self.attrs(host);
-            a.all_headers().clone()
+            a.all_headers().to_vec()
         };
         CheckInput {
             headers,
