@@ -143,13 +143,22 @@ pub struct Options {
     /// Each configuration's filters K times in a row (an amplifier for comparing small
     /// per-request costs; results are then per K filters, and are not written to bench/).
     pub chain: u32,
+    /// Load every configuration at the same time in each round (each proxy still pinned to
+    /// the proxy core, each with its own wrk on the load core), so that all of them see the
+    /// same machine: robust to a machine whose speed drifts, at the price of cache sharing.
+    pub concurrent: bool,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { duration: 10, warmup: 2, rounds: 3, connections: 16, only: None, chain: 1 };
+        let mut o =
+            Options { duration: 10, warmup: 2, rounds: 3, connections: 16, only: None, chain: 1, concurrent: false };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--concurrent" {
+                o.concurrent = true;
+                continue;
+            }
             if flag == "--only" {
                 let v = it.next().ok_or_else(|| crate::Error::msg("--only needs a value"))?;
                 o.only = Some(v.split(',').map(|k| k.trim().to_string()).collect());
@@ -439,6 +448,10 @@ pub fn run(opts: Options) -> Result<()> {
     ));
     let tick = clock_ticks_per_sec();
     for round in 0..opts.rounds {
+        if opts.concurrent {
+            concurrent_round(&wrk, &mut runs, &upstream, &opts, round, (proxy_cpu, load_cpu), tick)?;
+            continue;
+        }
         let n = runs.len();
         for i in 0..n {
             // Rotate the order each round so no configuration always runs first or last.
@@ -625,6 +638,85 @@ fn wrk_run(
     cpus: Option<&str>,
     load: &Load,
 ) -> Result<Sample> {
+    let out = output(&mut wrk_command(wrk, addr, secs, connections, cpus, load))?;
+    parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
+}
+
+/// One configuration's measurement of a concurrent round: every wrk at once.
+fn concurrent_round(
+    wrk: &Path,
+    runs: &mut [Running],
+    upstream: &Envoy,
+    opts: &Options,
+    round: u32,
+    (proxy_cpu, load_cpu): (Option<&str>, Option<&str>),
+    tick: f64,
+) -> Result<()> {
+    for r in runs.iter_mut() {
+        r.envoy.proc.check_alive()?;
+    }
+    let all_at_once = |runs: &[Running], secs: u64| -> Result<Vec<Sample>> {
+        let mut children = Vec::new();
+        for r in runs {
+            let mut cmd = wrk_command(wrk, r.addr, secs, opts.connections, load_cpu, &r.load);
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            children.push(cmd.spawn().context("starting wrk")?);
+        }
+        let mut samples = Vec::new();
+        for (child, r) in children.into_iter().zip(runs) {
+            let out = child.wait_with_output().context("waiting for wrk")?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let s = parse_wrk(&text).context(format!("{}: parsing wrk output:\n{text}", r.setup.key))?;
+            if s.bad > 0 {
+                bail!("{}: {} requests failed or were not 2xx: the benchmark is invalid", r.setup.key, s.bad);
+            }
+            samples.push(s);
+        }
+        Ok(samples)
+    };
+    if opts.warmup > 0 {
+        all_at_once(runs, opts.warmup)?;
+    }
+    let before: Vec<u64> = runs.iter().map(|r| cpu_ticks(r.envoy.proc.pid())).collect::<Result<_>>()?;
+    let (up0, core0) = (cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
+    let samples = all_at_once(runs, opts.duration)?;
+    let after: Vec<u64> = runs.iter().map(|r| cpu_ticks(r.envoy.proc.pid())).collect::<Result<_>>()?;
+    let (up1, core1) = (cpu_ticks(upstream.proc.pid())?, core_ticks(proxy_cpu));
+    let proxies: u64 = before.iter().zip(&after).map(|(a, b)| b.saturating_sub(*a)).sum();
+    let foreign = match (core0, core1) {
+        (Some((b0, t0)), Some((b1, t1))) => {
+            b1.saturating_sub(b0).saturating_sub(proxies) as f64 / t1.saturating_sub(t0).max(1) as f64
+        }
+        _ => 0.0,
+    };
+    let total_requests: u64 = samples.iter().map(|s| s.requests).sum();
+    for ((r, mut s), (c0, c1)) in runs.iter_mut().zip(samples).zip(before.into_iter().zip(after)) {
+        let secs = |ticks: u64| ticks as f64 / tick;
+        if s.requests > 0 {
+            s.cpu_us_per_req = secs(c1.saturating_sub(c0)) * 1e6 / s.requests as f64;
+            // The upstream served every configuration: its CPU is shared by all requests.
+            s.upstream_cpu_us_per_req = secs(up1.saturating_sub(up0)) * 1e6 / total_requests.max(1) as f64;
+            s.proxy_util = secs(c1.saturating_sub(c0)) / opts.duration as f64;
+        }
+        s.foreign = foreign;
+        println!(
+            "    round {}/{}  {:<22} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core; others {:>2.0}%)  (concurrent)",
+            round + 1,
+            opts.rounds,
+            r.setup.key,
+            s.rps,
+            s.p50_ms,
+            s.p99_ms,
+            s.cpu_us_per_req,
+            s.proxy_util * 100.0,
+            s.foreign * 100.0,
+        );
+        r.samples.push(s);
+    }
+    Ok(())
+}
+
+fn wrk_command(wrk: &Path, addr: SocketAddr, secs: u64, connections: u32, cpus: Option<&str>, load: &Load) -> Command {
     let mut cmd = match (cpus, on_path("taskset")) {
         (Some(c), Some(taskset)) => {
             let mut cmd = Command::new(taskset);
@@ -652,8 +744,7 @@ fn wrk_run(
             cmd.arg("--").arg(f);
         }
     }
-    let out = output(&mut cmd)?;
-    parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
+    cmd
 }
 
 fn parse_wrk(out: &str) -> Result<Sample> {
@@ -752,6 +843,8 @@ struct Report {
     rows: Vec<Row>,
     modules: Vec<(&'static str, u64)>,
     header: Vec<(&'static str, String)>,
+    /// `--concurrent`: the verdict is the median of the per-round ratios.
+    concurrent: bool,
 }
 
 /// Overhead ratios of one configuration against the no-op module (both relative to bare).
@@ -807,7 +900,10 @@ impl Report {
             ("date", date),
             ("git", git),
             ("envoy", envoy_version.to_string()),
-            ("cpu", format!("{cpu_model} ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))),
+            (
+                "cpu",
+                format!("{cpu_model} ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            ),
             (
                 "pinning",
                 if pinned {
@@ -818,13 +914,25 @@ impl Report {
             ),
             (
                 "load",
-                format!(
-                    "wrk -t1 -c{} --latency, GET /; {} rounds (order rotated) of {}s warm-up + {}s measured per config; medians",
-                    opts.connections, opts.rounds, opts.warmup, opts.duration
-                ),
+                if opts.concurrent {
+                    format!(
+                        "wrk -t1 -c{} --latency, GET /, one per config, all configs at once (--concurrent); {} rounds of {}s warm-up + {}s measured; medians",
+                        opts.connections, opts.rounds, opts.warmup, opts.duration
+                    )
+                } else {
+                    format!(
+                        "wrk -t1 -c{} --latency, GET /; {} rounds (order rotated) of {}s warm-up + {}s measured per config; medians",
+                        opts.connections, opts.rounds, opts.warmup, opts.duration
+                    )
+                },
             ),
         ];
-        Report { rows, modules: modules.iter().map(|m| (m.name, m.size)).collect(), header }
+        Report {
+            rows,
+            modules: modules.iter().map(|m| (m.name, m.size)).collect(),
+            header,
+            concurrent: opts.concurrent,
+        }
     }
 
     fn row(&self, key: &str) -> Option<&Row> {
@@ -882,22 +990,37 @@ impl Report {
              the least-disturbed round is the closest to the intrinsic cost (medians and \
              per-round ratios are shown beside it).\n\n",
         );
-        md.push_str("## Headline\n\n| configuration | **ratio: CPU µs/req, best of rounds** | ratio: CPU µs/req, medians | per-round ratios (CPU) | ratio: 1/rps, medians | ratio: p50, medians | target | verdict |\n|---|---:|---:|---|---:|---:|---:|---|\n");
+        if self.concurrent {
+            md.push_str(
+                "**This run is `--concurrent`:** in each round every configuration is loaded at the same \
+                 time (every proxy pinned to the proxy core, one wrk each on the load core), so all of them \
+                 see the same machine at the same moment. The verdict is then the **median of the \
+                 per-round ratios** (first column): each round's ratio compares measurements taken \
+                 together, which cancels a machine whose speed drifts; absolute CPU per request is higher \
+                 than in a sequential run (the proxies share caches and the core).\n\n",
+            );
+        }
+        let primary_name = if self.concurrent { "median of per-round ratios" } else { "best of rounds" };
+        md.push_str("## Headline\n\n");
+        let _ = write!(md, "| configuration | **ratio: CPU µs/req, {primary_name}** |");
+        md.push_str(" ratio: CPU µs/req, medians | per-round ratios (CPU) | ratio: 1/rps, medians | ratio: p50, medians | target | verdict |\n|---|---:|---:|---|---:|---:|---:|---|\n");
         for &key in HEADLINE {
             if let (Some(row), Some(r)) = (self.row(key), self.ratios(key)) {
+                let per_round = self.round_ratios(key);
+                let primary = if self.concurrent { median(per_round.clone()) } else { r.best_cpu };
                 let verdict = if is_reference(key) {
                     "(reference)".to_string()
-                } else if r.best_cpu <= target_ratio(key) {
+                } else if primary <= target_ratio(key) {
                     "meets target".to_string()
                 } else {
                     "ABOVE target".to_string()
                 };
-                let rounds: Vec<String> = self.round_ratios(key).iter().map(|x| format!("{x:.2}")).collect();
+                let rounds: Vec<String> = per_round.iter().map(|x| format!("{x:.2}")).collect();
                 let _ = writeln!(
                     md,
                     "| {} | **{:.2}** | {:.2} | {} | {:.2} | {:.2} | {} | {verdict} |",
                     row.label,
-                    r.best_cpu,
+                    primary,
                     r.cpu,
                     rounds.join(", "),
                     r.rps,

@@ -38,6 +38,9 @@ commands:
                              retry retry_budget telemetry authz native_rbac authz_jwt
                              authz_jwt_fresh authz_jwt_fresh_es256 authz_jwt_fresh_eddsa
                              authz_jwt_fresh_hs256 native_jwt
+      --concurrent     load every configuration at once in each round (all proxies on the proxy
+                       core, one wrk each): robust to a machine whose speed drifts; the verdict
+                       is then the median of the per-round ratios
       --chain <k>      each configuration's filters k times in a row: amplifies small
                        per-request differences when comparing two builds (results are per k)
                      results go to bench/ for a full run, else to target/xtask/bench/
