@@ -193,8 +193,12 @@ impl TelemetryPlugin {
                 .map(Rc::new);
         }
 
-        let route = prop_string(host, &["xds", "route_name"]);
+        // A property read is the dearest hostcall (docs/sdk-ext.md#what-a-hostcall-costs). The
+        // route name only decides Istio's `block_all` (a direct response: no upstream cluster)
+        // and `allow_any` (routed to PassthroughCluster, which names the service the same way
+        // through the cluster): it is read only when there is no cluster.
         let cluster = prop_string(host, &["xds", "cluster_name"]);
+        let route = if cluster.is_empty() { prop_string(host, &["xds", "route_name"]) } else { String::new() };
         let cluster_md = if cluster.is_empty() { None } else { Some(plugin.cluster_metadata(host, &cluster)) };
         let istio_md = cluster_md.as_deref().and_then(|m| m.get("filter_metadata")).and_then(|m| m.get("istio"));
         let (service_host, service_name) =
@@ -1016,6 +1020,30 @@ mod tests {
         assert_eq!(parse_message_counts(b"7"), None);
         assert_eq!(parse_message_counts(b"x,1"), None);
         assert_eq!(parse_message_counts(b"2,5"), Some([2, 5]));
+    }
+
+    #[test]
+    fn block_all_is_named_by_the_route_only_without_a_cluster() {
+        let client = plugin(json!({}), "CLIENT", node_md("productpage-v1", "productpage", "c1"));
+        let run = |cluster: Option<&[u8]>| {
+            let h = FakeHost::with_request(&[(":authority", "ratings:9080")]);
+            end(&h, 502);
+            h.set_property(&["xds", "route_name"], b"block_all");
+            match cluster {
+                Some(c) => h.set_property(&["xds", "cluster_name"], c),
+                None => {
+                    h.properties.borrow_mut().remove("xds.cluster_name");
+                }
+            }
+            let mut f = client.new_filter(2, 0);
+            f.on_request_headers(&h, true);
+            f.on_log(&h);
+            series(&h, "istio_requests_total").remove(0).0
+        };
+        assert!(run(None).contains("destination_service_name=.=BlackHoleCluster;"), "{}", run(None));
+        assert!(run(Some(b"PassthroughCluster")).contains("destination_service_name=.=PassthroughCluster;"));
+        // A route of that name with a real cluster: the cluster decides (host fallback here).
+        assert!(run(Some(b"outbound|9080||ratings")).contains("destination_service_name=.=ratings:9080;"));
     }
 
     #[test]
