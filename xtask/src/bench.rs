@@ -391,7 +391,9 @@ pub fn run(opts: Options) -> Result<()> {
         }
     }
     let keep = |key: &str| match &opts.only {
-        Some(only) => key == "bare" || key == "noop" || only.iter().any(|k| k == key),
+        Some(only) => {
+            matches!(key, "bare" | "noop" | "bare_token" | "noop_token") || only.iter().any(|k| k == key)
+        }
         None => true,
     };
     let (jwt_setups, mut loads) = jwt::setups(&keep)?;
@@ -940,8 +942,20 @@ impl Report {
     }
 
     /// (cfg − bare) / (noop − bare) for 1/rps, p50 and CPU/request.
+    /// The reference rows of `key`: bare and no-op under the same requests (the JWT rows'
+    /// carry a token, and so do `bare_token` and `noop_token`).
+    fn refs(&self, key: &str) -> (&'static str, &'static str) {
+        let jwt = key.starts_with("authz_jwt") || key == "native_jwt";
+        if jwt && self.row("bare_token").is_some() && self.row("noop_token").is_some() {
+            ("bare_token", "noop_token")
+        } else {
+            ("bare", "noop")
+        }
+    }
+
     fn ratios(&self, key: &str) -> Option<Ratios> {
-        let (bare, noop, cfg) = (self.row("bare")?, self.row("noop")?, self.row(key)?);
+        let (b, n) = self.refs(key);
+        let (bare, noop, cfg) = (self.row(b)?, self.row(n)?, self.row(key)?);
         let r = |f: fn(&Sample) -> f64| (f(&cfg.med) - f(&bare.med)) / (f(&noop.med) - f(&bare.med));
         Some(Ratios {
             best_cpu: (cfg.best_cpu - bare.best_cpu) / (noop.best_cpu - bare.best_cpu),
@@ -954,7 +968,8 @@ impl Report {
     /// The CPU-per-request ratio computed within each round (the three configurations ran
     /// a minute apart at most, so slow drifts in machine load partly cancel).
     fn round_ratios(&self, key: &str) -> Vec<f64> {
-        let (Some(bare), Some(noop), Some(cfg)) = (self.row("bare"), self.row("noop"), self.row(key)) else {
+        let (b, n) = self.refs(key);
+        let (Some(bare), Some(noop), Some(cfg)) = (self.row(b), self.row(n), self.row(key)) else {
             return Vec::new();
         };
         bare.samples
@@ -966,7 +981,7 @@ impl Report {
     }
 
     fn overhead_us(&self, key: &str) -> f64 {
-        match (self.row("bare"), self.row(key)) {
+        match (self.row(self.refs(key).0), self.row(key)) {
             (Some(b), Some(c)) => (1.0 / c.med.rps - 1.0 / b.med.rps) * 1e6,
             _ => f64::NAN,
         }
