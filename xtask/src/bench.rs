@@ -391,9 +391,7 @@ pub fn run(opts: Options) -> Result<()> {
         }
     }
     let keep = |key: &str| match &opts.only {
-        Some(only) => {
-            matches!(key, "bare" | "noop" | "bare_token" | "noop_token") || only.iter().any(|k| k == key)
-        }
+        Some(only) => matches!(key, "bare" | "noop" | "bare_token" | "noop_token") || only.iter().any(|k| k == key),
         None => true,
     };
     let (jwt_setups, mut loads) = jwt::setups(&keep)?;
