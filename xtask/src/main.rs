@@ -40,7 +40,7 @@ commands:
                              authz_jwt_fresh_hs256 native_jwt
       --concurrent     load every configuration at once in each round (all proxies on the proxy
                        core, one wrk each): robust to a machine whose speed drifts; the verdict
-                       is then the median of the per-round ratios
+                       is then the median of the per-round ratios (uncached JWT rows left out)
       --chain <k>      each configuration's filters k times in a row: amplifies small
                        per-request differences when comparing two builds (results are per k)
                      results go to bench/ for a full run, else to target/xtask/bench/
