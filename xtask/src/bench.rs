@@ -495,19 +495,13 @@ pub fn run(opts: Options) -> Result<()> {
                 s.upstream_cpu_us_per_req = secs(up1.saturating_sub(up0)) * 1e6 / s.requests as f64;
                 s.proxy_util = secs(cpu1.saturating_sub(cpu0)) / opts.duration as f64;
             }
-            println!(
-                "    round {}/{}  {:<22} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core; others {:>2.0}%)  upstream {:>4.1} µs/req{}",
-                round + 1,
+            let bad = if s.bad > 0 { format!("  ({} errors/non-2xx!)", s.bad) } else { String::new() };
+            print_round(
+                round,
                 opts.rounds,
                 r.setup.key,
-                s.rps,
-                s.p50_ms,
-                s.p99_ms,
-                s.cpu_us_per_req,
-                s.proxy_util * 100.0,
-                s.foreign * 100.0,
-                s.upstream_cpu_us_per_req,
-                if s.bad > 0 { format!("  ({} errors/non-2xx!)", s.bad) } else { String::new() }
+                &s,
+                &format!("upstream {:>4.1} µs/req{bad}", s.upstream_cpu_us_per_req),
             );
             if s.bad > 0 {
                 bail!("{}: {} requests failed or were not 2xx: the benchmark is invalid", r.setup.key, s.bad);
@@ -654,6 +648,20 @@ fn wrk_run(
     parse_wrk(&out).context(format!("parsing wrk output:\n{out}"))
 }
 
+/// One measurement's progress line.
+fn print_round(round: u32, rounds: u32, key: &str, s: &Sample, tail: &str) {
+    println!(
+        "    round {}/{rounds}  {key:<22} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core; others {:>2.0}%)  {tail}",
+        round + 1,
+        s.rps,
+        s.p50_ms,
+        s.p99_ms,
+        s.cpu_us_per_req,
+        s.proxy_util * 100.0,
+        s.foreign * 100.0,
+    );
+}
+
 /// One configuration's measurement of a concurrent round: every wrk at once.
 fn concurrent_round(
     wrk: &Path,
@@ -711,18 +719,7 @@ fn concurrent_round(
             s.proxy_util = secs(c1.saturating_sub(c0)) / opts.duration as f64;
         }
         s.foreign = foreign;
-        println!(
-            "    round {}/{}  {:<22} {:>7.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  proxy cpu {:>5.1} µs/req ({:>3.0}% of core; others {:>2.0}%)  (concurrent)",
-            round + 1,
-            opts.rounds,
-            r.setup.key,
-            s.rps,
-            s.p50_ms,
-            s.p99_ms,
-            s.cpu_us_per_req,
-            s.proxy_util * 100.0,
-            s.foreign * 100.0,
-        );
+        print_round(round, opts.rounds, r.setup.key, &s, "(concurrent)");
         r.samples.push(s);
     }
     Ok(())

@@ -133,10 +133,11 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
     let bad_probe = |token: &str| (vec![("authorization".to_string(), format!("Bearer {}", tampered(token)))], 401);
     let bearer = |t: &str| vec![("authorization".to_string(), format!("Bearer {t}"))];
 
-    if want("authz_jwt") || want("native_jwt") {
+    // One RS256 token for the cached row, native's row and their references: the same requests.
+    let cached = if want("authz_jwt") || want("native_jwt") { Some(minter.token("RS256")?) } else { None };
+    if let Some(t) = &cached {
         // The JWT rows' requests carry a ~550-byte Authorization header, which costs bare Envoy
         // (and the no-op module) something too: their ratios are taken against these.
-        let t = minter.token("RS256")?;
         let noop = build::module_path("noop");
         for (key, label, filters) in [
             ("bare_token", "bare Envoy, requests carrying the JWT rows' token (their reference)", String::new()),
@@ -147,11 +148,10 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
             ),
         ] {
             setups.push(Setup { key, label, filters, must_fault: None, counters: None });
-            loads.insert(key, Load { headers: bearer(&t), ..Load::default() });
+            loads.insert(key, Load { headers: bearer(t), ..Load::default() });
         }
     }
-    if want("authz_jwt") {
-        let t = minter.token("RS256")?;
+    if let Some(t) = cached.as_ref().filter(|_| want("authz_jwt")) {
         setups.push(Setup {
             key: "authz_jwt",
             label: "meshwasm authz, JWT (RS256) + requestPrincipals/claim policy, same token (cached)",
@@ -162,8 +162,8 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
         loads.insert(
             "authz_jwt",
             Load {
-                headers: bearer(&t),
-                probes: vec![bad_probe(&t)],
+                headers: bearer(t),
+                probes: vec![bad_probe(t)],
                 covers: vec![CACHE_HITS],
                 still: vec![VERIFIED],
                 ..Load::default()
@@ -208,8 +208,7 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
             },
         );
     }
-    if want("native_jwt") {
-        let t = minter.token("RS256")?;
+    if let Some(t) = cached.as_ref().filter(|_| want("native_jwt")) {
         setups.push(Setup {
             key: "native_jwt",
             label: "Envoy native jwt_authn (RS256) + RBAC, istiod's configuration, same token",
@@ -220,8 +219,8 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
         loads.insert(
             "native_jwt",
             Load {
-                headers: bearer(&t),
-                probes: vec![bad_probe(&t)],
+                headers: bearer(t),
+                probes: vec![bad_probe(t)],
                 covers: vec![NATIVE_JWT_ALLOWED],
                 ..Load::default()
             },
