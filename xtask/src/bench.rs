@@ -44,11 +44,12 @@ const TELEMETRY_TARGET_RATIO: f64 = 2.0;
 /// RequestAuthentication's target (issue 8): with a cached token, within 1.5× the no-op's.
 const JWT_TARGET_RATIO: f64 = 1.5;
 
-/// The target ratio of one configuration.
+/// The target ratio of one configuration (a floor row: its filter's).
 fn target_ratio(key: &str) -> f64 {
+    let key = key.strip_prefix("floor_").unwrap_or(key);
     if key.starts_with("telemetry") {
         TELEMETRY_TARGET_RATIO
-    } else if key == "authz_jwt" {
+    } else if key == "authz_jwt" || key == "jwt" {
         JWT_TARGET_RATIO
     } else {
         TARGET_RATIO
@@ -65,8 +66,11 @@ const HEADLINE: &[&str] = &[
     "retry",
     "retry_budget",
     "telemetry",
+    "floor_telemetry",
     "authz",
+    "floor_authz",
     "authz_jwt",
+    "floor_jwt",
     "authz_jwt_fresh",
     "authz_jwt_fresh_es256",
     "authz_jwt_fresh_eddsa",
@@ -79,10 +83,30 @@ const HEADLINE: &[&str] = &[
 ];
 
 /// Rows shown for comparison only: no target applies to them (the uncached JWT rows measure
-/// the signature's cost per algorithm).
+/// the signature's cost per algorithm; a floor row is the least its filter can cost).
 fn is_reference(key: &str) -> bool {
-    key == "noop_sdk" || key.starts_with("native_") || key.starts_with("authz_jwt_fresh")
+    key == "noop_sdk" || key.starts_with("native_") || key.starts_with("authz_jwt_fresh") || is_floor(key)
 }
+
+/// The hostcall floor rows (`filters/floor`): the module makes exactly the hostcalls its
+/// filter makes on the same request and nothing else, so no filter making those calls can
+/// cost less. A floor above its filter's target says the target is out of reach on Envoy's
+/// Proxy-Wasm ABI, whatever the filter's code.
+fn is_floor(key: &str) -> bool {
+    key.starts_with("floor_")
+}
+
+/// The hostcalls `authz.wasm` makes on the benchmark's allowed request: the request's header
+/// map (one read serves every attribute of the policy), the `allowed` counter and the
+/// policy's; Envoy also crosses into it for the response headers (it exports them for
+/// ext_authz's `headersToDownstreamOnAllow`).
+const FLOOR_AUTHZ: &str = r#"{"request":["headers","counter","counter"]}"#;
+/// The hostcalls `telemetry.wasm` makes on the benchmark's request (client side, no peer
+/// answer from the upstream): the authority and content type, the two exchange headers sent,
+/// the status and the (absent) exchange headers of the response, the seven properties of the
+/// log phase (flags, duration, both sizes, cluster, upstream TLS, the endpoint's metadata as
+/// the peer fallback), the request counter and three histograms.
+const FLOOR_TELEMETRY: &str = r#"{"request":["header :authority","header content-type","set x-envoy-peer-metadata-id -","set x-envoy-peer-metadata -"],"response":["header :status","header x-envoy-peer-metadata","header x-envoy-peer-metadata-id"],"log":["property response.flags","property request.duration","property request.total_size","property response.total_size","property xds.cluster_name","property upstream.tls_version","property xds.upstream_host_metadata","counter","histogram","histogram","histogram"]}"#;
 
 /// Rules that never match the benchmark's traffic: the common path of a production config.
 const FAULT_NO_MATCH: &str = r#"{"rules":[{"name":"never","match":[{"uri":{"prefix":"/never"},"headers":{"x-chaos":{"exact":"yes"}}}],"fault":{"abort":{"httpStatus":503,"percentage":{"value":100}}}}]}"#;
@@ -213,6 +237,7 @@ fn setups() -> Result<Vec<Setup>> {
     let retry = build::module_path("retry");
     let telemetry = build::module_path("telemetry");
     let authz = build::module_path("authz");
+    let floor = build::module_path("floor");
     Ok(vec![
         Setup {
             key: "bare",
@@ -295,6 +320,20 @@ fn setups() -> Result<Vec<Setup>> {
             key: "telemetry",
             label: "meshwasm telemetry, client side: 25 labels, 4 metrics, peer exchange",
             filters: envoy::wasm_filter("telemetry", &telemetry, TELEMETRY_CLIENT)?,
+            must_fault: None,
+            counters: None,
+        },
+        Setup {
+            key: "floor_telemetry",
+            label: "hostcall floor of meshwasm telemetry: its hostcalls on that request, no work",
+            filters: envoy::wasm_filter("floor", &floor, FLOOR_TELEMETRY)?,
+            must_fault: None,
+            counters: None,
+        },
+        Setup {
+            key: "floor_authz",
+            label: "hostcall floor of meshwasm authz: its hostcalls on that request, no work",
+            filters: envoy::wasm_filter("floor", &floor, FLOOR_AUTHZ)?,
             must_fault: None,
             counters: None,
         },
@@ -952,7 +991,7 @@ impl Report {
     /// The reference rows of `key`: bare and no-op under the same requests (the JWT rows'
     /// carry a token, and so do `bare_token` and `noop_token`).
     fn refs(&self, key: &str) -> (&'static str, &'static str) {
-        let jwt = key.starts_with("authz_jwt") || key == "native_jwt";
+        let jwt = key.starts_with("authz_jwt") || key == "native_jwt" || key == "floor_jwt";
         if jwt && self.row("bare_token").is_some() && self.row("noop_token").is_some() {
             ("bare_token", "noop_token")
         } else {
@@ -1030,7 +1069,13 @@ impl Report {
             if let (Some(row), Some(r)) = (self.row(key), self.ratios(key)) {
                 let per_round = self.round_ratios(key);
                 let primary = if self.concurrent { median(per_round.clone()) } else { r.best_cpu };
-                let verdict = if is_reference(key) {
+                let verdict = if is_floor(key) {
+                    if primary > target_ratio(key) {
+                        format!("floor above the {}× target: out of reach", target_ratio(key))
+                    } else {
+                        "floor within target".to_string()
+                    }
+                } else if is_reference(key) {
                     "(reference)".to_string()
                 } else if primary <= target_ratio(key) {
                     "meets target".to_string()
@@ -1120,6 +1165,11 @@ impl Report {
         md.push_str("- telemetry plugin config: `");
         md.push_str(TELEMETRY_CLIENT);
         md.push_str("` (target ratio 2×)\n");
+        md.push_str("- floor_telemetry (filters/floor) config: `");
+        md.push_str(FLOOR_TELEMETRY);
+        md.push_str("`\n- floor_authz (filters/floor) config: `");
+        md.push_str(FLOOR_AUTHZ);
+        md.push_str("`\n");
         md.push_str("- authz plugin config: `");
         md.push_str(AUTHZ_POLICY);
         md.push_str("`; every request carries `x-bench-client: wrk`\n");

@@ -41,6 +41,7 @@ pub const FILTERS: &[Filter] = &[
     },
     Filter { name: "noop", krate: "meshwasm-noop", smoke_config: "{}" },
     Filter { name: "noop-sdk", krate: "meshwasm-noop-sdk", smoke_config: "{}" },
+    Filter { name: "floor", krate: "meshwasm-floor", smoke_config: r#"{"request":["headers","counter"]}"# },
 ];
 
 /// A built module.

@@ -35,9 +35,10 @@ commands:
       --only <keys>    subset, e.g. fault_rules,native_fault (bare and noop always run);
                        keys: bare noop noop_sdk fault_rules fault_rules_tuned fault_headers
                              native_fault ratelimit ratelimit_tuned native_local_ratelimit
-                             retry retry_budget telemetry authz native_rbac authz_jwt
-                             authz_jwt_fresh authz_jwt_fresh_es256 authz_jwt_fresh_eddsa
-                             authz_jwt_fresh_hs256 native_jwt
+                             retry retry_budget telemetry floor_telemetry authz floor_authz
+                             native_rbac authz_jwt floor_jwt authz_jwt_fresh
+                             authz_jwt_fresh_es256 authz_jwt_fresh_eddsa authz_jwt_fresh_hs256
+                             native_jwt
       --concurrent     load every configuration at once in each round (all proxies on the proxy
                        core, one wrk each): robust to a machine whose speed drifts; the verdict
                        is then the median of the per-round ratios (uncached JWT rows left out)

@@ -23,8 +23,9 @@ use crate::envoy;
 use crate::{bail, cargo, json, output, root, run_cmd, step, Context, Result};
 
 /// The JWT configurations, in the order they run.
-pub const KEYS: [&str; 6] = [
+pub const KEYS: [&str; 7] = [
     "authz_jwt",
+    "floor_jwt",
     "authz_jwt_fresh",
     "authz_jwt_fresh_es256",
     "authz_jwt_fresh_eddsa",
@@ -40,6 +41,13 @@ const TOKENS_PER_SET: u32 = 1100;
 pub const VERIFIED: &str = "wasmcustom.meshwasm.authz.jwt.verified";
 pub const CACHE_HITS: &str = "wasmcustom.meshwasm.authz.jwt.cache_hits";
 const NATIVE_JWT_ALLOWED: &str = "http.ingress.jwt_authn.allowed";
+
+/// The hostcalls `authz.wasm` makes on the cached row's request (`floor_jwt`, see
+/// `filters/floor`): the header map, the clock (token times), the token's header removed
+/// (`forwardOriginalToken` is false), four counters (cache hit, JWT allowed, allowed, the
+/// policy's allowed), and the response-headers callback it exports.
+pub const FLOOR: &str =
+    r#"{"request":["headers","time","remove authorization","counter","counter","counter","counter"]}"#;
 
 /// The AuthorizationPolicy: alice of the issuer, with `bench` in her `groups` claim.
 const POLICY: &str = r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"bench","namespace":"default"},"spec":{"action":"ALLOW","rules":[{"from":[{"source":{"requestPrincipals":["https://issuer.example/alice"]}}],"when":[{"key":"request.auth.claims[groups]","values":["bench"]}]}]}}"#;
@@ -134,7 +142,8 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
     let bearer = |t: &str| vec![("authorization".to_string(), format!("Bearer {t}"))];
 
     // One RS256 token for the cached row, native's row and their references: the same requests.
-    let cached = if want("authz_jwt") || want("native_jwt") { Some(minter.token("RS256")?) } else { None };
+    let cached =
+        if want("authz_jwt") || want("native_jwt") || want("floor_jwt") { Some(minter.token("RS256")?) } else { None };
     if let Some(t) = &cached {
         // The JWT rows' requests carry a ~550-byte Authorization header, which costs bare Envoy
         // (and the no-op module) something too: their ratios are taken against these.
@@ -169,6 +178,17 @@ pub fn setups(want: &dyn Fn(&str) -> bool) -> Result<(Vec<Setup>, HashMap<&'stat
                 ..Load::default()
             },
         );
+    }
+    if let Some(t) = cached.as_ref().filter(|_| want("floor_jwt")) {
+        let floor = build::module_path("floor");
+        setups.push(Setup {
+            key: "floor_jwt",
+            label: "hostcall floor of meshwasm authz with that JWT: its hostcalls on that request, no work",
+            filters: envoy::wasm_filter("floor", &floor, FLOOR)?,
+            must_fault: None,
+            counters: None,
+        });
+        loads.insert("floor_jwt", Load { headers: bearer(t), ..Load::default() });
     }
     for (key, alg, label) in [
         ("authz_jwt_fresh", "RS256", "meshwasm authz, JWT RS256, a new token each request (uncached)"),
@@ -250,6 +270,6 @@ end
 /// The counters the JWT rows are checked with, for the report's setup notes.
 pub fn describe() -> String {
     format!(
-        "- JWT rows (`authz_jwt*`, `native_jwt`): RequestAuthentication (issuer `{ISSUER}`, audience `api.example`, inline key set of `meshwasm-jwks init`: RSA 2048, P-256, Ed25519, HMAC) + AuthorizationPolicy `{POLICY}`; native: istiod's `jwt_authn` (no JWT cache) + RBAC for the same. Probes: no token → 403, a token with one signature bit changed → 401, the valid token → 200. `authz_jwt`: one token, `{CACHE_HITS}` covers every measured request and `{VERIFIED}` did not move after the probes; fresh rows: {TOKENS_PER_SET}×2 tokens cycled by a wrk Lua script (one set per run in turn), `{VERIFIED}` covers every measured request and `{CACHE_HITS}` did not move after the probes; `native_jwt`: `{NATIVE_JWT_ALLOWED}` covers every measured request. The JWT rows' overheads and ratios are taken against `bare_token` and `noop_token` (bare Envoy and the no-op module under requests carrying the same RS256 token: the ~550-byte header costs Envoy something without any filter)\n"
+        "- JWT rows (`authz_jwt*`, `native_jwt`): RequestAuthentication (issuer `{ISSUER}`, audience `api.example`, inline key set of `meshwasm-jwks init`: RSA 2048, P-256, Ed25519, HMAC) + AuthorizationPolicy `{POLICY}`; native: istiod's `jwt_authn` (no JWT cache) + RBAC for the same. Probes: no token → 403, a token with one signature bit changed → 401, the valid token → 200. `authz_jwt`: one token, `{CACHE_HITS}` covers every measured request and `{VERIFIED}` did not move after the probes; fresh rows: {TOKENS_PER_SET}×2 tokens cycled by a wrk Lua script (one set per run in turn), `{VERIFIED}` covers every measured request and `{CACHE_HITS}` did not move after the probes; `native_jwt`: `{NATIVE_JWT_ALLOWED}` covers every measured request. The JWT rows' overheads and ratios are taken against `bare_token` and `noop_token` (bare Envoy and the no-op module under requests carrying the same RS256 token: the ~550-byte header costs Envoy something without any filter); `floor_jwt` (filters/floor) config: `{FLOOR}`\n"
     )
 }
