@@ -33,6 +33,7 @@ use meshwasm_authz::config::ResourceJson;
 use meshwasm_authz::jwks::Jwks;
 use meshwasm_authz::jwt::{Jwt, Status, ALGS, CLOCK_SKEW_SECONDS};
 use meshwasm_sdk_ext::config::Path;
+use meshwasm_sdk_ext::Headers;
 use serde_json::{json, Value};
 
 const SECRET: &[u8] = b"fuzz target HMAC secret, 32 b..";
@@ -160,11 +161,12 @@ fn check_outcome(o: &Outcome, output_headers: &[String], forgeable: bool) {
 }
 
 fn run(authn: &Authn, s: &Setup, headers: &[(String, String)], remote: u8, forgeable: bool) {
-    let _ = Request::new(headers.to_vec()).original_uri();
+    let headers = Headers::from_pairs(headers);
+    let _ = Request::new(&headers).original_uri();
     let mut env = FuzzEnv { authn, remote_keys: &s.remote_keys, remote, cache: HashMap::new() };
-    let Ok(cold) = authenticate(authn, headers.to_vec(), &mut env) else { return };
+    let Ok(cold) = authenticate(authn, &headers, &mut env) else { return };
     check_outcome(&cold, &s.output_headers, forgeable);
-    let Ok(warm) = authenticate(authn, headers.to_vec(), &mut env) else {
+    let Ok(warm) = authenticate(authn, &headers, &mut env) else {
         panic!("waits for keys the first run did not need")
     };
     assert_eq!(

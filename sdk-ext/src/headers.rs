@@ -103,6 +103,17 @@ impl Headers {
     }
 }
 
+/// From (name, value) views (a filter's edited copy of a map).
+impl<'a> FromIterator<(&'a str, &'a str)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (&'a str, &'a str)>>(pairs: I) -> Self {
+        let mut h = Headers::default();
+        for (k, v) in pairs {
+            h.push(k, v);
+        }
+        h
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

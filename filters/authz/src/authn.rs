@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use meshwasm_sdk_ext::config::{ConfigError, Path};
 use meshwasm_sdk_ext::duration::parse_duration;
+use meshwasm_sdk_ext::Headers;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -211,9 +212,12 @@ pub struct Provider {
     /// Sanitized (`sanitizeAudience`).
     pub audiences: Vec<String>,
     pub keys: Keys,
-    /// `(lower-cased name, prefix)`.
+    /// `(lower-cased name, prefix)`, in the order Envoy's extractor visits them (its map
+    /// keyed by name + prefix); sorted once here rather than per request.
     pub headers: Vec<(String, String)>,
+    /// Sorted and deduplicated, as the extractor visits them.
     pub params: Vec<String>,
+    /// Sorted and deduplicated, as the extractor visits them.
     pub cookies: Vec<String>,
     pub payload_header: Option<String>,
     /// `(lower-cased header, claim path)`.
@@ -422,6 +426,13 @@ impl Authn {
         space_delimited.extend(["permission".to_string(), "scope".to_string()]);
         crate::sort::sort(&mut space_delimited);
         space_delimited.dedup();
+        // The extractor's visiting orders (see `extract`).
+        crate::sort::sort_by(&mut headers, |a, b| format!("{}{}", a.0, a.1).cmp(&format!("{}{}", b.0, b.1)));
+        crate::sort::sort(&mut params);
+        params.dedup();
+        let mut cookies = rule.from_cookies.clone();
+        crate::sort::sort(&mut cookies);
+        cookies.dedup();
         Ok(Provider {
             name: String::new(),
             issuer: rule.issuer.clone(),
@@ -429,7 +440,7 @@ impl Authn {
             keys,
             headers,
             params,
-            cookies: rule.from_cookies.clone(),
+            cookies,
             payload_header,
             claim_headers,
             forward: rule.forward_original_token,
@@ -470,42 +481,85 @@ pub enum Op {
     SetPath(String),
 }
 
-/// The request headers as `jwt_authn` sees and changes them.
-#[derive(Debug, Clone, Default)]
-pub struct Request {
-    pub headers: Vec<(String, String)>,
+/// Header edits over a map as read: names removed (ASCII case-insensitive, as removal is),
+/// headers added after them in order (a later removal of their name drops them), and every
+/// `:path` value replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Edits {
+    removed: Vec<String>,
+    added: Vec<(String, String)>,
+    path: Option<String>,
+}
+
+impl Edits {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.added.is_empty() && self.path.is_none()
+    }
+
+    /// `base`'s pairs as edited, in order: the map's, then the added ones.
+    pub fn iter<'a>(&'a self, base: &'a Headers) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        let kept = base.iter().filter(|(k, _)| !self.removed.iter().any(|r| k.eq_ignore_ascii_case(r)));
+        kept.chain(self.added.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map(|(k, v)| match &self.path {
+            Some(p) if k == ":path" => (k, p.as_str()),
+            _ => (k, v),
+        })
+    }
+
+    /// `base` as edited.
+    pub fn apply(&self, base: &Headers) -> Headers {
+        self.iter(base).collect()
+    }
+}
+
+/// The request headers as `jwt_authn` sees and changes them: a view over the header map as
+/// read (no copy of it: the cached-token path's allocations were mostly that copy) and the
+/// edits so far, applied on reading.
+#[derive(Debug, Clone)]
+pub struct Request<'h> {
+    base: &'h Headers,
+    edits: Edits,
     pub ops: Vec<Op>,
 }
 
-impl Request {
-    pub fn new(headers: Vec<(String, String)>) -> Self {
-        Self { headers, ops: Vec::new() }
+impl<'h> Request<'h> {
+    pub fn new(base: &'h Headers) -> Self {
+        Self { base, edits: Edits::default(), ops: Vec::new() }
     }
 
-    fn values(&self, name: &str) -> Vec<String> {
-        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    /// Every (name, value) as edited, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.edits.iter(self.base)
+    }
+
+    /// The edits made (`Edits::apply` them to the map as read for the request as edited).
+    pub fn into_edits(self) -> Edits {
+        self.edits
+    }
+
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v)
     }
 
     fn first(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
 
     fn remove(&mut self, name: &str) {
-        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        let e = &mut self.edits;
+        if !e.removed.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+            e.removed.push(name.to_string());
+        }
+        e.added.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         self.ops.push(Op::Remove(name.to_string()));
     }
 
     fn add(&mut self, name: &str, value: String) {
-        self.headers.push((name.to_string(), value.clone()));
+        self.edits.added.push((name.to_string(), value.clone()));
         self.ops.push(Op::Add(name.to_string(), value));
     }
 
     fn set_path(&mut self, path: String) {
-        for (k, v) in self.headers.iter_mut() {
-            if k == ":path" {
-                v.clone_from(&path);
-            }
-        }
+        self.edits.path = Some(path.clone());
         self.ops.push(Op::SetPath(path));
     }
 
@@ -604,7 +658,7 @@ fn query_params(path: &str) -> BTreeMap<String, Vec<String>> {
 }
 
 /// `Http::Utility::parseCookies`: the first occurrence of each name, quotes stripped.
-fn cookie(req: &Request, name: &str) -> Option<String> {
+fn cookie(req: &Request<'_>, name: &str) -> Option<String> {
     for v in req.values("cookie") {
         for part in v.split(';') {
             let part = part.trim_start();
@@ -623,39 +677,32 @@ fn cookie(req: &Request, name: &str) -> Option<String> {
     None
 }
 
-fn extract(p: &Provider, req: &Request) -> Vec<Token> {
+fn extract(p: &Provider, req: &Request<'_>) -> Vec<Token> {
     let mut tokens = Vec::new();
-    // Header locations, in the order of Envoy's map keyed by name + prefix.
-    let mut headers: Vec<&(String, String)> = p.headers.iter().collect();
-    crate::sort::sort_by(&mut headers, |a, b| format!("{}{}", a.0, a.1).cmp(&format!("{}{}", b.0, b.1)));
-    for (name, prefix) in headers {
+    // Each location kind in the extractor's order (`Provider`'s lists are kept in it).
+    for (name, prefix) in &p.headers {
         for value in req.values(name) {
             let token = if prefix.is_empty() {
-                value.clone()
+                value
             } else {
                 let Some(pos) = value.find(prefix.as_str()) else { continue };
-                extract_jwt(&value, pos + prefix.len()).to_string()
+                extract_jwt(value, pos + prefix.len())
             };
-            tokens.push(Token { token, location: Location::Header(name.clone()) });
+            tokens.push(Token { token: token.to_string(), location: Location::Header(name.clone()) });
         }
     }
     if !p.params.is_empty() {
-        if let Some(path) = req.first(":path") {
+        // Only a query can carry a parameter: the common request has none to parse.
+        if let Some(path) = req.first(":path").filter(|path| path.contains('?')) {
             let params = query_params(path);
-            let mut names: Vec<&String> = p.params.iter().collect();
-            crate::sort::sort(&mut names);
-            names.dedup();
-            for name in names {
+            for name in &p.params {
                 if let Some(v) = params.get(name).and_then(|v| v.first()) {
                     tokens.push(Token { token: v.clone(), location: Location::Param(name.clone()) });
                 }
             }
         }
     }
-    let mut cookies: Vec<&String> = p.cookies.iter().collect();
-    crate::sort::sort(&mut cookies);
-    cookies.dedup();
-    for name in cookies {
+    for name in &p.cookies {
         if let Some(v) = cookie(req, name) {
             tokens.push(Token { token: v, location: Location::Cookie });
         }
@@ -664,7 +711,7 @@ fn extract(p: &Provider, req: &Request) -> Vec<Token> {
 }
 
 /// `JwtParamLocation::removeJwt`: the parameter dropped, the rest re-emitted sorted by key.
-fn remove_param(req: &mut Request, name: &str) {
+fn remove_param(req: &mut Request<'_>, name: &str) {
     let Some(path) = req.first(":path").map(str::to_string) else { return };
     let mut params = query_params(&path);
     params.remove(name);
@@ -716,17 +763,17 @@ pub struct Outcome {
     pub payload: Option<Rc<Value>>,
     /// Header effects in order.
     pub ops: Vec<Op>,
-    /// The request headers with `ops` applied: what the policies see next.
-    pub headers: Vec<(String, String)>,
+    /// `ops` as edits of the map as read: what the policies see next is `edits.apply(map)`.
+    pub edits: Edits,
     /// Signature verifications performed (0 when every token came from the cache).
     pub verified: u32,
     pub cache_hits: u32,
 }
 
-struct Run<'a, E: Env> {
+struct Run<'a, 'h, E: Env> {
     authn: &'a Authn,
     env: &'a mut E,
-    req: Request,
+    req: Request<'h>,
     payload: Option<Rc<Value>>,
     verified: u32,
     cache_hits: u32,
@@ -848,7 +895,7 @@ pub fn normalize(payload: &Map<String, Value>, claims: &[String]) -> Map<String,
     out
 }
 
-impl<E: Env> Run<'_, E> {
+impl<E: Env> Run<'_, '_, E> {
     /// `ProviderVerifierImpl::verify` with `AuthenticatorImpl` (no allow-failed, no
     /// allow-missing): every token of the provider must verify.
     fn provider(&mut self, i: usize) -> Result<Status, Pending> {
@@ -981,14 +1028,14 @@ impl<E: Env> Run<'_, E> {
 }
 
 /// Run `jwt_authn` as istiod configures it on `headers`.
-pub fn authenticate<E: Env>(authn: &Authn, headers: Vec<(String, String)>, env: &mut E) -> Result<Outcome, Pending> {
+pub fn authenticate<E: Env>(authn: &Authn, headers: &Headers, env: &mut E) -> Result<Outcome, Pending> {
     let req = Request::new(headers);
     if authn.providers.is_empty() || req.is_cors_preflight() {
         return Ok(Outcome {
             status: Status::Ok,
             payload: None,
             ops: Vec::new(),
-            headers: req.headers,
+            edits: Edits::default(),
             verified: 0,
             cache_hits: 0,
         });
@@ -1004,8 +1051,8 @@ pub fn authenticate<E: Env>(authn: &Authn, headers: Vec<(String, String)>, env: 
     Ok(Outcome {
         status,
         payload: run.payload,
-        ops: run.req.ops,
-        headers: run.req.headers,
+        ops: std::mem::take(&mut run.req.ops),
+        edits: run.req.into_edits(),
         verified: run.verified,
         cache_hits: run.cache_hits,
     })
@@ -1060,6 +1107,33 @@ mod tests {
         Authn::parse(&res, &BTreeMap::new(), &Path::root()).unwrap()
     }
 
+    #[test]
+    fn request_edits_apply_in_order_over_the_map_as_read() {
+        let base = Headers::from_pairs(&[
+            (":path".into(), "/a?access_token=t&b=1".into()),
+            ("Authorization".into(), "Bearer x".into()),
+            ("x-jwt".into(), "spoofed".into()),
+            ("authorization".into(), "Bearer y".into()),
+        ]);
+        let mut r = Request::new(&base);
+        assert_eq!(r.values("authorization").collect::<Vec<_>>(), ["Bearer x", "Bearer y"]);
+        assert!(r.edits.is_empty(), "no edits: the map as read");
+        r.remove("x-jwt");
+        r.add("x-jwt", "p1".into());
+        r.add("x-claim", "c".into());
+        r.remove("AUTHORIZATION");
+        r.add("x-jwt", "p2".into());
+        remove_param(&mut r, "access_token");
+        let pairs = |h: &Headers| h.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        let edited = r.edits.apply(&base);
+        assert_eq!(pairs(&edited), [":path=/a?b=1", "x-jwt=p1", "x-claim=c", "x-jwt=p2"]);
+        assert_eq!(r.first(":path"), Some("/a?b=1"));
+        r.remove("x-jwt");
+        assert_eq!(pairs(&r.edits.apply(&base)), [":path=/a?b=1", "x-claim=c"]);
+        assert_eq!(pairs(&base).len(), 4, "the map as read is untouched");
+        assert_eq!(r.ops.len(), 7);
+    }
+
     struct TestEnv<'a>(&'a Authn, HashMap<(usize, String), Rc<Jwt>>);
     use std::collections::HashMap;
 
@@ -1091,7 +1165,7 @@ mod tests {
                 h.push((k.to_string(), v.to_string()));
             }
         }
-        authenticate(a, h, &mut TestEnv(a, HashMap::new())).unwrap()
+        authenticate(a, &Headers::from_pairs(&h), &mut TestEnv(a, HashMap::new())).unwrap()
     }
 
     fn one() -> Authn {
@@ -1221,7 +1295,7 @@ mod tests {
         h.push(("origin".into(), "o".into()));
         h.push(("access-control-request-method".into(), "GET".into()));
         h.push(("authorization".into(), "Bearer x".into()));
-        let o = authenticate(&a, h, &mut TestEnv(&a, HashMap::new())).unwrap();
+        let o = authenticate(&a, &Headers::from_pairs(&h), &mut TestEnv(&a, HashMap::new())).unwrap();
         assert_eq!(o.status, Status::Ok);
         assert!(o.ops.is_empty());
     }
@@ -1232,9 +1306,9 @@ mod tests {
         let t = token(good());
         let h = vec![(":path".to_string(), "/".to_string()), ("authorization".into(), format!("Bearer {t}"))];
         let mut env = TestEnv(&a, HashMap::new());
-        let o = authenticate(&a, h.clone(), &mut env).unwrap();
+        let o = authenticate(&a, &Headers::from_pairs(&h), &mut env).unwrap();
         assert_eq!((o.status, o.verified, o.cache_hits), (Status::Ok, 1, 0));
-        let o = authenticate(&a, h, &mut env).unwrap();
+        let o = authenticate(&a, &Headers::from_pairs(&h), &mut env).unwrap();
         assert_eq!((o.status, o.verified, o.cache_hits), (Status::Ok, 0, 1));
     }
 
