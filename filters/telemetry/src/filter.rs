@@ -66,6 +66,25 @@ struct HttpIds {
     folded: u8,
 }
 
+/// What a finished HTTP stream's labels derive from, as `gather` read it.
+struct Gathered {
+    cluster: String,
+    route: String,
+    cluster_md: Option<Rc<Value>>,
+    peer_san: String,
+    local_san: String,
+    /// The tag override expressions' values (`Config::exprs` order).
+    values: Vec<String>,
+}
+
+/// A finished HTTP stream's standard labels and metric ids (`TelemetryPlugin::http_labels`).
+pub(crate) struct Derived {
+    pub(crate) standard: Vec<String>,
+    ids: HttpIds,
+    /// Keeps the peer alive while its address is part of a cache key.
+    _peer: Option<Rc<Workload>>,
+}
+
 pub struct TelemetryPlugin {
     config: Config,
     /// `{"id": …, "metadata": {…}}` of this proxy's node (for `xds.node.*` expressions).
@@ -80,9 +99,10 @@ pub struct TelemetryPlugin {
     peers: RefCell<HashMap<String, Rc<Workload>>>,
     clusters: RefCell<HashMap<String, Rc<Value>>>,
     series: RefCell<Series>,
-    /// The HTTP metric ids by label set (`label_set_key`): one short lookup per request
-    /// instead of building and hashing four ~1 KiB stat names.
-    label_sets: RefCell<HashMap<String, HttpIds>>,
+    /// Finished HTTP streams' labels and metric ids by what they derive from (`input_key`):
+    /// one short lookup per request instead of deriving 25 labels and building four ~1 KiB
+    /// stat names.
+    derived: RefCell<HashMap<String, Rc<Derived>>>,
     /// Access-log (and span) exporters of this worker (`export.rs`).
     pub(crate) export: crate::export::Exporters,
 }
@@ -108,7 +128,7 @@ impl TelemetryPlugin {
             peers: RefCell::default(),
             clusters: RefCell::default(),
             series: RefCell::default(),
-            label_sets: RefCell::default(),
+            derived: RefCell::default(),
             export,
         }
     }
@@ -168,6 +188,105 @@ impl TelemetryPlugin {
         v
     }
 
+    /// What the labels of one stream or connection derive from, read from the host: the
+    /// client's endpoint-metadata fallback for `peer`, the cluster (or the route without
+    /// one), the certificates' SANs, the tag override expressions' values.
+    fn gather(&self, host: &dyn Host, reporter: Reporter, peer: &mut Option<Rc<Workload>>) -> Gathered {
+        let config = &self.config;
+
+        // Client side without exchange: the endpoint's `istio.workload` metadata.
+        if peer.is_none() && reporter == Reporter::Client {
+            *peer = host
+                .property(&["xds", "upstream_host_metadata"])
+                .and_then(|b| meshwasm_sdk_ext::props::metadata_namespace(&b, "istio").ok().flatten())
+                .and_then(|v| v.get("workload").and_then(Value::as_str).map(str::to_string))
+                .and_then(|w| self.endpoint_peer(&w));
+        }
+
+        // A property read is the dearest hostcall (docs/sdk-ext.md#what-a-hostcall-costs). The
+        // route name only decides Istio's `block_all` (a direct response: no upstream cluster)
+        // and `allow_any` (routed to PassthroughCluster, which names the service the same way
+        // through the cluster): it is read only when there is no cluster.
+        let cluster = prop_string(host, &["xds", "cluster_name"]);
+        let route = if cluster.is_empty() { prop_string(host, &["xds", "route_name"]) } else { String::new() };
+        let cluster_md = if cluster.is_empty() { None } else { Some(self.cluster_metadata(host, &cluster)) };
+        // Certificates exist only on a TLS connection: one read decides whether to look.
+        let side = match reporter {
+            Reporter::Server => "connection",
+            Reporter::Client => "upstream",
+        };
+        let (peer_san, local_san) = if host.property(&[side, "tls_version"]).is_some_and(|v| !v.is_empty()) {
+            (
+                prop_string(host, &[side, "uri_san_peer_certificate"]),
+                prop_string(host, &[side, "uri_san_local_certificate"]),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        // Tag override expressions: each evaluated once per derivation.
+        let values: Vec<String> = if config.has_exprs() {
+            let mut view = View { host, plugin: self, peer: peer.as_deref(), reporter, cluster_md: cluster_md.clone() };
+            config
+                .exprs
+                .iter()
+                .map(|e| e.eval(&mut view).map_or_else(|| labels::UNKNOWN.to_string(), |v| v.render()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Gathered { cluster, route, cluster_md, peer_san, local_san, values }
+    }
+
+    /// The endpoint-metadata peer `workload` (`name;namespace;…`), one `Workload` per value
+    /// (the derivation cache tells peers apart by their `Rc`).
+    fn endpoint_peer(&self, workload: &str) -> Option<Rc<Workload>> {
+        let key = format!("endpoint:{workload}");
+        if let Some(w) = self.peers.borrow().get(&key) {
+            return Some(w.clone());
+        }
+        let w = Rc::new(Workload::from_endpoint(workload)?);
+        let mut peers = self.peers.borrow_mut();
+        if peers.len() >= PEER_CACHE_MAX {
+            peers.clear();
+        }
+        peers.insert(key, w.clone());
+        Some(w)
+    }
+
+    /// The standard label values (index-aligned with `STANDARD_TAGS`) from what `gather` read.
+    fn standard(
+        &self,
+        g: &Gathered,
+        reporter: Reporter,
+        peer: Option<&Workload>,
+        authority: Option<&str>,
+        grpc: bool,
+        response: Option<(u64, Option<u64>, u64)>,
+    ) -> Vec<String> {
+        let istio_md = g.cluster_md.as_deref().and_then(|m| m.get("filter_metadata")).and_then(|m| m.get("istio"));
+        let (service_host, service_name) = labels::destination_service(
+            authority,
+            self.config.disable_host_header_fallback,
+            &g.route,
+            &g.cluster,
+            istio_md,
+        );
+        let (response_code, grpc_status, flags) = response.unwrap_or((0, None, 0));
+        labels::standard(&Inputs {
+            reporter,
+            local: &self.local,
+            peer,
+            service_host: &service_host,
+            service_name: &service_name,
+            peer_san: &g.peer_san,
+            local_san: &g.local_san,
+            grpc,
+            response_code,
+            grpc_status,
+            response_flags: flags,
+        })
+    }
+
     /// The labels of one stream or connection as Istio derives them: the standard values
     /// (index-aligned with `STANDARD_TAGS`) and the tag override expressions' values.
     /// `response`: `(code, grpc status, flags)` once final; `None` before (periodic gRPC
@@ -182,68 +301,49 @@ impl TelemetryPlugin {
         grpc: bool,
         response: Option<(u64, Option<u64>, u64)>,
     ) -> (Vec<String>, Vec<String>) {
-        let plugin = self;
-        let config = &plugin.config;
+        let mut g = self.gather(host, reporter, peer);
+        let standard = self.standard(&g, reporter, peer.as_deref(), authority, grpc, response);
+        (standard, std::mem::take(&mut g.values))
+    }
 
-        // Client side without exchange: the endpoint's `istio.workload` metadata.
-        if peer.is_none() && reporter == Reporter::Client {
-            *peer = host
-                .property(&["xds", "upstream_host_metadata"])
-                .and_then(|b| meshwasm_sdk_ext::props::metadata_namespace(&b, "istio").ok().flatten())
-                .and_then(|v| v.get("workload").and_then(Value::as_str).and_then(Workload::from_endpoint))
-                .map(Rc::new);
+    /// A finished HTTP stream's labels and metric ids: remembered by what they derive from
+    /// (`gather`'s reads, the peer, the authority, the response), so a repeated combination
+    /// costs its reads and one short lookup instead of deriving 25 labels and naming four
+    /// series again.
+    fn http_labels(
+        &self,
+        host: &dyn Host,
+        reporter: Reporter,
+        peer: &mut Option<Rc<Workload>>,
+        authority: Option<&str>,
+        grpc: bool,
+        response: (u64, Option<u64>, u64),
+    ) -> Rc<Derived> {
+        let g = self.gather(host, reporter, peer);
+        let key = input_key(reporter, peer.as_ref(), authority, &g, grpc, response);
+        if let Some(hit) = self.derived.borrow().get(&key) {
+            if hit.ids.folded > 0 {
+                if let Some(oid) = self.series.borrow().overflow_id {
+                    let _ = host.increment_metric(oid, i64::from(hit.ids.folded));
+                }
+            }
+            return hit.clone();
         }
-
-        // A property read is the dearest hostcall (docs/sdk-ext.md#what-a-hostcall-costs). The
-        // route name only decides Istio's `block_all` (a direct response: no upstream cluster)
-        // and `allow_any` (routed to PassthroughCluster, which names the service the same way
-        // through the cluster): it is read only when there is no cluster.
-        let cluster = prop_string(host, &["xds", "cluster_name"]);
-        let route = if cluster.is_empty() { prop_string(host, &["xds", "route_name"]) } else { String::new() };
-        let cluster_md = if cluster.is_empty() { None } else { Some(plugin.cluster_metadata(host, &cluster)) };
-        let istio_md = cluster_md.as_deref().and_then(|m| m.get("filter_metadata")).and_then(|m| m.get("istio"));
-        let (service_host, service_name) =
-            labels::destination_service(authority, config.disable_host_header_fallback, &route, &cluster, istio_md);
-        // Certificates exist only on a TLS connection: one read decides whether to look.
-        let side = match reporter {
-            Reporter::Server => "connection",
-            Reporter::Client => "upstream",
-        };
-        let (peer_san, local_san) = if host.property(&[side, "tls_version"]).is_some_and(|v| !v.is_empty()) {
-            (
-                prop_string(host, &[side, "uri_san_peer_certificate"]),
-                prop_string(host, &[side, "uri_san_local_certificate"]),
-            )
-        } else {
-            (String::new(), String::new())
-        };
-        let (response_code, grpc_status, flags) = response.unwrap_or((0, None, 0));
-        let standard = labels::standard(&Inputs {
-            reporter,
-            local: &plugin.local,
-            peer: peer.as_deref(),
-            service_host: &service_host,
-            service_name: &service_name,
-            peer_san: &peer_san,
-            local_san: &local_san,
-            grpc,
-            response_code,
-            grpc_status,
-            response_flags: flags,
-        });
-
-        // Tag override expressions: each evaluated once per derivation.
-        let values: Vec<String> = if config.has_exprs() {
-            let mut view = View { host, plugin, peer: peer.as_deref(), reporter, cluster_md: cluster_md.clone() };
-            config
-                .exprs
-                .iter()
-                .map(|e| e.eval(&mut view).map_or_else(|| labels::UNKNOWN.to_string(), |v| v.render()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        (standard, values)
+        let standard = self.standard(&g, reporter, peer.as_deref(), authority, grpc, Some(response));
+        let mut ids = HttpIds { ids: [None; 4], folded: 0 };
+        for ((metric, kind), slot) in HTTP_METRICS.iter().zip(ids.ids.iter_mut()) {
+            let Some(plan) = self.config.plan(reporter, *metric).filter(|p| p.enabled) else { continue };
+            let (id, folded) = self.series_folded(host, *metric, *kind, plan, &standard, &g.values);
+            *slot = id;
+            ids.folded += u8::from(folded);
+        }
+        let d = Rc::new(Derived { standard, ids, _peer: peer.clone() });
+        let mut derived = self.derived.borrow_mut();
+        if derived.len() >= LABEL_SET_CACHE_MAX {
+            derived.clear();
+        }
+        derived.insert(key, d.clone());
+        d
     }
 
     /// The metric id of `metric`'s series for these label values (standard values
@@ -335,32 +435,6 @@ impl TelemetryPlugin {
             *c += 1;
         }
         (Some(id), false)
-    }
-
-    /// The HTTP metric ids of a label set: remembered, or defined (and remembered) now.
-    fn http_ids(&self, host: &dyn Host, reporter: Reporter, standard: &[String], values: &[String]) -> HttpIds {
-        let key = label_set_key(reporter, standard, values);
-        if let Some(hit) = self.label_sets.borrow().get(&key).copied() {
-            if hit.folded > 0 {
-                if let Some(oid) = self.series.borrow().overflow_id {
-                    let _ = host.increment_metric(oid, i64::from(hit.folded));
-                }
-            }
-            return hit;
-        }
-        let mut out = HttpIds { ids: [None; 4], folded: 0 };
-        for ((metric, kind), slot) in HTTP_METRICS.iter().zip(out.ids.iter_mut()) {
-            let Some(plan) = self.config.plan(reporter, *metric).filter(|p| p.enabled) else { continue };
-            let (id, folded) = self.series_folded(host, *metric, *kind, plan, standard, values);
-            *slot = id;
-            out.folded += u8::from(folded);
-        }
-        let mut sets = self.label_sets.borrow_mut();
-        if sets.len() >= LABEL_SET_CACHE_MAX {
-            sets.clear();
-        }
-        sets.insert(key, out);
-        out
     }
 }
 
@@ -602,34 +676,35 @@ impl TelemetryFilter {
     /// response's code, flags and gRPC status are final (the log phase); before it (periodic
     /// gRPC reports) they are not read, and the metrics reported then do not carry them.
     fn derive(&mut self, host: &dyn Host, reporter: Reporter, at_end: bool) -> (Vec<String>, Vec<String>) {
-        let response = if at_end {
-            let code = match self.status {
-                Some(code) => code,
-                None => prop_int(host, &["response", "code"]).unwrap_or(0),
-            };
-            let grpc_status = if self.grpc { prop_int(host, &["response", "grpc_status"]) } else { None };
-            Some((code, grpc_status, prop_int(host, &["response", "flags"]).unwrap_or(0)))
-        } else {
-            None
-        };
+        let response = at_end.then(|| self.response(host));
         let plugin = self.plugin.clone();
         plugin.labels(host, reporter, &mut self.peer, self.host.as_deref(), self.grpc, response)
+    }
+
+    /// The final `(code, grpc status, flags)` of the response.
+    fn response(&self, host: &dyn Host) -> (u64, Option<u64>, u64) {
+        let code = match self.status {
+            Some(code) => code,
+            None => prop_int(host, &["response", "code"]).unwrap_or(0),
+        };
+        let grpc_status = if self.grpc { prop_int(host, &["response", "grpc_status"]) } else { None };
+        (code, grpc_status, prop_int(host, &["response", "flags"]).unwrap_or(0))
     }
 
     /// The end of the stream: derive the labels and record the four HTTP metrics. Returns
     /// the standard label values (for the access log and the span), `None` if already
     /// reported.
-    fn report(&mut self, host: &dyn Host) -> Option<Vec<String>> {
+    fn report(&mut self, host: &dyn Host) -> Option<Rc<Derived>> {
         if self.reported {
             return None;
         }
         self.reported = true;
         let reporter = self.reporter(host);
         let plugin = self.plugin.clone();
-        let (standard, values) = self.derive(host, reporter, true);
-        let ids = plugin.http_ids(host, reporter, &standard, &values);
+        let response = self.response(host);
+        let derived = plugin.http_labels(host, reporter, &mut self.peer, self.host.as_deref(), self.grpc, response);
         let mut measured: [Option<u64>; 3] = [None; 3];
-        for ((metric, kind), id) in HTTP_METRICS.iter().zip(ids.ids) {
+        for ((metric, kind), id) in HTTP_METRICS.iter().zip(derived.ids.ids) {
             let Some(id) = id else { continue };
             let value = match metric {
                 Metric::RequestCount => 1,
@@ -648,7 +723,7 @@ impl TelemetryFilter {
                 host.log(LogLevel::Debug, &format!("meshwasm.telemetry: cannot record {}: {e}", metric.prom_name()));
             }
         }
-        Some(standard)
+        Some(derived)
     }
 
     /// gRPC message counters, as istio/proxy reports them: the counts Envoy's
@@ -704,14 +779,32 @@ fn parse_message_counts(b: &[u8]) -> Option<[u64; 2]> {
 
 /// A label set as one short map key: the reporter, then every standard and expression value,
 /// each length-prefixed (so no two label sets share a key).
-fn label_set_key(reporter: Reporter, standard: &[String], values: &[String]) -> String {
-    let mut key = String::with_capacity(512);
-    key.push(match reporter {
-        Reporter::Server => 's',
-        Reporter::Client => 'c',
-    });
-    for v in standard.iter().chain(values) {
-        // Written in place: no allocation per label on the hot path.
+fn input_key(
+    reporter: Reporter,
+    peer: Option<&Rc<Workload>>,
+    authority: Option<&str>,
+    g: &Gathered,
+    grpc: bool,
+    (code, grpc_status, flags): (u64, Option<u64>, u64),
+) -> String {
+    let mut key = String::with_capacity(256);
+    // Written in place: no allocation per field on the hot path. Strings are length-prefixed
+    // (no two field lists share a key); the peer is its `Rc`'s address, kept alive by the
+    // entry (so no other peer can take it while the entry exists).
+    let _ = write!(
+        key,
+        "{}{}:{}:{code}:{}:{flags}:{}:",
+        match reporter {
+            Reporter::Server => 's',
+            Reporter::Client => 'c',
+        },
+        peer.map_or(0, |p| Rc::as_ptr(p) as usize),
+        u8::from(grpc),
+        grpc_status.map_or(-1, i128::from),
+        u8::from(authority.is_some()),
+    );
+    let strings = [authority.unwrap_or(""), &g.cluster, &g.route, &g.peer_san, &g.local_san];
+    for v in strings.into_iter().chain(g.values.iter().map(String::as_str)) {
         let _ = write!(key, "{}:", v.len());
         key.push_str(v);
     }
@@ -773,12 +866,13 @@ impl HttpFilter for TelemetryFilter {
     /// Envoy's access-log phase: the final attributes are readable (Istio records here too).
     fn on_log(&mut self, host: &dyn Host) {
         self.report_messages(host, true);
-        let Some(standard) = self.report(host) else { return };
+        let Some(derived) = self.report(host) else { return };
+        let standard = &derived.standard;
         let plugin = self.plugin.clone();
         if !plugin.config.access_log.is_empty() {
             let reporter = self.reporter(host);
             let peer = self.peer.as_deref();
-            let ctx = crate::accesslog::LogCtx { reporter, standard: &standard, local: &plugin.local, peer };
+            let ctx = crate::accesslog::LogCtx { reporter, standard, local: &plugin.local, peer };
             let mut view = View { host, plugin: &plugin, peer, reporter, cluster_md: None };
             let trace = self.trace.as_ref();
             crate::accesslog::emit(host, &plugin.config.access_log, &plugin.export, &ctx, &mut view, trace);
@@ -786,7 +880,7 @@ impl HttpFilter for TelemetryFilter {
         if let Some(active) = self.trace.take() {
             let reporter = self.reporter(host);
             if let Some(plan) = plugin.config.tracing.plans.get(reporter.index()).and_then(Option::as_ref) {
-                let f = crate::trace::finished(host, reporter, &standard, &plugin.local, plan);
+                let f = crate::trace::finished(host, reporter, standard, &plugin.local, plan);
                 crate::trace::finish(plan, &active, host, f, &plugin.export);
             }
         }
@@ -1045,6 +1139,43 @@ mod tests {
         assert!(run(Some(b"PassthroughCluster")).contains("destination_service_name=.=PassthroughCluster;"));
         // A route of that name with a real cluster: the cluster decides (host fallback here).
         assert!(run(Some(b"outbound|9080||ratings")).contains("destination_service_name=.=ratings:9080;"));
+    }
+
+    #[test]
+    fn labels_are_remembered_by_every_input_they_derive_from() {
+        let client = plugin(json!({}), "CLIENT", node_md("productpage-v1", "productpage", "c1"));
+        let h = FakeHost::new();
+        let run = |authority: &str, code: i64, tls: bool| {
+            end(&h, code);
+            *h.request_headers.borrow_mut() = vec![(":authority".into(), authority.into())];
+            if tls {
+                h.set_property(&["upstream", "tls_version"], b"TLSv1.3");
+                h.set_property(&["upstream", "uri_san_peer_certificate"], b"spiffe://cluster.local/ns/x/sa/y");
+            } else {
+                h.properties.borrow_mut().remove("upstream.tls_version");
+            }
+            let mut f = client.new_filter(2, 0);
+            f.on_request_headers(&h, true);
+            f.on_log(&h);
+        };
+        for (authority, code, tls) in [("a", 200, false), ("a", 200, false), ("a", 503, false), ("b", 200, false)] {
+            run(authority, code, tls);
+        }
+        run("a", 200, true);
+        run("a", 200, false);
+        assert_eq!(client.derived.borrow().len(), 4, "a/200, a/503, b/200, a/200 over mTLS");
+        let names = series(&h, "istio_requests_total");
+        let count = |needles: &[&str]| -> i64 {
+            names.iter().filter(|(n, _)| needles.iter().all(|x| n.contains(x))).map(|(_, v)| *v).sum()
+        };
+        assert_eq!(count(&["destination_service=.=a;", "response_code=.=200;", "destination_principal=.=unknown;"]), 3);
+        assert_eq!(count(&["destination_service=.=a;", "response_code=.=503;"]), 1);
+        assert_eq!(count(&["destination_service=.=b;", "response_code=.=200;"]), 1);
+        assert_eq!(
+            count(&["destination_service=.=a;", "destination_principal=.=spiffe://cluster.local/ns/x/sa/y;"]),
+            1
+        );
+        assert_eq!(names.len(), 4, "{names:?}");
     }
 
     #[test]
