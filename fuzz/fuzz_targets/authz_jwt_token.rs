@@ -76,9 +76,12 @@ impl Setup {
         let remote_keys = Rc::new(Jwks::parse(JWKS.as_bytes()).unwrap().0);
         let s = Self { single, multi, remote_keys, output_headers };
         for t in TOKENS {
-            let headers = vec![(":path".to_string(), "/".to_string()), ("authorization".into(), format!("Bearer {t}"))];
+            let headers = Headers::from_pairs(&[
+                (":path".to_string(), "/".to_string()),
+                ("authorization".into(), format!("Bearer {t}")),
+            ]);
             let mut env = FuzzEnv { authn: &s.single, remote_keys: &s.remote_keys, remote: 2, cache: HashMap::new() };
-            let o = authenticate(&s.single, headers, &mut env).unwrap();
+            let o = authenticate(&s.single, &headers, &mut env).unwrap();
             assert_eq!(o.status, Status::Ok, "{t}");
             assert_eq!(o.payload.unwrap()["sub"], "alice");
         }
