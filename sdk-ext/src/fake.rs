@@ -75,9 +75,23 @@ pub struct FakeHost {
     /// The network data being delivered (`network_data`), from the downstream and upstream.
     pub downstream_data: RefCell<Vec<u8>>,
     pub upstream_data: RefCell<Vec<u8>>,
+    /// Every hostcall made, in order, in `filters/floor`'s vocabulary (`headers`, `header
+    /// NAME`, `set NAME VALUE`, `add NAME VALUE`, `remove NAME`, `property a.b`, `counter`,
+    /// `histogram`, `time`, `clock`; others by their method's name): what a benchmark floor
+    /// must repeat to cost what a filter's hostcalls cost.
+    pub calls: RefCell<Vec<String>>,
 }
 
 impl FakeHost {
+    fn note(&self, call: impl Into<String>) {
+        self.calls.borrow_mut().push(call.into());
+    }
+
+    /// The hostcalls made since the last call (see `calls`), and forget them.
+    pub fn take_calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.borrow_mut())
+    }
+
     pub fn new() -> Self {
         let h = Self::default();
         h.clock.set(Duration::from_secs(1_700_000_000));
@@ -119,12 +133,18 @@ impl FakeHost {
 
 impl Host for FakeHost {
     fn header(&self, map: HeaderMap, name: &str) -> Option<String> {
+        self.note(format!("header {name}"));
         self.map(map).borrow().iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
     }
     fn headers(&self, map: HeaderMap) -> Vec<(String, String)> {
+        self.note("headers");
         self.map(map).borrow().clone()
     }
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        self.note(match value {
+            Some(v) => format!("set {name} {v}"),
+            None => format!("remove {name}"),
+        });
         let mut m = self.map(map).borrow_mut();
         m.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         if let Some(v) = value {
@@ -133,14 +153,17 @@ impl Host for FakeHost {
         Ok(())
     }
     fn add_header(&self, map: HeaderMap, name: &str, value: &str) -> Result<(), HostError> {
+        self.note(format!("add {name} {value}"));
         self.map(map).borrow_mut().push((name.to_string(), value.to_string()));
         Ok(())
     }
     fn request_body(&self, max: usize) -> Vec<u8> {
+        self.note("request_body");
         let b = self.request_body.borrow();
         b.get(..max.min(b.len())).unwrap_or_default().to_vec()
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.note(format!("property {}", path.join(".")));
         self.properties.borrow().get(&path.join(".")).cloned()
     }
     fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
@@ -148,12 +171,15 @@ impl Host for FakeHost {
         Ok(())
     }
     fn now(&self) -> SystemTime {
+        self.note("time");
         UNIX_EPOCH + self.clock.get()
     }
     fn monotonic_ns(&self) -> u64 {
+        self.note("clock");
         u64::try_from(self.clock.get().as_nanos()).unwrap_or(u64::MAX)
     }
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
+        self.note("send_local_reply");
         if self.stream_gone.get() {
             return Err(HostError::NotFound);
         }
@@ -175,6 +201,7 @@ impl Host for FakeHost {
         Ok(())
     }
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        self.note("define_metric");
         let mut m = self.metrics.borrow_mut();
         if let Some(i) = m.iter().position(|(k, n, _)| *k == kind && n == name) {
             return u32::try_from(i).map_err(|_| HostError::BadArgument);
@@ -183,12 +210,14 @@ impl Host for FakeHost {
         u32::try_from(m.len() - 1).map_err(|_| HostError::BadArgument)
     }
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
+        self.note("counter");
         let mut m = self.metrics.borrow_mut();
         let e = m.get_mut(id as usize).ok_or(HostError::NotFound)?;
         e.2 += delta;
         Ok(())
     }
     fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
+        self.note("histogram");
         let mut m = self.metrics.borrow_mut();
         let e = m.get_mut(id as usize).ok_or(HostError::NotFound)?;
         e.2 = i64::try_from(value).unwrap_or(i64::MAX);
@@ -200,12 +229,14 @@ impl Host for FakeHost {
         Ok(u64::try_from(e.2).unwrap_or(0))
     }
     fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.note("shared_data");
         match self.shared.borrow().get(key) {
             Some((v, cas)) => (Some(v.clone()), Some(*cas)),
             None => (None, None),
         }
     }
     fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        self.note("set_shared_data");
         let mut s = self.shared.borrow_mut();
         if cas.is_some() && self.cas_conflicts.get() > 0 {
             self.cas_conflicts.set(self.cas_conflicts.get() - 1);
@@ -226,6 +257,7 @@ impl Host for FakeHost {
         Ok(())
     }
     fn grpc_call(&self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        self.note("grpc_call");
         if let Some(e) = self.grpc_call_error.get() {
             return Err(e);
         }
@@ -242,6 +274,7 @@ impl Host for FakeHost {
         Ok(token)
     }
     fn http_call(&self, call: &HttpCall<'_>) -> Result<u32, HostError> {
+        self.note("http_call");
         if let Some(e) = self.http_call_error.get() {
             return Err(e);
         }
@@ -258,6 +291,7 @@ impl Host for FakeHost {
         Ok(token)
     }
     fn log(&self, level: LogLevel, message: &str) {
+        self.note("log");
         self.logs.borrow_mut().push((level, message.to_string()));
     }
     fn network_data(&self, upstream: bool, max: usize) -> Vec<u8> {

@@ -34,6 +34,8 @@ use crate::build::{self, Module};
 use crate::envoy::{self, Envoy, Launch};
 use crate::{bail, http, json, on_path, output, root, step, Context, Result};
 
+#[cfg(test)]
+mod floor_check;
 mod jwt;
 
 /// The performance target: a meshwasm filter's per-request overhead (fault; ratelimit: "limiter

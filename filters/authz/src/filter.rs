@@ -508,16 +508,29 @@ const KEY_POLL: Duration = Duration::from_millis(20);
 struct HostEnv<'a> {
     plugin: &'a AuthzPlugin,
     host: &'a dyn Host,
-    /// Monotonic ns: now, and when the request began waiting for keys (now if it has not).
-    now_ns: u64,
-    since_ns: u64,
+    /// Monotonic ns, read when first needed (only remote key sets need it).
+    now_ns: std::cell::OnceCell<u64>,
+    /// When the request began waiting for keys (`None`: it has not, so now).
+    waiting_since: Option<u64>,
     /// Wall-clock seconds, read once per request (a hostcall each time otherwise).
     unix_s: std::cell::OnceCell<u64>,
 }
 
-impl HostEnv<'_> {
+impl<'a> HostEnv<'a> {
+    fn new(plugin: &'a AuthzPlugin, host: &'a dyn Host, waiting_since: Option<u64>) -> Self {
+        Self { plugin, host, now_ns: std::cell::OnceCell::new(), waiting_since, unix_s: std::cell::OnceCell::new() }
+    }
+
     fn unix_now(&self) -> u64 {
         *self.unix_s.get_or_init(|| unix_now(self.host))
+    }
+
+    fn now_ns(&self) -> u64 {
+        *self.now_ns.get_or_init(|| self.host.monotonic_ns())
+    }
+
+    fn since_ns(&self) -> u64 {
+        self.waiting_since.unwrap_or_else(|| self.now_ns())
     }
 }
 
@@ -535,13 +548,12 @@ impl Env for HostEnv<'_> {
         match &p.keys {
             Keys::Inline(jwks) => KeyState::Ready(Rc::clone(jwks), 0),
             Keys::Remote(source) => {
-                match self.plugin.fetcher.borrow_mut().lookup(self.host, *source, self.now_ns, self.since_ns) {
+                let (now, since) = (self.now_ns(), self.since_ns());
+                match self.plugin.fetcher.borrow_mut().lookup(self.host, *source, now, since) {
                     Lookup::Ready(jwks, version) => KeyState::Ready(jwks, version),
                     Lookup::Failed => KeyState::Failed,
                     // The request waits for the keys at most its rule's `timeout`.
-                    Lookup::Pending if self.now_ns.saturating_sub(self.since_ns) >= nanos(p.timeout) => {
-                        KeyState::Failed
-                    }
+                    Lookup::Pending if now.saturating_sub(since) >= nanos(p.timeout) => KeyState::Failed,
                     Lookup::Pending => KeyState::Pending,
                 }
             }
@@ -643,20 +655,21 @@ impl AuthzFilter {
         if authn.is_empty() {
             return self.rbac(host);
         }
-        let now_ns = host.monotonic_ns();
-        let (since, deadline) = match self.state {
-            State::AwaitKeys { since, deadline } => (since, deadline),
-            _ => (now_ns, now_ns.saturating_add(nanos(authn.max_timeout()))),
+        let waiting = match self.state {
+            State::AwaitKeys { since, deadline } => Some((since, deadline)),
+            _ => None,
         };
         self.attrs(host).all_headers();
         let headers = self.attrs.headers.take().unwrap_or_default();
-        let mut env = HostEnv { plugin: &plugin, host, now_ns, since_ns: since, unix_s: std::cell::OnceCell::new() };
+        let mut env = HostEnv::new(&plugin, host, waiting.map(|(since, _)| since));
         let result = authn::authenticate(authn, &headers, &mut env);
         self.attrs.headers = Some(headers);
         let outcome = match result {
             Ok(o) => o,
             Err(authn::Pending) => {
                 // Polled: another worker's fetch lands in shared data, not in this VM.
+                let (since, now_ns) = (env.since_ns(), env.now_ns());
+                let deadline = waiting.map_or_else(|| since.saturating_add(nanos(authn.max_timeout())), |(_, d)| d);
                 self.state = State::AwaitKeys { since, deadline };
                 let left = Duration::from_nanos(deadline.saturating_sub(now_ns));
                 return Flow::Delay(left.clamp(Duration::from_millis(1), KEY_POLL));

@@ -8,7 +8,7 @@
 //! whatever its code. `cargo xtask bench` shows it beside each filter with a target.
 //!
 //! ```json
-//! {"request": ["headers", "header :authority", "set x-a 1", "remove authorization", "counter", "time"],
+//! {"request": ["headers", "header :authority", "set x-a 1", "add x-b 2", "remove authorization", "counter", "time", "clock"],
 //!  "response": ["header :status"],
 //!  "log": ["property response.flags", "histogram"]}
 //! ```
@@ -29,6 +29,8 @@ pub enum Op {
     Header(String),
     /// Replace (or add) a header of the phase's map.
     Set(String, String),
+    /// Add a header to the phase's map.
+    Add(String, String),
     /// Remove a header of the phase's map.
     Remove(String),
     /// One property (`a.b.c`).
@@ -39,6 +41,8 @@ pub enum Op {
     Histogram,
     /// Read the wall clock.
     Time,
+    /// Read the monotonic clock (WASI `clock_time_get`).
+    Clock,
 }
 
 impl Op {
@@ -53,11 +57,16 @@ impl Op {
                 let name = arg()?;
                 Op::Set(name, arg()?)
             }
+            "add" => {
+                let name = arg()?;
+                Op::Add(name, arg()?)
+            }
             "remove" => Op::Remove(arg()?),
             "property" => Op::Property(arg()?.split('.').map(str::to_string).collect()),
             "counter" => Op::Counter,
             "histogram" => Op::Histogram,
             "time" => Op::Time,
+            "clock" => Op::Clock,
             other => return Err(path.err(format!("unknown hostcall `{other}`"))),
         })
     }
@@ -128,6 +137,7 @@ fn run(host: &dyn Host, plugin: &Floor, ops: &[Op], map: HeaderMap) {
             Op::Headers => host.header_block(map).iter().count(),
             Op::Header(name) => host.header(map, name).map_or(0, |v| v.len()),
             Op::Set(name, value) => usize::from(host.set_header(map, name, Some(value)).is_ok()),
+            Op::Add(name, value) => usize::from(host.add_header(map, name, value).is_ok()),
             Op::Remove(name) => usize::from(host.set_header(map, name, None).is_ok()),
             Op::Property(path) => {
                 let path: Vec<&str> = path.iter().map(String::as_str).collect();
@@ -136,6 +146,7 @@ fn run(host: &dyn Host, plugin: &Floor, ops: &[Op], map: HeaderMap) {
             Op::Counter => usize::from(host.increment_metric(plugin.counter, 1).is_ok()),
             Op::Histogram => usize::from(host.record_metric(plugin.histogram, 1).is_ok()),
             Op::Time => usize::from(host.now() > std::time::UNIX_EPOCH),
+            Op::Clock => usize::from(host.monotonic_ns() > 0),
         });
     }
     if seen == usize::MAX {
