@@ -20,6 +20,9 @@ use std::rc::Rc;
 use meshwasm_sdk_ext::{ConfigError, Flow, HeaderMap, Host, HttpFilter, LogLevel, MetricKind, Path, Plugin};
 use serde::Deserialize;
 
+/// Most segments of a `property` path.
+const MAX_SEGMENTS: usize = 8;
+
 /// One hostcall.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -62,7 +65,13 @@ impl Op {
                 Op::Add(name, arg()?)
             }
             "remove" => Op::Remove(arg()?),
-            "property" => Op::Property(arg()?.split('.').map(str::to_string).collect()),
+            "property" => {
+                let segments: Vec<String> = arg()?.split('.').map(str::to_string).collect();
+                if segments.len() > MAX_SEGMENTS {
+                    return Err(path.err(format!("a property path has at most {MAX_SEGMENTS} segments")));
+                }
+                Op::Property(segments)
+            }
             "counter" => Op::Counter,
             "histogram" => Op::Histogram,
             "time" => Op::Time,
@@ -140,8 +149,13 @@ fn run(host: &dyn Host, plugin: &Floor, ops: &[Op], map: HeaderMap) {
             Op::Add(name, value) => usize::from(host.add_header(map, name, value).is_ok()),
             Op::Remove(name) => usize::from(host.set_header(map, name, None).is_ok()),
             Op::Property(path) => {
-                let path: Vec<&str> = path.iter().map(String::as_str).collect();
-                host.property(&path).map_or(0, |v| v.len())
+                // The path's segments as `&str` without allocating: the floor does no work of
+                // its own beyond the hostcall (paths longer than `MAX_SEGMENTS` are refused).
+                let mut segments = [""; MAX_SEGMENTS];
+                for (slot, s) in segments.iter_mut().zip(path) {
+                    *slot = s;
+                }
+                host.property(segments.get(..path.len()).unwrap_or_default()).map_or(0, |v| v.len())
             }
             Op::Counter => usize::from(host.increment_metric(plugin.counter, 1).is_ok()),
             Op::Histogram => usize::from(host.record_metric(plugin.histogram, 1).is_ok()),
@@ -213,6 +227,7 @@ mod tests {
             (r#"{"request":["counter","frobnicate"]}"#, "request[1]"),
             (r#"{"log":["property"]}"#, "log[0]"),
             (r#"{"response":["set x-a"]}"#, "response[0]"),
+            (r#"{"log":["histogram","property a.b.c.d.e.f.g.h.i"]}"#, "log[1]"),
         ] {
             let Err(e) = plugin(&host, json) else { unreachable!("{json} accepted") };
             assert!(e.to_string().contains(path), "{json}: {e}");
