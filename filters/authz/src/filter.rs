@@ -659,11 +659,11 @@ impl AuthzFilter {
             State::AwaitKeys { since, deadline } => Some((since, deadline)),
             _ => None,
         };
-        self.attrs(host).all_headers();
-        let headers = self.attrs.headers.take().unwrap_or_default();
         let mut env = HostEnv::new(&plugin, host, waiting.map(|(since, _)| since));
-        let result = authn::authenticate(authn, &headers, &mut env);
-        self.attrs.headers = Some(headers);
+        let result = {
+            let mut a = self.attrs(host);
+            authn::authenticate(authn, a.all_headers(), &mut env)
+        };
         let outcome = match result {
             Ok(o) => o,
             Err(authn::Pending) => {
@@ -684,8 +684,8 @@ impl AuthzFilter {
                 Op::SetPath(p) => host.set_header(HeaderMap::RequestHeaders, ":path", Some(p)),
             };
         }
-        // The policies see the request as jwt_authn left it: `outcome.headers` is the request
-        // with the same removals and additions applied.
+        // The policies see the request as jwt_authn left it: `outcome.edits` are its removals
+        // and additions, applied to the header view when a policy first reads a header.
         if !outcome.edits.is_empty() {
             self.attrs.edits = Some(outcome.edits);
         }
